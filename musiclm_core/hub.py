@@ -1,0 +1,202 @@
+"""Find checkpoint files and read their tensors, safely.
+
+Three things live here and nothing else:
+
+* `resolve`: a hub id or a local folder -> a local folder (huggingface_hub does the download and the cache).
+* `load_state_dict` / `load_tensors`: read every tensor of a checkpoint folder or file, whatever the format
+  (safetensors, sharded safetensors, .bin, sharded .bin, fp16 files, `variant="fp32"` files). Pickles are only
+  ever read with `torch.load(weights_only=True)`.
+* The native format: `save_native` / `load_native` (config.json + model.safetensors, written atomically).
+
+Key names are never touched here: that is the converters' job (`musiclm_core.convert`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+NATIVE_FORMAT = "musiclm_core"  # the marker key in a native config.json
+
+# Weight files in the order we prefer them: safetensors before pickles, single files before indexes.
+_WEIGHT_FILES = (
+    "model{v}.safetensors",
+    "model.safetensors.index{v}.json",
+    "pytorch_model{v}.bin",
+    "pytorch_model.bin.index{v}.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is: missing files, unknown layout, bad or missing keys."""
+
+
+def resolve(name_or_path: str | os.PathLike, *, allow_patterns: Iterable[str] | None = None,
+            revision: str | None = None) -> Path:
+    """Return a local folder for a hub id ("facebook/encodec_32khz") or a local folder path.
+
+    A local path is used as it is. Anything else is looked up with huggingface_hub, which reuses its cache; when
+    that fails (no network, no cached copy, unknown repo) the error says how to pass a local folder instead.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the folder that holds it (with its config.json)")
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not name.strip():
+        raise CheckpointError(f"no such folder: {path}")
+    from huggingface_hub import snapshot_download  # imported here: only hub ids need it
+
+    try:
+        folder = snapshot_download(name, revision=revision,
+                                   allow_patterns=list(allow_patterns) if allow_patterns else None)
+    except Exception as err:  # huggingface_hub raises many types (offline, 404, gated, ...); all end the same way
+        raise CheckpointError(
+            f"could not get {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            f"Without network access, download the repository elsewhere (e.g. `huggingface-cli download {name} "
+            f"--local-dir DIR`) and pass the folder DIR instead of the hub id, or set HF_HUB_OFFLINE=1 to use "
+            f"a copy already in the huggingface_hub cache."
+        ) from err
+    return Path(folder)
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of one weight file (.safetensors or a pickled .bin/.pt/.pth), on the CPU, in its stored dtype."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing weight file {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises SafetensorError / OSError on truncated files
+            raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+    try:
+        # weights_only=True: a pickle can run arbitrary code; this refuses anything but tensors and containers.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path} could not be read as a weights-only torch pickle: {err}") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def weight_files(folder: str | os.PathLike, *, variant: str | None = None) -> list[Path]:
+    """The weight files of a transformers/diffusers-style folder: one file, or the shards its index names.
+
+    `variant="fp32"` picks `model.fp32.safetensors` / `model.safetensors.index.fp32.json` and the like (the
+    stereo MusicGen repos store fp16 by default and fp32 under this variant).
+    """
+    folder = Path(folder)
+    v = f".{variant}" if variant else ""
+    for pattern in _WEIGHT_FILES:
+        path = folder / pattern.format(v=v)
+        if not path.is_file():
+            continue
+        if not path.name.endswith(".json"):
+            return [path]
+        index = read_json(path)
+        if not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{path} has no 'weight_map' object")
+        shards = sorted(set(index["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{path} names shard files that are not in {folder}: {missing}")
+        return [folder / s for s in shards]
+    expected = ", ".join(p.format(v=v) for p in _WEIGHT_FILES)
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(f"no weight file in {folder}: expected one of {expected}; found {present}")
+
+
+def load_state_dict(folder: str | os.PathLike, *, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, merged across shards. A key found in two shards is an error."""
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder, variant=variant):
+        tensors = load_tensors(path)
+        clash = state.keys() & tensors.keys()
+        if clash:
+            raise CheckpointError(f"keys present in more than one shard ({path.name}): {sorted(clash)[:10]}")
+        state.update(tensors)
+    return state
+
+
+def detect_layout(folder: str | os.PathLike) -> str:
+    """Which kind of checkpoint a folder holds: "native", "transformers", "diffusers" or "audiocraft"."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if config.is_file():
+        data = read_json(config)
+        if NATIVE_FORMAT in data:
+            return "native"
+        if "model_type" in data:
+            return "transformers"
+    if (folder / "model_index.json").is_file():
+        return "diffusers"
+    if (folder / "state_dict.bin").is_file() or (folder / "compression_state_dict.bin").is_file():
+        return "audiocraft"
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(
+        f"unknown checkpoint layout in {folder}: expected a native folder (config.json with a "
+        f"'{NATIVE_FORMAT}' entry + model.safetensors), a transformers folder (config.json with 'model_type'), "
+        f"a diffusers folder (model_index.json) or an audiocraft folder (state_dict.bin / "
+        f"compression_state_dict.bin); found {present}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Native format: config.json = {"musiclm_core": {"model": <kind>, "version": 1}, "config": <dataclass fields>}
+# plus model.safetensors with our own key names.
+
+
+def save_native(folder: str | os.PathLike, kind: str, config: dict[str, Any],
+                state_dict: dict[str, torch.Tensor], *, overwrite: bool = False) -> Path:
+    """Write a native checkpoint folder atomically: it appears whole or not at all."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        meta = {NATIVE_FORMAT: {"model": kind, "version": 1}, "config": config}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        # safetensors refuses tensors that share memory or are not contiguous: store plain copies.
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_native(folder: str | os.PathLike, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config fields, state dict) of a native folder; an error if it holds another kind of model."""
+    folder = Path(folder)
+    meta = read_json(folder / "config.json")
+    info = meta.get(NATIVE_FORMAT)
+    if not isinstance(info, dict) or "config" not in meta:
+        raise CheckpointError(f"{folder / 'config.json'} is not a musiclm_core native config")
+    if info.get("model") != kind:
+        raise CheckpointError(f"{folder} holds a {info.get('model')!r} model, expected {kind!r}")
+    return meta["config"], load_tensors(folder / "model.safetensors")
