@@ -14,9 +14,22 @@ q: (B, H, Tq, D); k, v: (B, H, Tk, D); out: (B, H, Tq, D).
 A query row whose keys are all masked (the null condition of classifier-free guidance) returns zeros, never NaN.
 
 `attention_reference` is the plain PyTorch (SDPA) path; it is what the tests hold every faster path to.
+`triton_attention.py` holds the fast path (flash attention, split-K for decode steps). `select_backend` says which
+one a call takes:
+
+* `backend=None` reads the environment variable MUSICLM_ATTENTION (`torch` | `triton` | unset = auto) at call
+  time, so a test or a benchmark can switch a whole model without touching its code;
+* auto takes Triton for CUDA tensors when triton is installed and the inputs fit its kernels, else the reference;
+* `triton` forces it, and raises when it cannot run: CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter,
+  which the kernel tests use). Auto never picks the interpreter: it runs ~1e4 times slower than SDPA and would
+  make every model test on a GPU-less machine crawl;
+* `bias` always takes the reference: T5's relative position bias has no Triton kernel.
 """
 
 from __future__ import annotations
+
+import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +67,42 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, q_offset: int | Tensor = 0,
-              key_mask: Tensor | None = None, bias: Tensor | None = None, scale: float | None = None) -> Tensor:
+              key_mask: Tensor | None = None, bias: Tensor | None = None, scale: float | None = None,
+              backend: str | None = None) -> Tensor:
+    if select_backend(q, k, v, key_mask=key_mask, bias=bias, backend=backend) == "triton":
+        return _triton().triton_attention(q, k, v, causal=causal, q_offset=q_offset, key_mask=key_mask,
+                                          scale=scale)
     return attention_reference(q, k, v, causal=causal, q_offset=q_offset, key_mask=key_mask, bias=bias,
                                scale=scale)
+
+
+def _triton() -> ModuleType | None:
+    """The Triton kernels, imported on first use (triton is optional), or None when triton is not installed."""
+    try:  # after the first time a lookup in sys.modules
+        from musiclm_core.kernels import triton_attention
+    except ImportError:
+        return None
+    return triton_attention
+
+
+def select_backend(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None, bias: Tensor | None = None,
+                   backend: str | None = None) -> str:
+    """"torch" or "triton": the path `attention` takes for these inputs (see the module docstring)."""
+    choice = backend or os.environ.get("MUSICLM_ATTENTION") or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"attention backend {choice!r} (argument or MUSICLM_ATTENTION): expected auto, torch or triton")
+    if choice == "torch" or bias is not None:
+        return "torch"
+    if choice == "auto":
+        # CPU tensors never import triton here: auto on the CPU is always the reference.
+        fits = q.is_cuda and _triton() is not None and _triton().supports(q, k, v, key_mask) is None
+        return "triton" if fits else "torch"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention backend 'triton' asked for with tensors on {q.device}: Triton runs on CUDA, "
+                         "or on the CPU in its interpreter with TRITON_INTERPRET=1 set before triton is imported")
+    if _triton() is None:
+        raise RuntimeError("attention backend 'triton' asked for, but triton is not installed (pip install triton)")
+    reason = _triton().supports(q, k, v, key_mask)
+    if reason is not None:
+        raise ValueError(f"attention backend 'triton' cannot take these inputs: {reason}")
+    return "triton"

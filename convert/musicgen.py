@@ -1,0 +1,252 @@
+"""MusicGen LM checkpoints: the transformers composite layout and audiocraft's `state_dict.bin`.
+
+transformers (`MusicgenForConditionalGeneration`): one state dict holding `text_encoder.*` (T5), `audio_encoder.*`
+(EnCodec), `decoder.*` (the LM) and `enc_to_dec_proj.*` (text projection). This module takes the last two;
+`convert/t5.py` and `convert/encodec.py` take the others.
+
+audiocraft: `state_dict.bin` = {'best_state': LM state dict (fp16), 'xp.cfg': YAML of the training config, ...},
+with the attention q/k/v fused into one `in_proj_weight` (specs/musicgen.md section 2.3).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from musiclm_core import hub
+from musiclm_core.convert import keys
+from musiclm_core.hub import CheckpointError
+from musiclm_core.musicgen import MusicGenConfig, MusicGenLM
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers
+
+TRANSFORMERS_TABLE = [
+    ("decoder.model.decoder.embed_tokens.{k}.weight", "embeddings.{k}.weight"),
+    ("decoder.model.decoder.layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q.weight"),
+    ("decoder.model.decoder.layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k.weight"),
+    ("decoder.model.decoder.layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v.weight"),
+    ("decoder.model.decoder.layers.{i}.self_attn.out_proj.weight", "layers.{i}.self_attn.out.weight"),
+    ("decoder.model.decoder.layers.{i}.self_attn_layer_norm.weight", "layers.{i}.self_norm.weight"),
+    ("decoder.model.decoder.layers.{i}.self_attn_layer_norm.bias", "layers.{i}.self_norm.bias"),
+    ("decoder.model.decoder.layers.{i}.encoder_attn.q_proj.weight", "layers.{i}.cross_attn.q.weight"),
+    ("decoder.model.decoder.layers.{i}.encoder_attn.k_proj.weight", "layers.{i}.cross_attn.k.weight"),
+    ("decoder.model.decoder.layers.{i}.encoder_attn.v_proj.weight", "layers.{i}.cross_attn.v.weight"),
+    ("decoder.model.decoder.layers.{i}.encoder_attn.out_proj.weight", "layers.{i}.cross_attn.out.weight"),
+    ("decoder.model.decoder.layers.{i}.encoder_attn_layer_norm.weight", "layers.{i}.cross_norm.weight"),
+    ("decoder.model.decoder.layers.{i}.encoder_attn_layer_norm.bias", "layers.{i}.cross_norm.bias"),
+    ("decoder.model.decoder.layers.{i}.fc1.weight", "layers.{i}.ffn_in.weight"),
+    ("decoder.model.decoder.layers.{i}.fc2.weight", "layers.{i}.ffn_out.weight"),
+    ("decoder.model.decoder.layers.{i}.final_layer_norm.weight", "layers.{i}.ffn_norm.weight"),
+    ("decoder.model.decoder.layers.{i}.final_layer_norm.bias", "layers.{i}.ffn_norm.bias"),
+    ("decoder.model.decoder.layer_norm.weight", "norm.weight"),
+    ("decoder.model.decoder.layer_norm.bias", "norm.bias"),
+    ("decoder.lm_heads.{k}.weight", "heads.{k}.weight"),
+    ("enc_to_dec_proj.weight", "text_proj.weight"),
+    ("enc_to_dec_proj.bias", "text_proj.bias"),
+]
+TRANSFORMERS_DROPPED = [
+    # Checkpoints written by transformers 4.31 stored the sinusoid table as a parameter; it is a derived constant
+    # (made again by MusicGenLM.reset_buffers), so the stored copy is not used (G2).
+    "decoder.model.decoder.embed_positions.weights",
+]
+# The other parts of the composite checkpoint, loaded by their own converters.
+OTHER_PARTS = ("text_encoder.", "audio_encoder.")
+
+
+def lm_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LM's share of a composite transformers state dict: everything but the text and audio encoders."""
+    return {k: v for k, v in state.items() if not k.startswith(OTHER_PARTS)}
+
+
+def config_from_transformers(config: dict[str, Any]) -> MusicGenConfig:
+    """MusicGenConfig from a transformers `MusicgenConfig` dict (model_type "musicgen"), field by field."""
+    if config.get("model_type") != "musicgen":
+        raise CheckpointError(f"expected a transformers MusicGen config (model_type 'musicgen'), got "
+                              f"model_type {config.get('model_type')!r}")
+    for part in ("decoder", "text_encoder"):
+        if not isinstance(config.get(part), dict):
+            raise CheckpointError(f"the MusicGen config has no '{part}' sub-config")
+    dec, text = config["decoder"], config["text_encoder"]
+
+    def need(name: str, expected: Any, default: Any = None) -> None:
+        value = dec.get(name, default)
+        if value != expected:
+            raise CheckpointError(f"decoder config field {name} = {value!r} is not supported (expected "
+                                  f"{expected!r})")
+
+    # Fields whose other values would change the maths: only the values the official checkpoints use.
+    need("activation_function", "gelu", "gelu")
+    need("scale_embedding", False, False)
+    need("tie_word_embeddings", False, False)
+    need("cross_attention_hidden_size", None)
+    card = dec.get("vocab_size", 2048)
+    # The special (BOS / pad) id is the extra embedding row; generation relies on it being `vocab_size`.
+    need("pad_token_id", card, 2048)
+    need("bos_token_id", card, 2048)
+    text_dim = text.get("d_model", text.get("hidden_size"))
+    dim = dec.get("hidden_size", 1024)
+    if text_dim is None:
+        raise CheckpointError("the text_encoder sub-config has no d_model / hidden_size")
+    if text_dim == dim:
+        # transformers then builds no enc_to_dec_proj and feeds the text states as they are; no official
+        # checkpoint does this.
+        raise CheckpointError(f"text encoder width {text_dim} equals the decoder width: a MusicGen without "
+                              f"enc_to_dec_proj is not supported")
+    return MusicGenConfig(
+        dim=dim,
+        num_layers=dec.get("num_hidden_layers", 24),
+        num_heads=dec.get("num_attention_heads", 16),
+        ffn_dim=dec.get("ffn_dim", 4096),
+        num_codebooks=dec.get("num_codebooks", 4),
+        card=card,
+        audio_channels=dec.get("audio_channels", 1),  # absent from the 4.31-era mono configs: 1
+        text_dim=text_dim,
+        cross_attention=True,
+        max_positions=dec.get("max_position_embeddings", 2048),
+    )
+
+
+def load_transformers(config: dict[str, Any], state: dict[str, torch.Tensor], *, source: str,
+                      dtype: torch.dtype = torch.float32) -> MusicGenLM:
+    """MusicGenLM from a transformers MusicGen config dict and the LM part of its state dict (`lm_part`)."""
+    ours = config_from_transformers(config)
+    renamed = keys.rename(state, TRANSFORMERS_TABLE, dropped=TRANSFORMERS_DROPPED, source=source)
+    return keys.build(lambda: MusicGenLM(ours), renamed, source=source, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# audiocraft
+
+AUDIOCRAFT_TABLE = [
+    ("emb.{k}.weight", "embeddings.{k}.weight"),
+    # q/k/v come from splitting `in_proj_weight` (split_fused_qkv below)
+    ("transformer.layers.{i}.self_attn.q.weight", "layers.{i}.self_attn.q.weight"),
+    ("transformer.layers.{i}.self_attn.k.weight", "layers.{i}.self_attn.k.weight"),
+    ("transformer.layers.{i}.self_attn.v.weight", "layers.{i}.self_attn.v.weight"),
+    ("transformer.layers.{i}.self_attn.out_proj.weight", "layers.{i}.self_attn.out.weight"),
+    ("transformer.layers.{i}.norm1.weight", "layers.{i}.self_norm.weight"),
+    ("transformer.layers.{i}.norm1.bias", "layers.{i}.self_norm.bias"),
+    ("transformer.layers.{i}.cross_attention.q.weight", "layers.{i}.cross_attn.q.weight"),
+    ("transformer.layers.{i}.cross_attention.k.weight", "layers.{i}.cross_attn.k.weight"),
+    ("transformer.layers.{i}.cross_attention.v.weight", "layers.{i}.cross_attn.v.weight"),
+    ("transformer.layers.{i}.cross_attention.out_proj.weight", "layers.{i}.cross_attn.out.weight"),
+    ("transformer.layers.{i}.norm_cross.weight", "layers.{i}.cross_norm.weight"),
+    ("transformer.layers.{i}.norm_cross.bias", "layers.{i}.cross_norm.bias"),
+    ("transformer.layers.{i}.linear1.weight", "layers.{i}.ffn_in.weight"),
+    ("transformer.layers.{i}.linear2.weight", "layers.{i}.ffn_out.weight"),
+    ("transformer.layers.{i}.norm2.weight", "layers.{i}.ffn_norm.weight"),
+    ("transformer.layers.{i}.norm2.bias", "layers.{i}.ffn_norm.bias"),
+    ("out_norm.weight", "norm.weight"),
+    ("out_norm.bias", "norm.bias"),
+    ("linears.{k}.weight", "heads.{k}.weight"),
+    ("condition_provider.conditioners.description.output_proj.weight", "text_proj.weight"),
+    ("condition_provider.conditioners.description.output_proj.bias", "text_proj.bias"),
+]
+AUDIOCRAFT_DROPPED: list[str] = []
+
+# Width of the hidden states of the T5 encoders audiocraft's T5Conditioner accepts.
+T5_WIDTHS = {"t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024,
+             "google/flan-t5-small": 512, "google/flan-t5-base": 768, "google/flan-t5-large": 1024,
+             "google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096}
+
+
+def _get(cfg: dict[str, Any], path: str, default: Any = KeyError) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is KeyError:
+                raise CheckpointError(f"audiocraft config has no field {path}")
+            return default
+        node = node[part]
+    return node
+
+
+def parse_xp_cfg(xp_cfg: str | dict[str, Any]) -> dict[str, Any]:
+    """The `xp.cfg` entry of an audiocraft checkpoint (a YAML string written by OmegaConf) as a dict."""
+    if isinstance(xp_cfg, dict):
+        return xp_cfg
+    import yaml  # only the audiocraft layout needs it
+
+    try:
+        cfg = yaml.safe_load(xp_cfg)
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"the audiocraft 'xp.cfg' is not valid YAML: {err}") from err
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"the audiocraft 'xp.cfg' holds a {type(cfg).__name__}, expected a mapping")
+    return cfg
+
+
+def config_from_audiocraft(xp_cfg: str | dict[str, Any]) -> MusicGenConfig:
+    """MusicGenConfig from an audiocraft training config (`xp.cfg`), field by field."""
+    cfg = parse_xp_cfg(xp_cfg)
+    lm = _get(cfg, "transformer_lm")
+
+    def need(path: str, expected: Any, default: Any = KeyError) -> None:
+        value = _get(cfg, path, default)
+        if value != expected:
+            raise CheckpointError(f"audiocraft config field {path} = {value!r} is not supported (expected "
+                                  f"{expected!r})")
+
+    need("lm_model", "transformer_lm")
+    need("transformer_lm.norm", "layer_norm", "layer_norm")
+    need("transformer_lm.norm_first", True)
+    need("transformer_lm.activation", "gelu", "gelu")
+    need("transformer_lm.positional_embedding", "sin", "sin")
+    need("transformer_lm.max_period", 10000, 10000)
+    need("transformer_lm.positional_scale", 1.0, 1.0)
+    for flag in ("bias_ff", "bias_attn", "bias_proj", "qk_layer_norm", "qk_layer_norm_cross"):
+        need(f"transformer_lm.{flag}", False, False)
+    need("transformer_lm.layer_scale", None, None)
+    need("transformer_lm.kv_repeat", 1, 1)
+    need("transformer_lm.past_context", None, None)
+    need("codebooks_pattern.modeling", "delay")
+    cross = _get(cfg, "fuser.cross", [])
+    if "description" not in (cross or []):
+        raise CheckpointError(f"audiocraft fuser.cross = {cross!r}: this LM does not cross-attend to the text "
+                              f"description (a melody checkpoint takes its conditioning as a prefix)")
+    t5_name = _get(cfg, "conditioners.description.t5.name")
+    if t5_name not in T5_WIDTHS:
+        raise CheckpointError(f"audiocraft text conditioner {t5_name!r} is not one of {sorted(T5_WIDTHS)}")
+    stereo = bool(_get(cfg, "interleave_stereo_codebooks.use", False))
+    config = MusicGenConfig(
+        dim=lm["dim"],
+        num_layers=lm["num_layers"],
+        num_heads=lm["num_heads"],
+        ffn_dim=int(lm.get("hidden_scale", 4) * lm["dim"]),
+        num_codebooks=lm["n_q"],
+        card=lm["card"],
+        audio_channels=2 if stereo else 1,
+        text_dim=T5_WIDTHS[t5_name],
+        cross_attention=True,
+    )
+    delays = list(_get(cfg, "codebooks_pattern.delay.delays"))
+    if delays != list(config.delays):
+        raise CheckpointError(f"audiocraft codebooks_pattern.delay.delays = {delays} is not supported (expected "
+                              f"{list(config.delays)} for {config.num_codebooks} codebooks, "
+                              f"{config.audio_channels} channel(s))")
+    for path in ("codebooks_pattern.delay.flatten_first", "codebooks_pattern.delay.empty_initial"):
+        need(path, 0, 0)
+    return config
+
+
+def load_audiocraft(package: dict[str, Any], *, source: str, dtype: torch.dtype = torch.float32) -> MusicGenLM:
+    """MusicGenLM from the loaded content of an audiocraft `state_dict.bin` ({'best_state', 'xp.cfg', ...})."""
+    for entry in ("best_state", "xp.cfg"):
+        if entry not in package:
+            raise CheckpointError(f"{source} has no '{entry}' entry (found {sorted(package)}): not an audiocraft "
+                                  f"LM checkpoint")
+    config = config_from_audiocraft(package["xp.cfg"])
+    state = keys.split_fused_qkv(dict(package["best_state"]), "in_proj_weight",
+                                 ("q.weight", "k.weight", "v.weight"))
+    renamed = keys.rename(state, AUDIOCRAFT_TABLE, dropped=AUDIOCRAFT_DROPPED, source=source)
+    # The stored tensors are fp16; transformers' fp32 weights are these values upcast (exact).
+    return keys.build(lambda: MusicGenLM(config), renamed, source=source, dtype=dtype)
+
+
+def load_audiocraft_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> MusicGenLM:
+    path = Path(path)
+    return load_audiocraft(hub.load_tensors(path), source=str(path), dtype=dtype)

@@ -1,0 +1,75 @@
+"""The decoder's caches, made by the caller and passed to `forward` explicitly.
+
+* `KVCache`: the self-attention keys and values of every layer, preallocated to the longest sequence and written
+  by position. Its shapes never change, so one decode step has static shapes (the step can be captured as a
+  CUDA graph or `torch.compile`d with the position passed as a tensor).
+* `CrossMemory`: the cross-attention keys and values of the (projected) text, computed once per generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Keys and values of L layers: two (L, B, H, max_len, D) tensors, slot p holding position p."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        if min(num_layers, batch_size, num_heads, max_len, head_dim) <= 0:
+            raise ValueError(f"KVCache sizes must be positive, got layers={num_layers} batch={batch_size} "
+                             f"heads={num_heads} max_len={max_len} head_dim={head_dim}")
+        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, T, D) at `positions` (T,) of `layer`; return the layer's whole (B, H, max_len, D) cache.
+
+        Slots past the last written position hold stale or zero values: the causal mask hides them.
+        """
+        self.k[layer].index_copy_(2, positions, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, positions, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+    def to(self, *args, **kwargs) -> "KVCache":
+        """Move/cast in place, with the arguments of `Tensor.to`; returns self."""
+        self.k = self.k.to(*args, **kwargs)
+        self.v = self.v.to(*args, **kwargs)
+        return self
+
+
+@dataclass
+class CrossMemory:
+    """Cross-attention keys and values of each layer, (L, B, H, Lt, D), and the text mask (B, Lt), True = attend.
+
+    Rows whose mask is all False (the null condition of classifier-free guidance) attend to nothing: their
+    cross-attention output is exactly zero.
+    """
+
+    k: Tensor
+    v: Tensor
+    mask: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def to(self, *args, **kwargs) -> "CrossMemory":
+        """Move/cast in place (the mask keeps its bool dtype); returns self."""
+        self.k = self.k.to(*args, **kwargs)
+        self.v = self.v.to(*args, **kwargs)
+        device = self.k.device
+        self.mask = self.mask.to(device)
+        return self

@@ -1,0 +1,285 @@
+"""Generation with the MusicGen LM: small pure pieces, then the delay-pattern loop that chains them.
+
+    logits (2B, K, V) --cfg_combine--> (B, K, V) --temperature, top_k, top_p--> softmax --> multinomial
+                                                                   (greedy: argmax of the guided logits)
+
+The loop (`iter_frames` / `generate_codes`) follows transformers' `MusicgenForConditionalGeneration.generate`
+step for step, so that greedy decoding is token-identical and seeded sampling draws the same random numbers:
+
+1. The frames to produce (audio prompt frames first, then unknown ones) are laid out with the delay pattern
+   (`delay.apply_delay`); slots holding -1 are generated, every other slot (BOS, pads, prompt) is forced.
+2. Classifier-free guidance runs the conditional rows and the null-text rows as one batch [cond; null].
+3. The first step feeds every column before the first free one (BOS and prompt) at once (`prefill`); each
+   later step feeds one column (`decode_one_step`) against a static `KVCache`.
+4. Every column is sampled for all K rows (forced slots are then overwritten), as transformers does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from musiclm_core.cache import CrossMemory, KVCache
+from musiclm_core.delay import apply_delay
+
+FREE = -1  # marks a slot of the pattern that is to be generated
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling pieces (transformers' logits processors, in its order)
+
+
+def check_sampling(*, guidance_scale: float | None, temperature: float, top_k: int, top_p: float,
+                   do_sample: bool) -> None:
+    """Raise ValueError for sampling settings that cannot be used.
+
+    Conventions: CFG is on when guidance_scale > 1 (transformers); top_k = 0 is off; top_p = 1.0 is off
+    (transformers) and top_p = 0.0 is off too (audiocraft's default), anything in (0, 1) keeps the smallest set
+    of tokens whose probability reaches top_p; temperature must be > 0 when sampling.
+    """
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not math.isfinite(guidance_scale)
+                                       or guidance_scale < 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (CFG is on above 1), got {guidance_scale!r}")
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1] (0 and 1 = off), got {top_p!r}")
+    if do_sample and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                      or not math.isfinite(temperature) or temperature <= 0):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling (use do_sample=False for "
+                         f"greedy decoding), got {temperature!r}")
+
+
+def uses_cfg(guidance_scale: float | None) -> bool:
+    return guidance_scale is not None and guidance_scale > 1
+
+
+def cfg_combine(logits: Tensor, guidance_scale: float) -> Tensor:
+    """(2B, ...) logits of rows [cond; null] -> (B, ...) fp32 `uncond + s * (cond - uncond)` (G9)."""
+    cond, uncond = logits.float().chunk(2, dim=0)
+    return uncond + (cond - uncond) * guidance_scale
+
+
+def top_k_filter(scores: Tensor, k: int) -> Tensor:
+    """Scores below the k-th largest of each row -> -inf. Ties with the k-th are kept (transformers' TopK)."""
+    kth = torch.topk(scores, min(k, scores.shape[-1]), dim=-1).values[..., -1:]  # (..., 1)
+    return scores.masked_fill(scores < kth, -math.inf)
+
+
+def top_p_filter(scores: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability sum reaches p (transformers' TopP).
+
+    Tokens are sorted in ascending order; those whose cumulative probability stays <= 1 - p are removed, and the
+    most likely token is always kept.
+    """
+    ordered, order = torch.sort(scores, dim=-1, descending=False)
+    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - p)
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+
+
+def logits_to_next(logits: Tensor, *, guidance_scale: float | None = None, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, do_sample: bool = True,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Last-position logits (B or 2B under CFG, K, V) -> next tokens (B, K).
+
+    Order and arithmetic as transformers: fp32, CFG, then (sampling only) temperature, top-k, top-p, softmax and
+    one `torch.multinomial` draw over the (B * K, V) rows; greedy takes the argmax of the guided logits.
+    """
+    scores = cfg_combine(logits, guidance_scale) if uses_cfg(guidance_scale) else logits.float()
+    B, K, V = scores.shape
+    scores = scores.reshape(B * K, V)  # rows batch-major, codebook-minor: transformers' order (and RNG draws)
+    if not do_sample:
+        return scores.argmax(dim=-1).view(B, K)
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        scores = top_k_filter(scores, top_k)
+    if 0.0 < top_p < 1.0:
+        scores = top_p_filter(scores, top_p)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).view(B, K)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model steps
+
+
+def prefill(lm, steps: Tensor, *, memory: CrossMemory | None, cache: KVCache) -> Tensor:
+    """Feed columns 0 .. T0-1 (B', K, T0) into an empty cache; logits (B', K, V) of the last one."""
+    return lm(steps, memory=memory, cache=cache, offset=0)[:, :, -1]
+
+
+def decode_one_step(lm, column: Tensor, offset: Tensor, *, memory: CrossMemory | None, cache: KVCache) -> Tensor:
+    """Feed one column (B', K, 1) at position `offset` (0-dim tensor: static inputs); logits (B', K, V)."""
+    return lm(column, memory=memory, cache=cache, offset=offset)[:, :, -1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lengths and the pattern
+
+
+def plan_frames(delays: Sequence[int], prompt_frames: int, *, num_frames: int | None = None,
+                max_new_tokens: int | None = None) -> tuple[tuple[int, ...], int]:
+    """(delays to use, total frames T incl. the prompt) for a request in frames or in transformers' tokens.
+
+    `num_frames`: T itself (audiocraft's reckoning: duration * frame rate).
+    `max_new_tokens`: transformers' reckoning. It counts decoder steps: the pattern is `1 + prompt_frames +
+    max_new_tokens` steps long including the BOS step, which holds T = steps - max(delays) - 1 frames. Below
+    2 * (max(delays) + 1) - 1 steps transformers applies no delay at all (T = steps - 1); this is kept for parity.
+    """
+    if (num_frames is None) == (max_new_tokens is None):
+        raise ValueError("give exactly one of num_frames and max_new_tokens")
+    delays = tuple(delays)
+    if num_frames is not None:
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+        frames = num_frames
+    else:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        length = 1 + prompt_frames + max_new_tokens
+        channel_codebooks = max(delays) + 1
+        if length < 2 * channel_codebooks - 1:
+            delays = (0,) * len(delays)
+        frames = length - max(delays) - 1
+    if frames <= prompt_frames:
+        raise ValueError(f"{frames} frames in all leave nothing to generate after a prompt of {prompt_frames} "
+                         f"frames (with max_new_tokens, ask for at least max(delays) + 1 = {max(delays) + 1})")
+    return delays, frames
+
+
+def build_pattern(prompt: Tensor | None, batch_size: int, num_codebooks: int, num_frames: int,
+                  delays: Sequence[int], special: int, device: torch.device | None = None) -> Tensor:
+    """(B, K, S) pattern: prompt frames and special ids where forced, FREE (-1) where to be generated."""
+    frames = torch.full((batch_size, num_codebooks, num_frames), FREE, dtype=torch.long, device=device)
+    if prompt is not None:
+        frames[:, :, : prompt.shape[-1]] = prompt
+    return apply_delay(frames, delays, special)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def iter_frames(lm, text_states: Tensor | None = None, text_mask: Tensor | None = None, *,
+                batch_size: int | None = None, num_frames: int | None = None, max_new_tokens: int | None = None,
+                prompt_codes: Tensor | None = None, guidance_scale: float | None = 3.0, temperature: float = 1.0,
+                top_k: int = 250, top_p: float = 0.0, do_sample: bool = True,
+                generator: torch.Generator | None = None,
+                progress: Callable[[int, int], None] | None = None) -> Iterator[Tensor]:
+    """Generate codes, yielding frames (B, K, n) as soon as all their codebooks are final.
+
+    text_states (B, Lt, text_dim) and text_mask (B, Lt) are the text encoder's output for B prompts (padded
+    prompts have mask 0 at their padding). Without them the generation is unconditional (the null text of
+    transformers' `get_unconditional_inputs`) for `batch_size` rows, and CFG, which would compare the null text
+    with itself, is skipped. prompt_codes (B, K, P) are audio-prompt frames to continue; they are yielded
+    first. The length is `num_frames` (total, prompt included) or `max_new_tokens` (see `plan_frames`).
+    `progress(step, total)` is called after each decoding step.
+    """
+    check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                   do_sample=do_sample)
+    config = lm.config
+    K = config.num_codebooks
+    if text_states is None:
+        if text_mask is not None:
+            raise ValueError("text_mask given without text_states")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"unconditional generation needs batch_size > 0, got {batch_size!r}")
+        B = batch_size
+    else:
+        if text_states.dim() != 3:
+            raise ValueError(f"text_states must be (B, Lt, D), got {tuple(text_states.shape)}")
+        B = text_states.shape[0]
+        if B == 0:
+            raise ValueError("text_states hold no prompt (batch of 0)")
+        if batch_size is not None and batch_size != B:
+            raise ValueError(f"batch_size {batch_size} does not match the {B} rows of text_states")
+        if text_mask is None:
+            text_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
+    P = 0
+    if prompt_codes is not None:
+        if prompt_codes.dim() != 3 or tuple(prompt_codes.shape[:2]) != (B, K):
+            raise ValueError(f"prompt_codes must be (B={B}, K={K}, P), got {tuple(prompt_codes.shape)}")
+        if prompt_codes.is_floating_point() or prompt_codes.dtype == torch.bool:
+            raise ValueError(f"prompt_codes must be integer codes, got {prompt_codes.dtype}")
+        if prompt_codes.numel() and (int(prompt_codes.min()) < 0 or int(prompt_codes.max()) >= config.card):
+            raise ValueError(f"prompt_codes must lie in [0, {config.card}), got values in "
+                             f"[{int(prompt_codes.min())}, {int(prompt_codes.max())}]")
+        P = prompt_codes.shape[-1]
+    delays, T = plan_frames(config.delays, P, num_frames=num_frames, max_new_tokens=max_new_tokens)
+
+    device = lm.device
+    prompt = None if prompt_codes is None else prompt_codes.to(device=device, dtype=torch.long)
+    pattern = build_pattern(prompt, B, K, T, delays, config.special, device)  # (B, K, S)
+    S = pattern.shape[-1]
+    start = 1 + P  # the first column holding a FREE slot (row 0 has delay 0)
+    cfg = uses_cfg(guidance_scale) and text_states is not None
+
+    with torch.no_grad():
+        memory = None
+        if text_states is not None:
+            states, mask = text_states.to(device), text_mask.to(device)
+            if cfg:  # the null condition: zero states, all masked (transformers' CFG batch)
+                states = torch.cat([states, torch.zeros_like(states)], dim=0)
+                mask = torch.cat([mask, torch.zeros_like(mask)], dim=0)
+            memory = lm.cross_memory(states, mask)
+        lm.ensure_positions(S)
+        cache = lm.new_cache(2 * B if cfg else B, S - 1)  # the last column is never fed
+
+    seq = pattern.clone()  # FREE slots are filled column by column
+    max_delay = max(delays)
+    sent = 0  # frames yielded so far
+
+    def final_frames(filled: int) -> Tensor | None:
+        # frame t is final once column 1 + t + max_delay is filled
+        nonlocal sent
+        final = min(T, max(0, filled - 1 - max_delay))
+        if final <= sent:
+            return None
+        block = torch.stack([seq[:, k, 1 + d + sent: 1 + d + final] for k, d in enumerate(delays)], dim=1)
+        sent = final
+        return block  # (B, K, n)
+
+    block = final_frames(start)
+    if block is not None:
+        yield block
+    for s in range(start, S):
+        with torch.no_grad():
+            if s == start:
+                inputs = seq[:, :, :start]  # BOS and prompt columns in one go
+                logits = prefill(lm, torch.cat([inputs, inputs]) if cfg else inputs, memory=memory, cache=cache)
+            else:
+                column = seq[:, :, s - 1: s]
+                offset = torch.tensor(s - 1, device=device)
+                logits = decode_one_step(lm, torch.cat([column, column]) if cfg else column, offset,
+                                         memory=memory, cache=cache)
+            tokens = logits_to_next(logits, guidance_scale=guidance_scale if cfg else None,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
+                                    generator=generator)  # (B, K)
+            forced = pattern[:, :, s]
+            seq[:, :, s] = torch.where(forced == FREE, tokens, forced)
+        if progress is not None:
+            progress(s - start + 1, S - start)
+        block = final_frames(s + 1)
+        if block is not None:
+            yield block
+
+
+def generate_codes(lm, text_states: Tensor | None = None, text_mask: Tensor | None = None, *,
+                   batch_size: int | None = None, num_frames: int | None = None,
+                   max_new_tokens: int | None = None, prompt_codes: Tensor | None = None,
+                   guidance_scale: float | None = 3.0, temperature: float = 1.0, top_k: int = 250,
+                   top_p: float = 0.0, do_sample: bool = True, generator: torch.Generator | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> Tensor:
+    """Codes (B, K, T) with the delay undone and the prompt frames included; arguments as `iter_frames`."""
+    frames = iter_frames(lm, text_states, text_mask, batch_size=batch_size, num_frames=num_frames,
+                         max_new_tokens=max_new_tokens, prompt_codes=prompt_codes, guidance_scale=guidance_scale,
+                         temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
+                         generator=generator, progress=progress)
+    return torch.cat(list(frames), dim=-1)

@@ -1,0 +1,315 @@
+"""MusicGen LM on the tiny preset: shapes, causality, cache == full forward, text masking, checkpoints."""
+
+import pytest
+import torch
+
+from musiclm_core.cache import KVCache
+from musiclm_core.convert import musicgen as convert
+from musiclm_core.hub import CheckpointError
+from musiclm_core.musicgen import PRESETS, MusicGenConfig, MusicGenLM, sinusoids
+
+TEXT = PRESETS["tiny"].text_dim
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    return MusicGenLM(PRESETS["tiny"]).eval()
+
+
+def _codes(B, T, K=4, card=2048):
+    return torch.randint(0, card + 1, (B, K, T))
+
+
+def _text(B, L=6):
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[-1, L // 2:] = 0  # the last prompt is padded
+    return torch.randn(B, L, TEXT), mask
+
+
+def test_presets_and_delays():
+    assert PRESETS["small"].delays == (0, 1, 2, 3)
+    assert PRESETS["stereo-large"].delays == (0, 0, 1, 1, 2, 2, 3, 3)
+    assert PRESETS["medium"].head_dim == 64 and PRESETS["tiny"].special == 2048
+    with pytest.raises(ValueError, match="divisible"):
+        MusicGenConfig(dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="audio_channels"):
+        MusicGenConfig(audio_channels=3)
+    with pytest.raises(ValueError, match="split over 2 channels"):
+        MusicGenConfig(num_codebooks=5, audio_channels=2)
+
+
+@pytest.mark.parametrize("preset,decoder_params", [
+    ("small", 419_584_000), ("medium", 1_837_556_736), ("large", 3_255_382_016), ("stereo-small", 436_365_312)])
+def test_official_sizes(preset, decoder_params):
+    # Parameter counts of the official decoders (specs/musicgen.md 1.1), counted on the meta device.
+    with torch.device("meta"):
+        model = MusicGenLM(PRESETS[preset])
+    total = sum(p.numel() for p in model.parameters())
+    assert total - sum(p.numel() for p in model.text_proj.parameters()) == decoder_params
+
+
+def test_sinusoids_cos_first():
+    table = sinusoids(50, 8)
+    p = torch.arange(50).float()
+    assert torch.allclose(table[:, 0], torch.cos(p)) and torch.allclose(table[:, 4], torch.sin(p))
+    inv = 10000 ** (-1 / 3)  # j = 1 of h = 4: 10000^(-j/(h-1))
+    assert torch.allclose(table[:, 1], torch.cos(p * inv), atol=1e-5)
+
+
+def test_forward_shape_and_causality(lm):
+    codes = _codes(2, 9)
+    text, mask = _text(2)
+    memory = lm.cross_memory(text, mask)
+    with torch.no_grad():
+        logits = lm(codes, memory=memory)
+        assert logits.shape == (2, 4, 9, 2048)
+        changed = codes.clone()
+        changed[:, :, 6:] = (changed[:, :, 6:] + 1) % 2049
+        other = lm(changed, memory=memory)
+    assert torch.equal(logits[:, :, :6], other[:, :, :6])
+    assert (logits[:, :, 6:] - other[:, :, 6:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("chunks", [[1] * 10, [4, 1, 1, 1, 1, 1, 1], [3, 5, 2]])
+def test_cache_equals_full_forward(lm, chunks):
+    B, T = 4, sum(chunks)
+    codes = _codes(B, T)
+    text, mask = _text(B)
+    mask[2:] = 0  # rows 2, 3: the null condition of CFG
+    text[2:] = 0
+    memory = lm.cross_memory(text, mask)
+    with torch.no_grad():
+        full = lm(codes, memory=memory)
+        cache = lm.new_cache(B, T + 3)
+        parts, t = [], 0
+        for n in chunks:
+            offset = torch.tensor(t) if n == 1 else t  # decode steps take a tensor position
+            parts.append(lm(codes[:, :, t:t + n], memory=memory, cache=cache, offset=offset))
+            t += n
+    err = (torch.cat(parts, dim=2) - full).abs().max().item()
+    assert err <= 1e-5, err
+
+
+def test_text_mask_and_null_rows(lm):
+    B = 2
+    codes = _codes(B, 5)
+    text, mask = _text(B)
+    with torch.no_grad():
+        ref = lm(codes, memory=lm.cross_memory(text, mask))
+        noisy = text.clone()
+        noisy[-1, 3:] = 100 * torch.randn_like(noisy[-1, 3:])  # padded positions of the last prompt
+        assert torch.equal(lm(codes, memory=lm.cross_memory(noisy, mask)), ref)
+        # an all-masked memory (the null condition) is exactly no cross-attention, and never NaN
+        null = lm(codes, memory=lm.cross_memory(torch.randn(B, 4, TEXT), torch.zeros(B, 4, dtype=torch.long)))
+        assert torch.isfinite(null).all()
+        assert torch.allclose(null, lm(codes, memory=None), atol=1e-6)
+        assert (null - ref).abs().max() > 1e-3  # the text does matter
+
+
+def test_positions_beyond_the_table(lm):
+    # The tiny table has 512 rows; a cache positioned further out extends it, as transformers does.
+    codes = _codes(1, 3)
+    with torch.no_grad():
+        cache = lm.new_cache(1, 600)
+        lm(codes[:, :, :1], cache=cache, offset=0)
+        out = lm(codes[:, :, 1:2], cache=cache, offset=590)
+    assert lm.sinusoids.shape[0] >= 591 and torch.isfinite(out).all()
+    assert torch.equal(lm.sinusoids[590], sinusoids(591, 64)[590])
+    lm.reset_buffers()
+
+
+def test_bad_input(lm):
+    text, mask = _text(2)
+    memory = lm.cross_memory(text, mask)
+    with pytest.raises(ValueError, match=r"codes must be \(B, K=4, T\)"):
+        lm(torch.zeros(2, 3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="memory has 2 rows, the input 3"):
+        lm(_codes(3, 2), memory=memory)
+    with pytest.raises(ValueError, match="do not fit a cache of 4"):
+        lm(_codes(2, 5), cache=lm.new_cache(2, 4))
+    with pytest.raises(ValueError, match="cache has 2 rows, the input 1"):
+        lm(_codes(1, 1), cache=lm.new_cache(2, 4))
+    with pytest.raises(ValueError, match=f"text states must be \\(B, Lt, {TEXT}\\)"):
+        lm.cross_memory(torch.randn(2, 6, TEXT + 1), mask)
+    with pytest.raises(ValueError, match="text mask must be"):
+        lm.cross_memory(text, mask[:, :3])
+    with pytest.raises(ValueError, match="no cross-attention"):
+        MusicGenLM(MusicGenConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=64, text_dim=16,
+                                  cross_attention=False)).cross_memory(torch.randn(1, 2, 16), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="must be positive"):
+        KVCache(2, 0, 4, 8, 16)
+
+
+def test_cache_to():
+    cache = KVCache(2, 1, 2, 4, 8)
+    assert cache.to(torch.float16).k.dtype == torch.float16 and cache.v.dtype == torch.float16
+
+
+def test_native_round_trip(lm, tmp_path):
+    lm.save_pretrained(tmp_path / "lm")
+    with pytest.raises(FileExistsError):
+        lm.save_pretrained(tmp_path / "lm")
+    again = MusicGenLM.from_pretrained(tmp_path / "lm")
+    assert again.config == lm.config
+    codes = _codes(1, 4)
+    with torch.no_grad():
+        assert torch.equal(again(codes), lm(codes))
+    half = MusicGenLM.from_pretrained(tmp_path / "lm", dtype=torch.float16)
+    assert half.dtype == torch.float16 and half.sinusoids.dtype == torch.float16
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Converters: keys and configs (parity against real transformers checkpoints is in tests/parity)
+
+
+def _hf_config(**decoder):
+    dec = dict(model_type="musicgen_decoder", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               ffn_dim=256, num_codebooks=4, vocab_size=2048, pad_token_id=2048, bos_token_id=2048,
+               max_position_embeddings=512, activation_function="gelu", scale_embedding=False)
+    dec.update(decoder)
+    return {"model_type": "musicgen", "decoder": dec, "text_encoder": {"model_type": "t5", "d_model": 32}}
+
+
+def _hf_state(model):
+    """Our tiny model's weights under transformers' names (the inverse of the table, for key tests)."""
+    import re
+
+    out = {}
+    for theirs, ours in convert.TRANSFORMERS_TABLE:
+        regex = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\d+)", re.escape(ours)) + r"\Z")
+        for key, value in model.state_dict().items():
+            m = regex.match(key)
+            if m:
+                out[theirs.format(**m.groupdict())] = value
+    return out
+
+
+def test_transformers_keys(lm):
+    state = _hf_state(lm)
+    assert len(state) == len(lm.state_dict())
+    state["decoder.model.decoder.embed_positions.weights"] = torch.zeros(512, 64)  # legacy key: dropped (G2)
+    state["text_encoder.shared.weight"] = torch.zeros(3, 32)  # another part of the composite checkpoint
+    loaded = convert.load_transformers(_hf_config(), convert.lm_part(state), source="test")
+    codes = _codes(1, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(codes), lm(codes))
+    bad = convert.lm_part(state)
+    bad["decoder.model.decoder.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    with pytest.raises(CheckpointError, match="q_proj.bias"):
+        convert.load_transformers(_hf_config(), bad, source="test")
+    missing = convert.lm_part(state)
+    del missing["decoder.lm_heads.3.weight"]
+    with pytest.raises(CheckpointError, match="heads.3.weight"):
+        convert.load_transformers(_hf_config(), missing, source="test")
+
+
+def test_transformers_config_errors():
+    cfg = convert.config_from_transformers(_hf_config(audio_channels=2, num_codebooks=8))
+    assert cfg.delays == (0, 0, 1, 1, 2, 2, 3, 3) and cfg.text_dim == 32
+    assert convert.config_from_transformers(_hf_config()).audio_channels == 1  # 4.31 configs: no field
+    with pytest.raises(CheckpointError, match="activation_function = 'relu'"):
+        convert.config_from_transformers(_hf_config(activation_function="relu"))
+    with pytest.raises(CheckpointError, match="scale_embedding"):
+        convert.config_from_transformers(_hf_config(scale_embedding=True))
+    with pytest.raises(CheckpointError, match="pad_token_id"):
+        convert.config_from_transformers(_hf_config(pad_token_id=0))
+    with pytest.raises(CheckpointError, match="equals the decoder width"):
+        convert.config_from_transformers(_hf_config(hidden_size=32, num_attention_heads=2))
+    with pytest.raises(CheckpointError, match="model_type 'musicgen'"):
+        convert.config_from_transformers({"model_type": "t5"})
+
+
+XP_CFG = """
+lm_model: transformer_lm
+transformer_lm:
+  dim: 64
+  num_heads: 4
+  num_layers: 2
+  hidden_scale: 4
+  n_q: {n_q}
+  card: 2048
+  norm: layer_norm
+  norm_first: true
+  activation: gelu
+  positional_embedding: sin
+  bias_ff: false
+  bias_attn: false
+  bias_proj: false
+  layer_scale: null
+codebooks_pattern:
+  modeling: delay
+  delay:
+    delays: {delays}
+    flatten_first: 0
+    empty_initial: 0
+interleave_stereo_codebooks:
+  use: {stereo}
+fuser:
+  cross: [description]
+  prepend: []
+conditioners:
+  description:
+    model: t5
+    t5:
+      name: t5-base
+"""
+
+
+def _audiocraft_package(model: MusicGenLM, stereo=False):
+    """Our model's weights in audiocraft's layout (fused in_proj, fp16), for key tests."""
+    sd = model.state_dict()
+    best = {}
+    for k in range(model.config.num_codebooks):
+        best[f"emb.{k}.weight"] = sd[f"embeddings.{k}.weight"]
+        best[f"linears.{k}.weight"] = sd[f"heads.{k}.weight"]
+    for i in range(model.config.num_layers):
+        ours, theirs = f"layers.{i}.", f"transformer.layers.{i}."
+        for attn, name in (("self_attn", "self_attn"), ("cross_attn", "cross_attention")):
+            best[theirs + name + ".in_proj_weight"] = torch.cat([sd[ours + attn + f".{p}.weight"] for p in "qkv"])
+            best[theirs + name + ".out_proj.weight"] = sd[ours + attn + ".out.weight"]
+        for a, b in (("self_norm", "norm1"), ("cross_norm", "norm_cross"), ("ffn_norm", "norm2")):
+            best[theirs + b + ".weight"], best[theirs + b + ".bias"] = sd[ours + a + ".weight"], sd[ours + a + ".bias"]
+        best[theirs + "linear1.weight"], best[theirs + "linear2.weight"] = sd[ours + "ffn_in.weight"], sd[ours + "ffn_out.weight"]
+    best["out_norm.weight"], best["out_norm.bias"] = sd["norm.weight"], sd["norm.bias"]
+    best["condition_provider.conditioners.description.output_proj.weight"] = sd["text_proj.weight"]
+    best["condition_provider.conditioners.description.output_proj.bias"] = sd["text_proj.bias"]
+    delays = [0, 0, 1, 1, 2, 2, 3, 3] if stereo else [0, 1, 2, 3]
+    cfg = XP_CFG.format(n_q=len(delays), delays=delays, stereo="true" if stereo else "false")
+    return {"best_state": {k: v.half() for k, v in best.items()}, "xp.cfg": cfg, "version": "1", "exported": True}
+
+
+def test_audiocraft_layout(tmp_path):
+    torch.manual_seed(1)
+    config = MusicGenConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=256, text_dim=768)
+    ref = MusicGenLM(config).half().float().eval()  # fp16-representable weights: the file stores fp16
+    ref.reset_buffers()  # the sinusoids are derived, not stored: exact again
+    folder = tmp_path / "ac"
+    folder.mkdir()
+    torch.save(_audiocraft_package(ref), folder / "state_dict.bin")
+    loaded = MusicGenLM.from_pretrained(folder)
+    assert loaded.config == config
+    codes = _codes(1, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(codes), ref(codes))  # fp16 -> fp32 is exact
+    stereo = convert.config_from_audiocraft(_audiocraft_package(ref, stereo=True)["xp.cfg"])
+    assert stereo.audio_channels == 2 and stereo.num_codebooks == 8
+
+
+def test_audiocraft_errors():
+    torch.manual_seed(1)
+    ref = MusicGenLM(MusicGenConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=256, text_dim=768))
+    package = _audiocraft_package(ref)
+    with pytest.raises(CheckpointError, match="'xp.cfg'"):
+        convert.load_audiocraft({"best_state": package["best_state"]}, source="x")
+    extra = dict(package, best_state=dict(package["best_state"], **{"transformer.layers.0.layer_scale_1.scale": torch.zeros(64)}))
+    with pytest.raises(CheckpointError, match="layer_scale_1"):
+        convert.load_audiocraft(extra, source="x")
+    for old, new, match in [("norm_first: true", "norm_first: false", "norm_first"),
+                            ("cross: [description]", "cross: []", "fuser.cross"),
+                            ("name: t5-base", "name: t5-tiny", "t5-tiny"),
+                            ("delays: [0, 1, 2, 3]", "delays: [0, 2, 4, 6]", "delays")]:
+        with pytest.raises(CheckpointError, match=match):
+            convert.config_from_audiocraft(package["xp.cfg"].replace(old, new))
+    with pytest.raises(CheckpointError, match="not valid YAML"):
+        convert.config_from_audiocraft("a: [")
