@@ -103,7 +103,7 @@ def run_cuda() -> None:
         causal = c["kind"] == "prefill"
 
         def ours():
-            return [attention(q, k, v, causal=True, q_offset=position) for k, v in kv]
+            return [attention(q, k, v, causal=True, q_offset=position, backend="triton") for k, v in kv]
 
         def sdpa_layer(q, k, v):
             return F.scaled_dot_product_attention(q, k[:, :, :visible], v[:, :, :visible], is_causal=causal)

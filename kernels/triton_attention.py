@@ -104,7 +104,7 @@ def _attn_fwd(
             keep = tl.load(KeyMask + b * stride_mb + cols * stride_mt, mask=col_ok, other=0)
             allowed = allowed & (keep != 0)[None, :]
         if CAUSAL:
-            allowed = allowed & (cols[None, :] <= q_pos[:, None])
+            allowed = allowed & (cols[None, :] < q_pos[:, None])
         s = tl.where(allowed, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -243,7 +243,8 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int | Tenso
     else:
         offset_ptr, offset_value = q, q_offset  # the pointer is unused when the offset is a plain int
     if key_mask is not None:
-        key_mask = key_mask.to(device=q.device, dtype=torch.bool).expand(B, Tk)
+        # bytes 0 / 1 (a bool view: no copy), which the kernel loads as plain integers
+        key_mask = key_mask.to(device=q.device, dtype=torch.bool).expand(B, Tk).view(torch.uint8)
         mask_ptr, stride_mb, stride_mt = key_mask, key_mask.stride(0), key_mask.stride(1)
     else:
         mask_ptr, stride_mb, stride_mt = q, 0, 0

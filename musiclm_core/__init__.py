@@ -1,6 +1,8 @@
 """musiclm_core: readable, fast PyTorch implementations of open text-to-music models."""
 
 from musiclm_core.audio import load_audio, save_audio
+from musiclm_core.chroma import chroma_features
 from musiclm_core.hub import CheckpointError
+from musiclm_core.t5 import T5Encoder, T5Tokenizer
 
-__all__ = ["load_audio", "save_audio", "CheckpointError"]
+__all__ = ["load_audio", "save_audio", "CheckpointError", "chroma_features", "T5Encoder", "T5Tokenizer"]

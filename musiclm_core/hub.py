@@ -167,8 +167,12 @@ def detect_layout(folder: str | os.PathLike) -> str:
 
 
 def save_native(folder: str | os.PathLike, kind: str, config: dict[str, Any],
-                state_dict: dict[str, torch.Tensor], *, overwrite: bool = False) -> Path:
-    """Write a native checkpoint folder atomically: it appears whole or not at all."""
+                state_dict: dict[str, torch.Tensor], *, overwrite: bool = False,
+                extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a native checkpoint folder atomically: it appears whole or not at all.
+
+    `extra_files` maps file names to contents written alongside (e.g. a tokenizer's `spiece.model`).
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -181,6 +185,10 @@ def save_native(folder: str | os.PathLike, kind: str, config: dict[str, Any],
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         # safetensors refuses tensors that share memory or are not contiguous: store plain copies.
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+        for name, content in (extra_files or {}).items():
+            if Path(name).name != name or name in ("config.json", "model.safetensors"):
+                raise ValueError(f"extra file name {name!r} must be a plain file name other than ours")
+            (tmp / name).write_bytes(content)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

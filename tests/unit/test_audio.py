@@ -63,13 +63,13 @@ def test_load_int16_file_is_scaled_exactly(tmp_path):
     soundfile.write(tmp_path / "i.wav", ints, 8000, subtype="PCM_16")
     wav, sr = load_audio(tmp_path / "i.wav")
     assert sr == 8000 and wav.shape == (2, 3)
-    torch.testing.assert_close(wav, torch.from_numpy(ints.T.astype(np.float32) / 32768), rtol=0, atol=0)
+    assert torch.equal(wav, torch.from_numpy(ints.T.astype(np.float32) / 32768))
 
 
 def test_load_float_file_beyond_full_scale_is_not_clipped(tmp_path):
     soundfile.write(tmp_path / "f.wav", np.array([0.5, 1.5, -2.0], dtype=np.float32), 8000, subtype="FLOAT")
     wav, _ = load_audio(tmp_path / "f.wav")
-    torch.testing.assert_close(wav, torch.tensor([[0.5, 1.5, -2.0]]), rtol=0, atol=0)
+    assert torch.equal(wav, torch.tensor([[0.5, 1.5, -2.0]]))
 
 
 def test_load_resamples_and_converts_channels(tmp_path):
@@ -77,12 +77,12 @@ def test_load_resamples_and_converts_channels(tmp_path):
     save_audio(tmp_path / "s.wav", stereo, 44100, subtype="FLOAT")
     wav, sr = load_audio(tmp_path / "s.wav", sample_rate=32000, channels=1)
     assert sr == 32000 and wav.shape == (1, math.ceil(stereo.shape[1] * 32000 / 44100))
-    torch.testing.assert_close(wav, audio.resample(stereo.mean(0, keepdim=True), 44100, 32000))
+    assert (wav - audio.resample(stereo.mean(0, keepdim=True), 44100, 32000)).abs().max().item() < 1e-6
 
     save_audio(tmp_path / "m.flac", stereo[:1], 44100)
     wav, sr = load_audio(tmp_path / "m.flac", channels=2)
     assert sr == 44100 and wav.shape == (2, stereo.shape[1])
-    torch.testing.assert_close(wav[0], wav[1], rtol=0, atol=0)
+    assert torch.equal(wav[0], wav[1])
 
 
 def test_load_errors(tmp_path):
@@ -152,13 +152,13 @@ def test_save_clips_with_a_warning_only_when_it_must(tmp_path):
         warnings.simplefilter("error")  # float files keep the values: no clipping, no warning
         save_audio(tmp_path / "f.wav", wav, 8000, subtype="FLOAT")
         save_audio(tmp_path / "ok.wav", wav / 3, 8000)  # in range: no warning
-    torch.testing.assert_close(load_audio(tmp_path / "f.wav")[0], wav, rtol=0, atol=0)
+    assert torch.equal(load_audio(tmp_path / "f.wav")[0], wav)
 
 
 def test_save_accepts_ndarray_and_1d(tmp_path):
     save_audio(tmp_path / "a.wav", np.full(64, 0.25, dtype=np.float32), 8000, subtype="FLOAT")
     wav, _ = load_audio(tmp_path / "a.wav")
-    torch.testing.assert_close(wav, torch.full((1, 64), 0.25), rtol=0, atol=0)
+    assert torch.equal(wav, torch.full((1, 64), 0.25))
 
 
 def test_save_normalize_modes(tmp_path):
@@ -292,11 +292,11 @@ def test_convert_channels():
     stereo = noise((3, 2, 50))
     mono = audio.convert_channels(stereo, 1)
     assert mono.shape == (3, 1, 50)
-    torch.testing.assert_close(mono[:, 0], (stereo[:, 0] + stereo[:, 1]) / 2)
+    assert (mono[:, 0] - (stereo[:, 0] + stereo[:, 1]) / 2).abs().max().item() < 1e-15
     back = audio.convert_channels(mono, 2)
     assert back.shape == (3, 2, 50)
-    torch.testing.assert_close(back[:, 0], mono[:, 0], rtol=0, atol=0)
-    torch.testing.assert_close(back[:, 1], mono[:, 0], rtol=0, atol=0)
+    assert torch.equal(back[:, 0], mono[:, 0])
+    assert torch.equal(back[:, 1], mono[:, 0])
     assert audio.convert_channels(stereo, 2) is stereo
     with pytest.raises(ValueError, match="cannot convert 3 channel"):
         audio.convert_channels(torch.zeros(3, 10), 2)
@@ -342,7 +342,7 @@ def test_k_weighting_fir_equals_the_iir_filter(sr):
 
 
 def _test_signals(sr):
-    n = round(3.3 * sr)
+    n = round(2.05 * sr)  # 17 blocks
     t = np.arange(n) / sr
     loud_then_quiet = noise((2, n), seed=3, scale=0.3).numpy()
     loud_then_quiet[:, n // 2:] *= 0.01  # the quiet half falls under the relative gate
