@@ -124,13 +124,18 @@ def run_cuda() -> None:
         if c["kind"] == "decode":
             row["floor"] = (2 * B * H * visible * D + 2 * B * H * Tq * D) * 2 / bandwidth * 1e6
         rows.append(row)
-        del kv
         print(f"  done {c['model']} {c['kind']} B={B} Tk={Tk}", flush=True)
 
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
     header = (f"{'model':<7}{'kind':<8}{'B':>3}{'H':>4}{'Tq':>5}{'Tk':>6}{'L':>4} | {'ours':>8}{'sdpa':>8}"
               f"{'compiled':>9}{'sdpa/ours':>10}{'comp/ours':>10}{'floor':>7} | {'ours':>8}{'sdpa':>8}"
               f"{'compiled':>9} | {'rel err':>8}")
-    print("\n" + " " * 37 + "| graph replay (us per layer)" + " " * 26 + "| eager (us per layer)" + " " * 6 + "|")
+    bars = [i for i, ch in enumerate(header) if ch == "|"]  # the three column groups' borders
+    print("\n" + " " * bars[0] + "| graph replay (us per layer)".ljust(bars[1] - bars[0])
+          + "| eager (us per layer)".ljust(bars[2] - bars[1]) + "|")
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -394,7 +394,10 @@ def load_audiocraft(package: dict[str, Any], *, source: str, dtype: torch.dtype 
         # The stereo MusicGen repos: audiocraft loads transformers' EncodecModel from this hub id instead.
         name = package["pretrained"]
         logger.info("%s points to %s; loading that instead", source, name)
-        return EnCodec.from_pretrained(name, dtype=dtype)
+        try:
+            return EnCodec.from_pretrained(name, dtype=dtype)
+        except CheckpointError as err:
+            raise CheckpointError(f"{source} points to {name!r}, the codec audiocraft loads instead: {err}") from err
     missing = [k for k in ("best_state", "xp.cfg") if k not in package]
     if missing:
         raise CheckpointError(f"{source}: not an audiocraft compression package: no {missing} "

@@ -90,7 +90,8 @@ def select_backend(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None =
     """"torch" or "triton": the path `attention` takes for these inputs (see the module docstring)."""
     choice = backend or os.environ.get("MUSICLM_ATTENTION") or "auto"
     if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"attention backend {choice!r} (argument or MUSICLM_ATTENTION): expected auto, torch or triton")
+        raise ValueError(f"attention backend {choice!r} (argument or MUSICLM_ATTENTION): "
+                         "expected auto, torch or triton")
     if choice == "torch" or bias is not None:
         return "torch"
     if choice == "auto":

@@ -24,7 +24,6 @@ in, then exp2), which is what the hardware's exponential computes.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -104,7 +103,7 @@ def _attn_fwd(
             keep = tl.load(KeyMask + b * stride_mb + cols * stride_mt, mask=col_ok, other=0)
             allowed = allowed & (keep != 0)[None, :]
         if CAUSAL:
-            allowed = allowed & (cols[None, :] < q_pos[:, None])
+            allowed = allowed & (cols[None, :] <= q_pos[:, None])
         s = tl.where(allowed, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -25,11 +25,17 @@ import torch
 NATIVE_FORMAT = "musiclm_core"  # the marker key in a native config.json
 
 # Weight files in the order we prefer them: safetensors before pickles, single files before indexes.
+# transformers names them model.* / pytorch_model.*; diffusers component folders (unet/, vae/) use
+# diffusion_pytorch_model.*.
 _WEIGHT_FILES = (
     "model{v}.safetensors",
     "model.safetensors.index{v}.json",
+    "diffusion_pytorch_model{v}.safetensors",
+    "diffusion_pytorch_model.safetensors.index{v}.json",
     "pytorch_model{v}.bin",
     "pytorch_model.bin.index{v}.json",
+    "diffusion_pytorch_model{v}.bin",
+    "diffusion_pytorch_model.bin.index{v}.json",
 )
 
 
@@ -178,13 +184,23 @@ def save_native(folder: str | os.PathLike, kind: str, config: dict[str, Any],
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise TypeError(f"state_dict values must be tensors; these are not: {not_tensors[:10]}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         meta = {NATIVE_FORMAT: {"model": kind, "version": 1}, "config": config}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        # safetensors refuses tensors that share memory or are not contiguous: store plain copies.
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+        # safetensors refuses tensors that share memory (tied weights) or are not contiguous: store plain copies.
+        tensors, storages = {}, set()
+        for k, v in state_dict.items():
+            v = v.detach().contiguous().cpu()
+            if v.untyped_storage().data_ptr() in storages:
+                v = v.clone()
+            storages.add(v.untyped_storage().data_ptr())
+            tensors[k] = v
+        save_file(tensors, str(tmp / "model.safetensors"))
         for name, content in (extra_files or {}).items():
             if Path(name).name != name or name in ("config.json", "model.safetensors"):
                 raise ValueError(f"extra file name {name!r} must be a plain file name other than ours")

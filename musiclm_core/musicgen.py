@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -269,3 +269,373 @@ class MusicGenLM(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
         hub.save_native(folder, "musicgen_lm", self.config.to_dict(), self.state_dict(), overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline: text (and optionally audio) in, waveform out.
+
+PIPELINE_KIND = "musicgen"
+MAX_DURATION = 30.0  # seconds: the training segment of every released MusicGen, the longest one window holds
+# Frames held back while streaming: the codec's decoder is not causal, so the last samples of a chunk change
+# once the next frames are known: its first conv (kernel 7) sees 3 latent frames ahead, each transposed conv
+# stage up to one of its input steps more, and the signal's end is reflect-padded. 6 frames cover all that.
+STREAM_LOOKAHEAD = 6
+
+
+class MusicGen:
+    """Text-to-music: T5 encoder -> MusicGen LM (CFG, delay pattern, KV cache) -> EnCodec decoder.
+
+    >>> mg = MusicGen.from_pretrained("facebook/musicgen-small")
+    >>> wav = mg.generate(["80s pop track with bassy drums and synth"], duration=8.0, seed=0)  # (B, C, N)
+
+    `generate` counts length as audiocraft does (duration * frame rate frames, audio prompt included) and
+    extends past `max_duration` by windows (audiocraft's `extend_stride`); `max_new_tokens` counts decoder steps
+    as transformers does. Sampling defaults are audiocraft's (top_k=250, top_p=0 i.e. off, CFG 3.0).
+    """
+
+    def __init__(self, lm: MusicGenLM, codec, text_encoder, *, max_duration: float = MAX_DURATION):
+        c = lm.config
+        if codec.channels != 1:
+            raise ValueError(f"MusicGen runs a mono codec once per channel; this codec has {codec.channels} channels")
+        if codec.num_codebooks * c.audio_channels != c.num_codebooks:
+            raise ValueError(f"the LM models {c.num_codebooks} codebooks for {c.audio_channels} channel(s), the "
+                             f"codec has {codec.num_codebooks} per channel")
+        if codec.codebook_size != c.card:
+            raise ValueError(f"the LM's codebooks have {c.card} entries, the codec's {codec.codebook_size}")
+        if text_encoder.config.dim != c.text_dim:
+            raise ValueError(f"the LM expects {c.text_dim}-wide text states, the text encoder gives "
+                             f"{text_encoder.config.dim}")
+        self.lm, self.codec, self.text_encoder = lm.eval(), codec.eval(), text_encoder.eval()
+        self.max_duration = max_duration
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.sample_rate
+
+    @property
+    def frame_rate(self) -> int:
+        return self.codec.frame_rate
+
+    @property
+    def channels(self) -> int:
+        return self.lm.config.audio_channels
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    def to(self, *args, **kwargs) -> "MusicGen":
+        """Move (and cast) the three models, with the arguments of `nn.Module.to`; returns self."""
+        for model in (self.lm, self.codec, self.text_encoder):
+            model.to(*args, **kwargs)
+        return self
+
+    # -- audio <-> codes --------------------------------------------------------------------------------------
+
+    def encode_audio(self, wav: Tensor, sample_rate: int | None = None) -> Tensor:
+        """(B, C, N) audio -> (B, K, T) codes; stereo channels are coded separately and interleaved L0 R0 L1 R1."""
+        if not isinstance(wav, Tensor) or wav.dim() != 3:
+            raise ValueError(f"prompt audio must be a (B, C, N) tensor, got "
+                             f"{tuple(wav.shape) if isinstance(wav, Tensor) else type(wav).__name__}")
+        if wav.shape[1] != self.channels:
+            raise ValueError(f"this is a {'stereo' if self.channels == 2 else 'mono'} MusicGen: prompt audio must "
+                             f"have {self.channels} channel(s), got {wav.shape[1]} (shape {tuple(wav.shape)})")
+        codes = [self.codec.encode(wav[:, c: c + 1], sample_rate=sample_rate) for c in range(self.channels)]
+        return torch.stack(codes, dim=2).flatten(1, 2)  # (B, K/C, C, T) -> (B, K, T)
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """(B, K, T) codes -> (B, C, T * hop) audio; rows ::2 are the left channel, 1::2 the right (stereo)."""
+        C = self.channels
+        return torch.cat([self.codec.decode(codes[:, c::C]) for c in range(C)], dim=1)
+
+    # -- generation -------------------------------------------------------------------------------------------
+
+    def _condition(self, prompts: Sequence[str] | None, num_samples: int | None):
+        if prompts is None:
+            if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+                raise ValueError(f"unconditional generation (prompts=None) needs num_samples > 0, got "
+                                 f"{num_samples!r}")
+            return None, None, num_samples
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings (wrap a single prompt in a list)")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty: pass at least one prompt, or prompts=None for unconditional "
+                             "generation")
+        if num_samples is not None and num_samples != len(prompts):
+            raise ValueError(f"num_samples {num_samples} does not match the {len(prompts)} prompts")
+        with torch.no_grad():
+            states, mask = self.text_encoder.encode_text(prompts)
+        return states, mask, len(prompts)
+
+    def _length(self, duration: float | None, max_new_tokens: int | None) -> int | None:
+        """Total frames for a duration (audiocraft: int(duration * frame rate)); None with max_new_tokens."""
+        if duration is None and max_new_tokens is None:
+            raise ValueError("give duration (seconds) or max_new_tokens")
+        if duration is not None and max_new_tokens is not None:
+            raise ValueError("give either duration or max_new_tokens, not both")
+        if duration is None:
+            return None
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration) \
+                or duration <= 0:
+            raise ValueError(f"duration must be a finite number of seconds > 0, got {duration!r}")
+        frames = int(duration * self.frame_rate)
+        if frames < 1:
+            raise ValueError(f"duration {duration} s is shorter than one frame ({1 / self.frame_rate:.4f} s)")
+        return frames
+
+    def generate_codes(self, prompts: Sequence[str] | None, *, duration: float | None = None,
+                       max_new_tokens: int | None = None, guidance_scale: float = 3.0, top_k: int = 250,
+                       top_p: float = 0.0, temperature: float = 1.0, do_sample: bool = True,
+                       seed: int | None = None, prompt_audio: Tensor | None = None,
+                       prompt_sample_rate: int | None = None, num_samples: int | None = None,
+                       extend_stride: float = 18.0, progress: bool | Callable[[int, int], None] = False) -> Tensor:
+        """Codes (B, K, T), delay undone, audio prompt included. See `generate` for the arguments."""
+        from musiclm_core import generate as gen
+
+        gen.check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                           do_sample=do_sample)
+        total = self._length(duration, max_new_tokens)
+        states, mask, B = self._condition(prompts, num_samples)
+        prompt_codes = None
+        if prompt_audio is not None:
+            prompt_codes = self.encode_audio(prompt_audio, prompt_sample_rate)
+            if prompt_codes.shape[0] != B:
+                raise ValueError(f"{prompt_codes.shape[0]} prompt audio(s) for {B} text prompt(s)")
+            if total is not None and prompt_codes.shape[-1] >= total:
+                raise ValueError(f"the audio prompt ({prompt_codes.shape[-1]} frames, "
+                                 f"{prompt_audio.shape[-1] / (prompt_sample_rate or self.sample_rate):.2f} s) is "
+                                 f"not shorter than the duration asked for ({duration} s = {total} frames)")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        callback = _progress_printer() if progress is True else (progress or None)
+        settings = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                        do_sample=do_sample, generator=generator)
+        if total is None:  # transformers' reckoning, one window
+            return gen.generate_codes(self.lm, states, mask, batch_size=B, max_new_tokens=max_new_tokens,
+                                      prompt_codes=prompt_codes, progress=callback, **settings)
+        window = int(self.max_duration * self.frame_rate)
+        stride = int(extend_stride * self.frame_rate)
+        if total > window and not 0 < stride < window:
+            raise ValueError(f"extend_stride must be in (0, {self.max_duration}) s to go past {self.max_duration} s, "
+                             f"got {extend_stride!r}")
+        return self._windows(states, mask, B, total, window, stride, prompt_codes, callback, settings)
+
+    def _windows(self, states, mask, B, total, window, stride, prompt_codes, callback, settings) -> Tensor:
+        """audiocraft's long-form scheme: windows of at most `window` frames, each continuing the last
+        `window - stride` frames of the previous one, until `total` frames exist."""
+        from musiclm_core import generate as gen
+
+        pieces = [] if prompt_codes is None else [prompt_codes]
+        prompt = prompt_codes
+        offset = 0  # frames before the current window
+        while offset + (0 if prompt is None else prompt.shape[-1]) < total:
+            frames = min(total - offset, window)
+            done = offset + (0 if prompt is None else prompt.shape[-1])
+
+            def report(step, steps, done=done):
+                if callback is not None:
+                    callback(min(done + step, total), total)
+
+            codes = gen.generate_codes(self.lm, states, mask, batch_size=B, num_frames=frames, prompt_codes=prompt,
+                                       progress=report, **settings)
+            pieces.append(codes if prompt is None else codes[:, :, prompt.shape[-1]:])
+            prompt = codes[:, :, stride:]
+            offset += stride
+        return torch.cat(pieces, dim=-1)
+
+    def generate(self, prompts: Sequence[str] | None, *, duration: float | None = None,
+                 max_new_tokens: int | None = None, guidance_scale: float = 3.0, top_k: int = 250,
+                 top_p: float = 0.0, temperature: float = 1.0, do_sample: bool = True, seed: int | None = None,
+                 prompt_audio: Tensor | None = None, prompt_sample_rate: int | None = None,
+                 num_samples: int | None = None, extend_stride: float = 18.0,
+                 progress: bool | Callable[[int, int], None] = False) -> Tensor:
+        """Audio (B, C, N) at `sample_rate`, the audio prompt included.
+
+        prompts: B texts, or None for unconditional generation of `num_samples` pieces.
+        duration: seconds in all, prompt included (int(duration * frame_rate) frames); past `max_duration` the
+            music is extended by windows that each continue the last `max_duration - extend_stride` seconds.
+            max_new_tokens instead: transformers' count of decoder steps (one window).
+        guidance_scale: classifier-free guidance, on above 1. top_k: 0 = off. top_p: 0 or 1 = off.
+        seed: seeds a generator of its own; None draws from torch's global generator (as transformers).
+        prompt_audio (B, C, N) at prompt_sample_rate (default: the model's): music to continue.
+        progress: True prints the frame count; a callable gets (frames done, frames in all).
+        """
+        codes = self.generate_codes(prompts, duration=duration, max_new_tokens=max_new_tokens,
+                                    guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
+                                    temperature=temperature, do_sample=do_sample, seed=seed,
+                                    prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
+                                    num_samples=num_samples, extend_stride=extend_stride, progress=progress)
+        return self.decode_codes(codes)
+
+    def stream(self, prompts: Sequence[str] | None, *, duration: float = 10.0, chunk_duration: float = 1.0,
+               context_duration: float = 2.0, guidance_scale: float = 3.0, top_k: int = 250, top_p: float = 0.0,
+               temperature: float = 1.0, do_sample: bool = True, seed: int | None = None,
+               prompt_audio: Tensor | None = None, prompt_sample_rate: int | None = None,
+               num_samples: int | None = None) -> Iterator[Tensor]:
+        """Yield audio chunks (B, C, n) while generating one window (duration <= max_duration).
+
+        Every `chunk_duration` seconds of final frames are decoded together with the `context_duration`
+        seconds before them (the codec's LSTM needs a run-up) and all but the last few frames, whose samples
+        still depend on frames to come, are yielded. The chunks join into what one `decode_codes` of the whole
+        gives when the context covers everything; with a shorter context they differ slightly near the joins.
+        """
+        from musiclm_core import generate as gen
+
+        gen.check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                           do_sample=do_sample)
+        total = self._length(duration, None)
+        if total > int(self.max_duration * self.frame_rate):
+            raise ValueError(f"stream generates one window: duration must be <= {self.max_duration} s, "
+                             f"got {duration}")
+        for name, value in (("chunk_duration", chunk_duration), ("context_duration", context_duration)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name == "chunk_duration" and value <= 0):
+                raise ValueError(f"{name} must be a finite number of seconds "
+                                 f"{'> 0' if name == 'chunk_duration' else '>= 0'}, got {value!r}")
+        chunk = max(1, int(chunk_duration * self.frame_rate))
+        context = int(context_duration * self.frame_rate)
+        states, mask, B = self._condition(prompts, num_samples)
+        prompt_codes = None
+        if prompt_audio is not None:
+            prompt_codes = self.encode_audio(prompt_audio, prompt_sample_rate)
+            if prompt_codes.shape[0] != B or prompt_codes.shape[-1] >= total:
+                raise ValueError(f"prompt audio must be {B} piece(s) shorter than {duration} s, got codes "
+                                 f"{tuple(prompt_codes.shape)}")
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        frames = gen.iter_frames(self.lm, states, mask, batch_size=B, num_frames=total, prompt_codes=prompt_codes,
+                                 guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 do_sample=do_sample, generator=generator)
+        hop = self.codec.hop_length
+        codes = None
+        emitted = 0  # frames whose samples have been yielded
+        for block in frames:
+            codes = block if codes is None else torch.cat([codes, block], dim=-1)
+            final = codes.shape[-1]
+            if final == total or final - STREAM_LOOKAHEAD - emitted >= chunk:
+                upto = final if final == total else final - STREAM_LOOKAHEAD
+                start = max(0, emitted - context)
+                wav = self.decode_codes(codes[:, :, start:final])  # (B, C, (final - start) * hop)
+                yield wav[..., (emitted - start) * hop: (upto - start) * hop]
+                emitted = upto
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                        revision: str | None = None, variant: str | None = None, layout: str | None = None,
+                        text_encoder: str | os.PathLike | None = None) -> "MusicGen":
+        """A transformers MusicGen repo or folder (`facebook/musicgen-*`), an audiocraft folder (`state_dict.bin`
+        + `compression_state_dict.bin`) or a native folder.
+
+        variant: transformers weight files variant, e.g. "fp32" for the stereo repos (whose default files are
+            fp16). The models are cast to `dtype` either way.
+        layout: "audiocraft" to read the audiocraft files of a repo that holds both layouts.
+        text_encoder: for the audiocraft layout, where to get T5 (default: the hub id its config names, e.g.
+            "t5-base", as audiocraft does).
+        """
+        from musiclm_core.convert import encodec as convert_encodec, keys, musicgen as convert, t5 as convert_t5
+        from musiclm_core.encodec import EnCodec
+        from musiclm_core.t5 import T5Encoder, T5Tokenizer
+
+        if layout not in (None, "audiocraft"):
+            raise ValueError(f"layout must be None (detect) or 'audiocraft', got {layout!r}")
+        if layout == "audiocraft":
+            folder = hub.resolve(name_or_path, revision=revision,
+                                 allow_patterns=["state_dict.bin", "compression_state_dict.bin"])
+            found = "audiocraft"
+        else:
+            folder = hub.resolve(name_or_path, revision=revision, allow_patterns=["*.json", "spiece.model"])
+            found = hub.detect_layout(folder) if (folder / "config.json").is_file() else None
+            if found is None:  # no config.json: an audiocraft repo
+                folder = hub.resolve(name_or_path, revision=revision,
+                                     allow_patterns=["state_dict.bin", "compression_state_dict.bin"])
+                found = hub.detect_layout(folder)
+        if found == "native":
+            meta = hub.read_json(folder / "config.json")
+            if meta[hub.NATIVE_FORMAT].get("model") != PIPELINE_KIND:
+                raise hub.CheckpointError(f"{folder} holds a native {meta[hub.NATIVE_FORMAT].get('model')!r}, "
+                                          f"not a {PIPELINE_KIND!r} pipeline")
+            return cls(MusicGenLM.from_pretrained(folder / "lm", dtype=dtype),
+                       EnCodec.from_pretrained(folder / "codec", dtype=dtype),
+                       T5Encoder.from_pretrained(folder / "text_encoder", dtype=dtype),
+                       max_duration=meta["config"].get("max_duration", MAX_DURATION))
+        if found == "transformers":
+            config = hub.read_json(folder / "config.json")
+            if config.get("model_type") != "musicgen":
+                raise hub.CheckpointError(f"{folder}: model_type {config.get('model_type')!r} is not a MusicGen "
+                                          f"(for 'musicgen_melody' use MusicGenMelody)")
+            folder = _fetch_transformers_weights(name_or_path, folder, revision=revision, variant=variant)
+            state = hub.load_state_dict(folder, variant=variant)
+            lm = convert.load_transformers(config, convert.lm_part(state), source=str(folder), dtype=dtype)
+            codec = convert_encodec.load_transformers(config["audio_encoder"],
+                                                      keys.strip_prefix(state, "audio_encoder."),
+                                                      source=f"{folder} (audio_encoder)", dtype=dtype)
+            t5 = convert_t5.load_transformers(config["text_encoder"], keys.strip_prefix(state, "text_encoder."),
+                                              source=f"{folder} (text_encoder)", dtype=dtype)
+            t5.tokenizer = T5Tokenizer.from_folder(folder, max_length=t5.config.max_length)
+            return cls(lm, codec, t5)
+        if found == "audiocraft":
+            package = hub.load_tensors(folder / "state_dict.bin")
+            lm = convert.load_audiocraft(package, source=str(folder / "state_dict.bin"), dtype=dtype)
+            codec = convert_encodec.load_audiocraft_folder(folder, dtype=dtype)
+            xp = convert.parse_xp_cfg(package["xp.cfg"])
+            t5 = T5Encoder.from_pretrained(text_encoder or convert._get(xp, "conditioners.description.t5.name"),
+                                           dtype=dtype)
+            return cls(lm, codec, t5, max_duration=float(convert._get(xp, "dataset.segment_duration",
+                                                                      MAX_DURATION)))
+        raise hub.CheckpointError(f"{folder} holds a {found} checkpoint, not a MusicGen")
+
+    def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Native folder: config.json + lm/, codec/, text_encoder/ (each a native folder), written atomically."""
+        import json
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        folder = Path(folder)
+        if folder.exists() and not overwrite:
+            raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            self.lm.save_pretrained(tmp / "lm")
+            self.codec.save_pretrained(tmp / "codec")
+            self.text_encoder.save_pretrained(tmp / "text_encoder")
+            meta = {hub.NATIVE_FORMAT: {"model": PIPELINE_KIND, "version": 1},
+                    "config": {"max_duration": self.max_duration}}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _fetch_transformers_weights(name_or_path, folder, *, revision, variant):
+    """For a hub id, download only the weight files of one variant (a repo may hold .safetensors and .bin,
+    fp16 and fp32 copies); a local folder is used as it is."""
+    from pathlib import Path
+
+    if Path(name_or_path).expanduser().is_dir():
+        return folder
+    v = f".{variant}" if variant else ""
+    for index in (f"model.safetensors.index{v}.json", f"pytorch_model.bin.index{v}.json"):
+        if (folder / index).is_file():
+            shards = sorted(set(hub.read_json(folder / index)["weight_map"].values()))
+            return hub.resolve(name_or_path, revision=revision, allow_patterns=["*.json", "spiece.model", *shards])
+    for single in (f"model{v}.safetensors", f"pytorch_model{v}.bin"):
+        folder = hub.resolve(name_or_path, revision=revision, allow_patterns=["*.json", "spiece.model", single])
+        if (folder / single).is_file():
+            return folder
+    return folder  # hub.load_state_dict then names what is missing
+
+
+def _progress_printer() -> Callable[[int, int], None]:
+    import sys
+
+    def show(done: int, total: int) -> None:
+        print(f"\r{done:6d} / {total:6d} frames", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+    return show

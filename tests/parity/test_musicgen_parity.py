@@ -12,6 +12,8 @@ cross-attention and the self-attention q/k are scaled up so that the random deco
 its past (checked below: different texts give different tokens, and many distinct tokens occur).
 """
 
+import shutil
+
 import pytest
 import torch
 
@@ -49,12 +51,12 @@ def _make_it_listen(model, scale=4.0):
             w.weight.mul_(scale)
 
 
-def _save_reference(folder, channels, seed):
+def _save_reference(folder, channels, seed, spm_model):
     from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
                               MusicgenForConditionalGeneration, T5Config)
 
     torch.manual_seed(seed)
-    t5 = T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+    t5 = T5Config(vocab_size=320, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                   relative_attention_num_buckets=8, feed_forward_proj="relu")
     # 2048-entry codebooks as the official codec; 35.2 kbps at 800 frames/s = 4 codebooks of 11 bits.
     codec = EncodecConfig(sampling_rate=3200, audio_channels=1, hidden_size=16, num_filters=4,
@@ -71,6 +73,7 @@ def _save_reference(folder, channels, seed):
     model.generation_config.update(decoder_start_token_id=2048, pad_token_id=2048, bos_token_id=2048,
                                    do_sample=True, guidance_scale=3.0, max_length=1500)
     model.save_pretrained(folder)
+    shutil.copy(spm_model, folder / "spiece.model")  # MusicGen repos keep the T5 tokenizer at their root
     return folder
 
 
@@ -80,6 +83,7 @@ class Pair:
     def __init__(self, folder):
         from transformers import MusicgenForConditionalGeneration
 
+        self.folder = folder
         self.hf = MusicgenForConditionalGeneration.from_pretrained(folder).eval()
         self.lm = convert.load_transformers(hub.read_json(folder / "config.json"),
                                             convert.lm_part(hub.load_state_dict(folder)), source=str(folder))
@@ -118,14 +122,33 @@ class Pair:
         return torch.stack(codes, dim=2).flatten(1, 2)  # (B, K, F): L0 R0 L1 R1 ... for stereo
 
 
-@pytest.fixture(scope="session")
-def mono(tmp_path_factory):
-    return Pair(_save_reference(tmp_path_factory.mktemp("musicgen_mono"), channels=1, seed=0))
+WORDS = ("the a of and with music song track drums bass guitar synth piano violin beat tempo loud soft calm "
+         "happy sad pop rock jazz electronic melody rhythm vocals ambient dark bright warm 80s 90s funk").split()
 
 
 @pytest.fixture(scope="session")
-def stereo(tmp_path_factory):
-    return Pair(_save_reference(tmp_path_factory.mktemp("musicgen_stereo"), channels=2, seed=10))
+def spm_model(tmp_path_factory):
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10))) for _ in range(2000)]
+    folder = tmp_path_factory.mktemp("musicgen_spm")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
+                                   model_type="unigram", vocab_size=200, hard_vocab_limit=False, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return folder / "spiece.model"
+
+
+@pytest.fixture(scope="session")
+def mono(tmp_path_factory, spm_model):
+    return Pair(_save_reference(tmp_path_factory.mktemp("musicgen_mono"), 1, 0, spm_model))
+
+
+@pytest.fixture(scope="session")
+def stereo(tmp_path_factory, spm_model):
+    return Pair(_save_reference(tmp_path_factory.mktemp("musicgen_stereo"), 2, 10, spm_model))
 
 
 def _prompts(seed, B=2, L=7):
@@ -224,26 +247,27 @@ def test_greedy_text_cfg(mono):
 
 def test_greedy_unconditional(mono):
     null = mono.hf.get_unconditional_inputs(num_samples=2)
-    ref = mono.hf_codes(**null, do_sample=False, max_new_tokens=260)
-    ours = G.generate_codes(mono.lm, batch_size=2, max_new_tokens=260, do_sample=False)
+    ref = mono.hf_codes(**null, do_sample=False, max_new_tokens=100)
+    ours = G.generate_codes(mono.lm, batch_size=2, max_new_tokens=100, do_sample=False)
     assert torch.equal(ours, ref)
-    _check_diverse(ours)
+    _check_diverse(ours, min_unique=40)
 
 
 def test_greedy_audio_prompt(mono):
+    # 60 steps here; test_pipeline_audio_prompt runs 250 through the whole pipeline.
     ids, mask = _prompts(4)
     wav = _audio(5, 2, 1, 30 * HOP)
     prompt = mono.prompt_codes(wav)
     assert prompt.shape == (2, 4, 30)
     ref = mono.hf_codes(input_ids=ids, attention_mask=mask, input_values=wav, do_sample=False,
-                        guidance_scale=3.0, max_new_tokens=250)
-    ours = G.generate_codes(mono.lm, mono.text(ids, mask), mask, prompt_codes=prompt, max_new_tokens=250,
+                        guidance_scale=3.0, max_new_tokens=60)
+    ours = G.generate_codes(mono.lm, mono.text(ids, mask), mask, prompt_codes=prompt, max_new_tokens=60,
                             guidance_scale=3.0, do_sample=False)
-    assert ours.shape == ref.shape == (2, 4, 30 + 250 + 1 - 4)
+    assert ours.shape == ref.shape == (2, 4, 30 + 60 + 1 - 4)
     assert torch.equal(ours[:, :, :30], prompt)
     assert torch.equal(ours, ref)
-    _check_diverse(ours[:, :, 30:])
-    free = G.generate_codes(mono.lm, mono.text(ids, mask), mask, max_new_tokens=250, do_sample=False)
+    _check_diverse(ours[:, :, 30:], min_unique=30)
+    free = G.generate_codes(mono.lm, mono.text(ids, mask), mask, num_frames=40, do_sample=False)
     assert (free[:, :, :40] != ours[:, :, 30:70]).float().mean() > 0.5  # the prompt changes the continuation
 
 
@@ -291,3 +315,90 @@ def test_logits_processors_match_transformers():
         assert torch.equal(G.top_k_filter(scores, k), TopKLogitsWarper(k)(None, scores))
     for p in (0.1, 0.5, 0.95):
         assert torch.equal(G.top_p_filter(scores, p), TopPLogitsWarper(p)(None, scores))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole pipeline: our T5 (and its tokenizer), LM and EnCodec, read from the transformers folder.
+
+TEXTS = ["80s pop track with bassy drums and synth", "calm piano"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(mono):
+    return transformers.T5Tokenizer.from_pretrained(str(mono.folder))
+
+
+def _hf_generate(pair, tokenizer, **kwargs):
+    """transformers' audio and the codes it decoded, for TEXTS tokenized as its processor does."""
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    captured = []
+    decode = pair.hf.audio_encoder.decode
+
+    def capture(codes, *args, **kw):
+        captured.append(codes.clone())
+        return decode(codes, *args, **kw)
+
+    pair.hf.audio_encoder.decode = capture
+    try:
+        with torch.no_grad():
+            audio = pair.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+    finally:
+        del pair.hf.audio_encoder.decode
+    codes = torch.cat([c[0] for c in captured], dim=1)  # stereo: left rows then right rows
+    if len(captured) == 2:
+        codes = torch.stack(codes.chunk(2, dim=1), dim=2).flatten(1, 2)  # back to L0 R0 L1 R1 ...
+    return audio, codes
+
+
+@pytest.fixture(scope="session")
+def pipeline(mono):
+    from musiclm_core.musicgen import MusicGen
+
+    return MusicGen.from_pretrained(mono.folder)
+
+
+def test_pipeline_text_cfg(pipeline, mono, tokenizer):
+    # 64 steps here; test_greedy_text_cfg runs 256 on the LM with transformers' text states.
+    ref_audio, ref_codes = _hf_generate(mono, tokenizer, do_sample=False, guidance_scale=3.0, max_new_tokens=64)
+    codes = pipeline.generate_codes(TEXTS, max_new_tokens=64, guidance_scale=3.0, do_sample=False)
+    assert torch.equal(codes, ref_codes)
+    audio = pipeline.decode_codes(codes)
+    err = (audio - ref_audio).abs().max().item()
+    print(f"pipeline audio, text + CFG, 64 steps: max abs err {err:.2e}")
+    assert audio.shape == ref_audio.shape and err <= LOGIT_TOL
+    assert (codes[0] != codes[1]).float().mean() > 0.5
+
+
+def test_pipeline_audio_prompt(pipeline, mono, tokenizer):
+    wav = _audio(11, 2, 1, 25 * HOP)
+    ref_audio, ref_codes = _hf_generate(mono, tokenizer, input_values=wav, do_sample=False, guidance_scale=3.0,
+                                        max_new_tokens=250)
+    codes = pipeline.generate_codes(TEXTS, max_new_tokens=250, guidance_scale=3.0, do_sample=False,
+                                    prompt_audio=wav, prompt_sample_rate=3200)
+    assert torch.equal(codes, ref_codes)
+    audio = pipeline.decode_codes(codes)
+    err = (audio - ref_audio).abs().max().item()
+    print(f"pipeline audio, audio prompt, 250 steps: max abs err {err:.2e}")
+    assert audio.shape == ref_audio.shape == (2, 1, (25 + 250 + 1 - 4) * HOP) and err <= LOGIT_TOL
+
+
+def test_pipeline_stereo(stereo, tokenizer):
+    from musiclm_core.musicgen import MusicGen
+
+    mg = MusicGen.from_pretrained(stereo.folder)
+    wav = _audio(12, 2, 2, 16 * HOP)
+    ref_audio, ref_codes = _hf_generate(stereo, tokenizer, input_values=wav, do_sample=False, guidance_scale=3.0,
+                                        max_new_tokens=64)
+    codes = mg.generate_codes(TEXTS, max_new_tokens=64, guidance_scale=3.0, do_sample=False, prompt_audio=wav)
+    assert torch.equal(codes, ref_codes)
+    err = (mg.decode_codes(codes) - ref_audio).abs().max().item()
+    assert ref_audio.shape[1] == 2 and err <= LOGIT_TOL
+
+
+def test_pipeline_native_round_trip(pipeline, tmp_path):
+    from musiclm_core.musicgen import MusicGen
+
+    pipeline.save_pretrained(tmp_path / "native")
+    again = MusicGen.from_pretrained(tmp_path / "native")
+    kwargs = dict(duration=0.02, guidance_scale=3.0, do_sample=True, seed=3)
+    assert torch.equal(again.generate(TEXTS, **kwargs), pipeline.generate(TEXTS, **kwargs))

@@ -313,3 +313,146 @@ def test_audiocraft_errors():
             convert.config_from_audiocraft(package["xp.cfg"].replace(old, new))
     with pytest.raises(CheckpointError, match="not valid YAML"):
         convert.config_from_audiocraft("a: [")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pipeline (tiny T5 + tiny MusicGen LM + a tiny EnCodec with 4 codebooks of 2048 at 800 frames/s)
+
+
+class WordTokenizer:
+    """Stands in for the sentencepiece tokenizer: one id per word, </s> = 1 appended, right padding with 0."""
+
+    def __call__(self, prompts, *, max_length=512):
+        rows = [[3 + sum(map(ord, w)) % 90 for w in p.split()] + [1] for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        return ids, mask
+
+
+def _pipeline(channels=1, max_duration=30.0):
+    from musiclm_core.encodec import EnCodec, EnCodecConfig
+    from musiclm_core.musicgen import MusicGen
+    from musiclm_core.t5 import PRESETS as T5_PRESETS, T5Encoder
+
+    torch.manual_seed(0)
+    t5 = T5Encoder(T5_PRESETS["tiny"]).eval()
+    t5.tokenizer = WordTokenizer()
+    codec = EnCodec(EnCodecConfig(sample_rate=3200, num_filters=4, ratios=(2, 2), dimension=16, codebook_size=2048,
+                                  target_bandwidths=(35.2,), lstm_layers=1)).eval()
+    lm = MusicGenLM(MusicGenConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=256, num_codebooks=4 * channels,
+                                   audio_channels=channels, text_dim=32, max_positions=256)).eval()
+    return MusicGen(lm, codec, t5, max_duration=max_duration)
+
+
+@pytest.fixture(scope="module")
+def mg():
+    return _pipeline()
+
+
+@pytest.fixture(scope="module")
+def mg_stereo():
+    return _pipeline(channels=2)
+
+
+def test_pipeline_generate(mg):
+    assert (mg.sample_rate, mg.frame_rate, mg.channels) == (3200, 800, 1)
+    wav = mg.generate(["a calm piano", "loud drums and bass"], duration=0.02, seed=0)
+    assert wav.shape == (2, 1, 16 * 4)  # int(0.02 * 800) = 16 frames of 4 samples
+    assert torch.equal(wav, mg.generate(["a calm piano", "loud drums and bass"], duration=0.02, seed=0))
+    assert not torch.equal(wav, mg.generate(["a calm piano", "loud drums and bass"], duration=0.02, seed=1))
+    codes = mg.generate_codes(["a calm piano"], max_new_tokens=10, do_sample=False)
+    assert codes.shape == (1, 4, 7)  # transformers' count: 11 steps with BOS -> 7 frames
+    assert torch.equal(mg.decode_codes(codes), mg.generate(["a calm piano"], max_new_tokens=10, do_sample=False))
+    uncond = mg.generate(None, num_samples=3, duration=0.01, do_sample=False)
+    assert uncond.shape == (3, 1, 32)
+
+
+def test_pipeline_audio_prompt(mg, mg_stereo):
+    prompt = 0.3 * torch.randn(2, 1, 40)  # 10 frames
+    codes = mg.generate_codes(["a", "b c"], duration=0.03, prompt_audio=prompt, do_sample=False)
+    assert codes.shape == (2, 4, 24)
+    assert torch.equal(codes[:, :, :10], mg.codec.encode(prompt))
+    # at another sample rate the prompt is resampled to the model's
+    resampled = mg.generate_codes(["a", "b c"], duration=0.03, prompt_audio=torch.randn(2, 1, 80),
+                                  prompt_sample_rate=6400, do_sample=False)
+    assert resampled.shape == (2, 4, 24)
+    stereo = 0.3 * torch.randn(1, 2, 40)
+    codes = mg_stereo.generate_codes(["a"], duration=0.03, prompt_audio=stereo, do_sample=False)
+    assert codes.shape == (1, 8, 24)
+    assert torch.equal(codes[:, 0::2, :10], mg_stereo.codec.encode(stereo[:, :1]))  # L0 R0 L1 R1 ...
+    assert torch.equal(codes[:, 1::2, :10], mg_stereo.codec.encode(stereo[:, 1:]))
+    wav = mg_stereo.decode_codes(codes)
+    assert wav.shape == (1, 2, 24 * 4)
+    assert torch.equal(wav[:, 1:], mg_stereo.codec.decode(codes[:, 1::2]))
+
+
+def test_pipeline_long_form_windows(mg):
+    # audiocraft's scheme: windows of max_duration, each continuing the last (max_duration - extend_stride).
+    long = _pipeline(max_duration=0.04)  # windows of 32 frames
+    long.lm.load_state_dict(mg.lm.state_dict())
+    codes = long.generate_codes(["a calm piano"], duration=0.1, extend_stride=0.02, do_sample=False)
+    assert codes.shape == (1, 4, 80)
+    first = mg.generate_codes(["a calm piano"], duration=0.04, do_sample=False)
+    assert torch.equal(codes[:, :, :32], first)
+    from musiclm_core import generate as G
+
+    text, mask = long.text_encoder.encode_text(["a calm piano"])
+    second = G.generate_codes(long.lm, text, mask, num_frames=32, prompt_codes=codes[:, :, 16:32], top_k=250,
+                              top_p=0.0, do_sample=False)
+    assert torch.equal(codes[:, :, 32:48], second[:, :, 16:])
+    seen = []
+    long.generate_codes(["x"], duration=0.1, extend_stride=0.02, do_sample=False,
+                        progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (80, 80) and all(t == 80 for _, t in seen)
+    with pytest.raises(ValueError, match="extend_stride"):
+        long.generate_codes(["x"], duration=0.1, extend_stride=0.05)
+
+
+@pytest.mark.parametrize("chunk,context", [(0.005, 1.0), (0.01, 0.005), (1.0, 0.0)])
+def test_pipeline_stream(mg, chunk, context):
+    kwargs = dict(duration=0.05, do_sample=False, prompt_audio=0.3 * torch.randn(2, 1, 24))
+    chunks = list(mg.stream(["a", "b"], chunk_duration=chunk, context_duration=context, **kwargs))
+    whole = mg.decode_codes(mg.generate_codes(["a", "b"], **kwargs))
+    streamed = torch.cat(chunks, dim=-1)
+    assert streamed.shape == whole.shape == (2, 1, 40 * 4)
+    if context >= 0.05:  # the context covers everything: the chunks join into the one decode
+        assert len(chunks) > 3
+        assert (streamed - whole).abs().max() <= 1e-5
+    else:  # the first chunk is decoded from the start: exact; later ones have a shorter run-up
+        n = chunks[0].shape[-1]
+        assert (chunks[0] - whole[..., :n]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(duration=0.0), "duration must be"), (dict(duration=-1.0), "duration must be"),
+    (dict(duration=float("nan")), "duration must be"), (dict(duration=float("inf")), "duration must be"),
+    (dict(duration=0.0001), "shorter than one frame"), (dict(), "give duration"),
+    (dict(duration=1.0, max_new_tokens=5), "not both"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(duration=0.01, top_k=-1), "top_k"), (dict(duration=0.01, top_p=1.5), "top_p"),
+    (dict(duration=0.01, temperature=0.0), "temperature"), (dict(duration=0.01, temperature=-2.0), "temperature"),
+    (dict(duration=0.01, prompt_audio=torch.randn(1, 1, 80)), "not shorter than the duration"),
+    (dict(duration=0.01, prompt_audio=torch.randn(1, 2, 8)), "mono MusicGen"),
+    (dict(duration=0.01, prompt_audio=torch.randn(2, 1, 8)), "2 prompt audio"),
+    (dict(duration=0.01, prompt_audio=torch.randn(1, 8)), r"\(B, C, N\)"),
+    (dict(duration=0.01, num_samples=2), "num_samples 2")])
+def test_pipeline_errors(mg, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mg.generate(["a prompt"], **kwargs)
+
+
+def test_pipeline_prompt_errors(mg, mg_stereo):
+    with pytest.raises(ValueError, match="prompts is empty"):
+        mg.generate([], duration=0.01)
+    with pytest.raises(TypeError, match="list of strings"):
+        mg.generate("a prompt", duration=0.01)
+    with pytest.raises(ValueError, match="num_samples > 0"):
+        mg.generate(None, duration=0.01)
+    with pytest.raises(ValueError, match="stereo MusicGen: prompt audio must have 2"):
+        mg_stereo.generate(["a"], duration=0.01, prompt_audio=torch.randn(1, 1, 8))
+    with pytest.raises(ValueError, match="duration must be <="):
+        next(mg.stream(["a"], duration=31.0))
+    with pytest.raises(ValueError, match="chunk_duration"):
+        next(mg.stream(["a"], duration=0.01, chunk_duration=0.0))
