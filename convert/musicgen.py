@@ -11,6 +11,7 @@ with the attention q/k/v fused into one `in_proj_weight` (specs/musicgen.md sect
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,8 @@ T5_WIDTHS = {"t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "
              "google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096}
 
 
-def _get(cfg: dict[str, Any], path: str, default: Any = KeyError) -> Any:
+def get_field(cfg: dict[str, Any], path: str, default: Any = KeyError, _depth: int = 0) -> Any:
+    """cfg["a"]["b"] for path "a.b"; follows an OmegaConf reference "${x.y}" that the value may be."""
     node: Any = cfg
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -162,6 +164,9 @@ def _get(cfg: dict[str, Any], path: str, default: Any = KeyError) -> Any:
                 raise CheckpointError(f"audiocraft config has no field {path}")
             return default
         node = node[part]
+    reference = re.fullmatch(r"\$\{([\w.]+)\}", node) if isinstance(node, str) else None
+    if reference and _depth < 20:
+        return get_field(cfg, reference.group(1), default, _depth + 1)
     return node
 
 
@@ -183,10 +188,9 @@ def parse_xp_cfg(xp_cfg: str | dict[str, Any]) -> dict[str, Any]:
 def config_from_audiocraft(xp_cfg: str | dict[str, Any]) -> MusicGenConfig:
     """MusicGenConfig from an audiocraft training config (`xp.cfg`), field by field."""
     cfg = parse_xp_cfg(xp_cfg)
-    lm = _get(cfg, "transformer_lm")
 
     def need(path: str, expected: Any, default: Any = KeyError) -> None:
-        value = _get(cfg, path, default)
+        value = get_field(cfg, path, default)
         if value != expected:
             raise CheckpointError(f"audiocraft config field {path} = {value!r} is not supported (expected "
                                   f"{expected!r})")
@@ -204,26 +208,27 @@ def config_from_audiocraft(xp_cfg: str | dict[str, Any]) -> MusicGenConfig:
     need("transformer_lm.kv_repeat", 1, 1)
     need("transformer_lm.past_context", None, None)
     need("codebooks_pattern.modeling", "delay")
-    cross = _get(cfg, "fuser.cross", [])
+    cross = get_field(cfg, "fuser.cross", [])
     if "description" not in (cross or []):
         raise CheckpointError(f"audiocraft fuser.cross = {cross!r}: this LM does not cross-attend to the text "
                               f"description (a melody checkpoint takes its conditioning as a prefix)")
-    t5_name = _get(cfg, "conditioners.description.t5.name")
+    t5_name = get_field(cfg, "conditioners.description.t5.name")
     if t5_name not in T5_WIDTHS:
         raise CheckpointError(f"audiocraft text conditioner {t5_name!r} is not one of {sorted(T5_WIDTHS)}")
-    stereo = bool(_get(cfg, "interleave_stereo_codebooks.use", False))
+    stereo = bool(get_field(cfg, "interleave_stereo_codebooks.use", False))
+    dim = get_field(cfg, "transformer_lm.dim")
     config = MusicGenConfig(
-        dim=lm["dim"],
-        num_layers=lm["num_layers"],
-        num_heads=lm["num_heads"],
-        ffn_dim=int(lm.get("hidden_scale", 4) * lm["dim"]),
-        num_codebooks=lm["n_q"],
-        card=lm["card"],
+        dim=dim,
+        num_layers=get_field(cfg, "transformer_lm.num_layers"),
+        num_heads=get_field(cfg, "transformer_lm.num_heads"),
+        ffn_dim=int(get_field(cfg, "transformer_lm.hidden_scale", 4) * dim),
+        num_codebooks=get_field(cfg, "transformer_lm.n_q"),
+        card=get_field(cfg, "transformer_lm.card"),
         audio_channels=2 if stereo else 1,
         text_dim=T5_WIDTHS[t5_name],
         cross_attention=True,
     )
-    delays = list(_get(cfg, "codebooks_pattern.delay.delays"))
+    delays = list(get_field(cfg, "codebooks_pattern.delay.delays"))
     if delays != list(config.delays):
         raise CheckpointError(f"audiocraft codebooks_pattern.delay.delays = {delays} is not supported (expected "
                               f"{list(config.delays)} for {config.num_codebooks} codebooks, "

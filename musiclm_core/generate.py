@@ -3,7 +3,7 @@
     logits (2B, K, V) --cfg_combine--> (B, K, V) --temperature, top_k, top_p--> softmax --> multinomial
                                                                    (greedy: argmax of the guided logits)
 
-The loop (`iter_frames` / `generate_codes`) follows transformers' `MusicgenForConditionalGeneration.generate`
+The loop (`decode_pattern`, driven by `iter_frames` / `generate_codes`) follows transformers' `MusicgenForConditionalGeneration.generate`
 step for step, so that greedy decoding is token-identical and seeded sampling draws the same random numbers:
 
 1. The frames to produce (audio prompt frames first, then unknown ones) are laid out with the delay pattern
@@ -17,13 +17,16 @@ step for step, so that greedy decoding is token-identical and seeded sampling dr
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from musiclm_core.cache import CrossMemory, KVCache
 from musiclm_core.delay import apply_delay
+
+if TYPE_CHECKING:
+    from musiclm_core.musicgen import MusicGenLM
 
 FREE = -1  # marks a slot of the pattern that is to be generated
 
@@ -110,12 +113,12 @@ def logits_to_next(logits: Tensor, *, guidance_scale: float | None = None, tempe
 # Model steps
 
 
-def prefill(lm, steps: Tensor, *, memory: CrossMemory | None, cache: KVCache) -> Tensor:
+def prefill(lm: MusicGenLM, steps: Tensor, *, memory: CrossMemory | None, cache: KVCache) -> Tensor:
     """Feed columns 0 .. T0-1 (B', K, T0) into an empty cache; logits (B', K, V) of the last one."""
     return lm(steps, memory=memory, cache=cache, offset=0)[:, :, -1]
 
 
-def decode_one_step(lm, column: Tensor, offset: Tensor, *, memory: CrossMemory | None, cache: KVCache) -> Tensor:
+def decode_one_step(lm: MusicGenLM, column: Tensor, offset: Tensor, *, memory: CrossMemory | None, cache: KVCache) -> Tensor:
     """Feed one column (B', K, 1) at position `offset` (0-dim tensor: static inputs); logits (B', K, V)."""
     return lm(column, memory=memory, cache=cache, offset=offset)[:, :, -1]
 
@@ -167,7 +170,7 @@ def build_pattern(prompt: Tensor | None, batch_size: int, num_codebooks: int, nu
 # The loop
 
 
-def iter_frames(lm, text_states: Tensor | None = None, text_mask: Tensor | None = None, *,
+def iter_frames(lm: MusicGenLM, text_states: Tensor | None = None, text_mask: Tensor | None = None, *,
                 batch_size: int | None = None, num_frames: int | None = None, max_new_tokens: int | None = None,
                 prompt_codes: Tensor | None = None, guidance_scale: float | None = 3.0, temperature: float = 1.0,
                 top_k: int = 250, top_p: float = 0.0, do_sample: bool = True,
@@ -218,7 +221,6 @@ def iter_frames(lm, text_states: Tensor | None = None, text_mask: Tensor | None 
     prompt = None if prompt_codes is None else prompt_codes.to(device=device, dtype=torch.long)
     pattern = build_pattern(prompt, B, K, T, delays, config.special, device)  # (B, K, S)
     S = pattern.shape[-1]
-    start = 1 + P  # the first column holding a FREE slot (row 0 has delay 0)
     cfg = uses_cfg(guidance_scale) and text_states is not None
 
     with torch.no_grad():
@@ -232,14 +234,42 @@ def iter_frames(lm, text_states: Tensor | None = None, text_mask: Tensor | None 
         lm.ensure_positions(S)
         cache = lm.new_cache(2 * B if cfg else B, S - 1)  # the last column is never fed
 
-    seq = pattern.clone()  # FREE slots are filled column by column
-    max_delay = max(delays)
+    def step(tokens: Tensor, position: int | Tensor) -> Tensor:
+        if isinstance(position, int):  # the first call: every column before the first free one
+            return prefill(lm, tokens, memory=memory, cache=cache)
+        return decode_one_step(lm, tokens, position, memory=memory, cache=cache)
+
+    yield from decode_pattern(step, pattern, delays, guidance_scale=guidance_scale if cfg else None,
+                              temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
+                              generator=generator, progress=progress)
+
+
+def decode_pattern(step: Callable[[Tensor, int | Tensor], Tensor], pattern: Tensor, delays: Sequence[int], *,
+                   guidance_scale: float | None, temperature: float, top_k: int, top_p: float, do_sample: bool,
+                   generator: torch.Generator | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> Iterator[Tensor]:
+    """Fill the FREE slots of a (B, K, S) pattern column by column; yield frames (B, K, n) once final.
+
+    `step(tokens, position)` runs the model and returns the logits (B', K, V) of its last input column. It is
+    called first with every column before the first free one (position 0, an int: the prefill), then with one
+    column at a time (position a 0-dim tensor). Under CFG (guidance_scale > 1) the tokens are given twice,
+    [cond; null] (B' = 2B), and the logits must come in that order. A model with a conditioning prefix (e.g.
+    MusicGen Melody) prepends it in its first step and shifts its positions.
+    """
+    B, K, S = pattern.shape
+    T = S - max(delays) - 1
+    cfg = uses_cfg(guidance_scale)
+    free = (pattern == FREE).any(dim=1).any(dim=0).nonzero()
+    if not len(free):
+        raise ValueError("the pattern has nothing to generate")
+    start = int(free[0])  # 1 + prompt frames
+    seq = pattern.clone()
     sent = 0  # frames yielded so far
 
     def final_frames(filled: int) -> Tensor | None:
-        # frame t is final once column 1 + t + max_delay is filled
+        # frame t is final once its most delayed slot, column 1 + t + max(delays), is filled
         nonlocal sent
-        final = min(T, max(0, filled - 1 - max_delay))
+        final = min(T, max(0, filled - 1 - max(delays)))
         if final <= sent:
             return None
         block = torch.stack([seq[:, k, 1 + d + sent: 1 + d + final] for k, d in enumerate(delays)], dim=1)
@@ -252,18 +282,15 @@ def iter_frames(lm, text_states: Tensor | None = None, text_mask: Tensor | None 
     for s in range(start, S):
         with torch.no_grad():
             if s == start:
-                inputs = seq[:, :, :start]  # BOS and prompt columns in one go
-                logits = prefill(lm, torch.cat([inputs, inputs]) if cfg else inputs, memory=memory, cache=cache)
+                tokens, position = seq[:, :, :start], 0
             else:
-                column = seq[:, :, s - 1: s]
-                offset = torch.tensor(s - 1, device=device)
-                logits = decode_one_step(lm, torch.cat([column, column]) if cfg else column, offset,
-                                         memory=memory, cache=cache)
-            tokens = logits_to_next(logits, guidance_scale=guidance_scale if cfg else None,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                                    generator=generator)  # (B, K)
+                tokens, position = seq[:, :, s - 1: s], torch.tensor(s - 1, device=seq.device)
+            logits = step(torch.cat([tokens, tokens]) if cfg else tokens, position)
+            next_tokens = logits_to_next(logits, guidance_scale=guidance_scale, temperature=temperature,
+                                         top_k=top_k, top_p=top_p, do_sample=do_sample,
+                                         generator=generator)  # (B, K)
             forced = pattern[:, :, s]
-            seq[:, :, s] = torch.where(forced == FREE, tokens, forced)
+            seq[:, :, s] = torch.where(forced == FREE, next_tokens, forced)
         if progress is not None:
             progress(s - start + 1, S - start)
         block = final_frames(s + 1)
@@ -271,7 +298,7 @@ def iter_frames(lm, text_states: Tensor | None = None, text_mask: Tensor | None 
             yield block
 
 
-def generate_codes(lm, text_states: Tensor | None = None, text_mask: Tensor | None = None, *,
+def generate_codes(lm: MusicGenLM, text_states: Tensor | None = None, text_mask: Tensor | None = None, *,
                    batch_size: int | None = None, num_frames: int | None = None,
                    max_new_tokens: int | None = None, prompt_codes: Tensor | None = None,
                    guidance_scale: float | None = 3.0, temperature: float = 1.0, top_k: int = 250,

@@ -14,9 +14,14 @@ Sampling, classifier-free guidance and the delay pattern live in `generate.py`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -25,7 +30,12 @@ from torch import Tensor, nn
 
 from musiclm_core import hub
 from musiclm_core.cache import CrossMemory, KVCache
+from musiclm_core.encodec import EnCodec
 from musiclm_core.kernels import attention
+from musiclm_core.t5 import T5Encoder, T5Tokenizer
+
+LM_KIND = "musicgen_lm"  # model names in native config.json files
+PIPELINE_KIND = "musicgen"
 
 
 @dataclass
@@ -250,31 +260,30 @@ class MusicGenLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                        revision: str | None = None, variant: str | None = None) -> "MusicGenLM":
-        """A native folder, a transformers MusicGen folder (its decoder part) or an audiocraft folder."""
+                        revision: str | None = None, variant: str | None = None,
+                        layout: str | None = None) -> "MusicGenLM":
+        """A native folder, a transformers MusicGen folder (its decoder part) or an audiocraft folder; a hub id
+        is downloaded first (only the files that layout needs). `variant`, `layout`: as `MusicGen.from_pretrained`.
+        """
         from musiclm_core.convert import keys, musicgen as convert
 
-        folder = hub.resolve(name_or_path, revision=revision)
-        layout = hub.detect_layout(folder)
-        if layout == "native":
-            config, state = hub.load_native(folder, "musicgen_lm")
+        folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout)
+        if found == "native":
+            config, state = hub.load_native(folder, LM_KIND)
             return keys.build(lambda: cls(MusicGenConfig(**config)), state, source=str(folder), dtype=dtype)
-        if layout == "transformers":
+        if found == "transformers":
             config = hub.read_json(folder / "config.json")
             state = hub.load_state_dict(folder, variant=variant)
             return convert.load_transformers(config, convert.lm_part(state), source=str(folder), dtype=dtype)
-        if layout == "audiocraft":
-            return convert.load_audiocraft_file(folder / "state_dict.bin", dtype=dtype)
-        raise hub.CheckpointError(f"{folder} holds a {layout} checkpoint, not a MusicGen LM")
+        return convert.load_audiocraft_file(folder / "state_dict.bin", dtype=dtype)
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
-        hub.save_native(folder, "musicgen_lm", self.config.to_dict(), self.state_dict(), overwrite=overwrite)
+        hub.save_native(folder, LM_KIND, self.config.to_dict(), self.state_dict(), overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The pipeline: text (and optionally audio) in, waveform out.
 
-PIPELINE_KIND = "musicgen"
 MAX_DURATION = 30.0  # seconds: the training segment of every released MusicGen, the longest one window holds
 # Frames held back while streaming: the codec's decoder is not causal, so the last samples of a chunk change
 # once the next frames are known: its first conv (kernel 7) sees 3 latent frames ahead, each transposed conv
@@ -293,7 +302,8 @@ class MusicGen:
     as transformers does. Sampling defaults are audiocraft's (top_k=250, top_p=0 i.e. off, CFG 3.0).
     """
 
-    def __init__(self, lm: MusicGenLM, codec, text_encoder, *, max_duration: float = MAX_DURATION):
+    def __init__(self, lm: MusicGenLM, codec: EnCodec, text_encoder: T5Encoder, *,
+                 max_duration: float = MAX_DURATION):
         c = lm.config
         if codec.channels != 1:
             raise ValueError(f"MusicGen runs a mono codec once per channel; this codec has {codec.channels} channels")
@@ -350,8 +360,10 @@ class MusicGen:
 
     # -- generation -------------------------------------------------------------------------------------------
 
-    def _condition(self, prompts: Sequence[str] | None, num_samples: int | None):
+    def _condition(self, prompts: Sequence[str] | None, num_samples: int | None, prompt_audio: Tensor | None):
         if prompts is None:
+            if num_samples is None and isinstance(prompt_audio, Tensor) and prompt_audio.dim() == 3:
+                num_samples = prompt_audio.shape[0]  # continue each prompt audio without text
             if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
                 raise ValueError(f"unconditional generation (prompts=None) needs num_samples > 0, got "
                                  f"{num_samples!r}")
@@ -396,7 +408,7 @@ class MusicGen:
         gen.check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                            do_sample=do_sample)
         total = self._length(duration, max_new_tokens)
-        states, mask, B = self._condition(prompts, num_samples)
+        states, mask, B = self._condition(prompts, num_samples, prompt_audio)
         prompt_codes = None
         if prompt_audio is not None:
             prompt_codes = self.encode_audio(prompt_audio, prompt_sample_rate)
@@ -453,7 +465,8 @@ class MusicGen:
                  progress: bool | Callable[[int, int], None] = False) -> Tensor:
         """Audio (B, C, N) at `sample_rate`, the audio prompt included.
 
-        prompts: B texts, or None for unconditional generation of `num_samples` pieces.
+        prompts: B texts, or None for unconditional generation of `num_samples` pieces (default: one per
+            prompt audio).
         duration: seconds in all, prompt included (int(duration * frame_rate) frames); past `max_duration` the
             music is extended by windows that each continue the last `max_duration - extend_stride` seconds.
             max_new_tokens instead: transformers' count of decoder steps (one window).
@@ -496,7 +509,7 @@ class MusicGen:
                                  f"{'> 0' if name == 'chunk_duration' else '>= 0'}, got {value!r}")
         chunk = max(1, int(chunk_duration * self.frame_rate))
         context = int(context_duration * self.frame_rate)
-        states, mask, B = self._condition(prompts, num_samples)
+        states, mask, B = self._condition(prompts, num_samples, prompt_audio)
         prompt_codes = None
         if prompt_audio is not None:
             prompt_codes = self.encode_audio(prompt_audio, prompt_sample_rate)
@@ -536,22 +549,8 @@ class MusicGen:
             "t5-base", as audiocraft does).
         """
         from musiclm_core.convert import encodec as convert_encodec, keys, musicgen as convert, t5 as convert_t5
-        from musiclm_core.encodec import EnCodec
-        from musiclm_core.t5 import T5Encoder, T5Tokenizer
 
-        if layout not in (None, "audiocraft"):
-            raise ValueError(f"layout must be None (detect) or 'audiocraft', got {layout!r}")
-        if layout == "audiocraft":
-            folder = hub.resolve(name_or_path, revision=revision,
-                                 allow_patterns=["state_dict.bin", "compression_state_dict.bin"])
-            found = "audiocraft"
-        else:
-            folder = hub.resolve(name_or_path, revision=revision, allow_patterns=["*.json", "spiece.model"])
-            found = hub.detect_layout(folder) if (folder / "config.json").is_file() else None
-            if found is None:  # no config.json: an audiocraft repo
-                folder = hub.resolve(name_or_path, revision=revision,
-                                     allow_patterns=["state_dict.bin", "compression_state_dict.bin"])
-                found = hub.detect_layout(folder)
+        folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout)
         if found == "native":
             meta = hub.read_json(folder / "config.json")
             if meta[hub.NATIVE_FORMAT].get("model") != PIPELINE_KIND:
@@ -563,10 +562,6 @@ class MusicGen:
                        max_duration=meta["config"].get("max_duration", MAX_DURATION))
         if found == "transformers":
             config = hub.read_json(folder / "config.json")
-            if config.get("model_type") != "musicgen":
-                raise hub.CheckpointError(f"{folder}: model_type {config.get('model_type')!r} is not a MusicGen "
-                                          f"(for 'musicgen_melody' use MusicGenMelody)")
-            folder = _fetch_transformers_weights(name_or_path, folder, revision=revision, variant=variant)
             state = hub.load_state_dict(folder, variant=variant)
             lm = convert.load_transformers(config, convert.lm_part(state), source=str(folder), dtype=dtype)
             codec = convert_encodec.load_transformers(config["audio_encoder"],
@@ -576,24 +571,17 @@ class MusicGen:
                                               source=f"{folder} (text_encoder)", dtype=dtype)
             t5.tokenizer = T5Tokenizer.from_folder(folder, max_length=t5.config.max_length)
             return cls(lm, codec, t5)
-        if found == "audiocraft":
-            package = hub.load_tensors(folder / "state_dict.bin")
-            lm = convert.load_audiocraft(package, source=str(folder / "state_dict.bin"), dtype=dtype)
-            codec = convert_encodec.load_audiocraft_folder(folder, dtype=dtype)
-            xp = convert.parse_xp_cfg(package["xp.cfg"])
-            t5 = T5Encoder.from_pretrained(text_encoder or convert._get(xp, "conditioners.description.t5.name"),
-                                           dtype=dtype)
-            return cls(lm, codec, t5, max_duration=float(convert._get(xp, "dataset.segment_duration",
-                                                                      MAX_DURATION)))
-        raise hub.CheckpointError(f"{folder} holds a {found} checkpoint, not a MusicGen")
+        package = hub.load_tensors(folder / "state_dict.bin")  # audiocraft
+        lm = convert.load_audiocraft(package, source=str(folder / "state_dict.bin"), dtype=dtype)
+        codec = convert_encodec.load_audiocraft_folder(folder, dtype=dtype)
+        xp = convert.parse_xp_cfg(package["xp.cfg"])
+        t5 = T5Encoder.from_pretrained(text_encoder or convert.get_field(xp, "conditioners.description.t5.name"),
+                                       dtype=dtype)
+        return cls(lm, codec, t5, max_duration=float(convert.get_field(xp, "dataset.segment_duration",
+                                                                  MAX_DURATION)))
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Native folder: config.json + lm/, codec/, text_encoder/ (each a native folder), written atomically."""
-        import json
-        import shutil
-        import tempfile
-        from pathlib import Path
-
         folder = Path(folder)
         if folder.exists() and not overwrite:
             raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
@@ -614,13 +602,44 @@ class MusicGen:
             raise
 
 
-def _fetch_transformers_weights(name_or_path, folder, *, revision, variant):
-    """For a hub id, download only the weight files of one variant (a repo may hold .safetensors and .bin,
-    fp16 and fp32 copies); a local folder is used as it is."""
-    from pathlib import Path
+def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                       variant: str | None = None, layout: str | None = None) -> tuple[Path, str]:
+    """(folder, layout) of a MusicGen checkpoint: "native", "transformers" or "audiocraft".
 
-    if Path(name_or_path).expanduser().is_dir():
-        return folder
+    For a hub id only what that layout needs is downloaded: a repo such as facebook/musicgen-small holds the
+    transformers weights twice (.safetensors and .bin) and audiocraft's files besides. layout="audiocraft"
+    picks the audiocraft files of a repo or folder that holds both.
+    """
+    if layout not in (None, "audiocraft"):
+        raise ValueError(f"layout must be None (detect) or 'audiocraft', got {layout!r}")
+    local = Path(name_or_path).expanduser().is_dir()
+    if layout is None:
+        folder = hub.resolve(name_or_path, revision=revision, allow_patterns=["*.json", "spiece.model"])
+        if (folder / "config.json").is_file():
+            found = hub.detect_layout(folder)
+            if found == "native" and not local:
+                folder = hub.resolve(name_or_path, revision=revision)
+            elif found == "transformers" and not local:
+                folder = _fetch_transformers_weights(name_or_path, folder, revision=revision, variant=variant)
+            if found == "transformers" and hub.read_json(folder / "config.json").get("model_type") != "musicgen":
+                raise hub.CheckpointError(f"{folder}: model_type "
+                                          f"{hub.read_json(folder / 'config.json').get('model_type')!r} is not a "
+                                          f"MusicGen (for 'musicgen_melody' use MusicGenMelody)")
+            if found in ("native", "transformers"):
+                return folder, found
+            raise hub.CheckpointError(f"{folder} holds a {found} checkpoint, not a MusicGen")
+    folder = hub.resolve(name_or_path, revision=revision,
+                         allow_patterns=["state_dict.bin", "compression_state_dict.bin"])
+    if not (folder / "state_dict.bin").is_file():
+        present = sorted(p.name for p in folder.iterdir())
+        raise hub.CheckpointError(f"{folder} holds no MusicGen checkpoint: expected config.json (transformers or "
+                                  f"native) or state_dict.bin (audiocraft); found {present}")
+    return folder, "audiocraft"
+
+
+def _fetch_transformers_weights(name_or_path: str | os.PathLike, folder: Path, *, revision: str | None,
+                                variant: str | None) -> Path:
+    """Download the weight files of one variant only: an index's shards, else one single file."""
     v = f".{variant}" if variant else ""
     for index in (f"model.safetensors.index{v}.json", f"pytorch_model.bin.index{v}.json"):
         if (folder / index).is_file():
@@ -630,11 +649,10 @@ def _fetch_transformers_weights(name_or_path, folder, *, revision, variant):
         folder = hub.resolve(name_or_path, revision=revision, allow_patterns=["*.json", "spiece.model", single])
         if (folder / single).is_file():
             return folder
-    return folder  # hub.load_state_dict then names what is missing
+    return folder  # hub.load_state_dict then says which files are missing
 
 
 def _progress_printer() -> Callable[[int, int], None]:
-    import sys
 
     def show(done: int, total: int) -> None:
         print(f"\r{done:6d} / {total:6d} frames", end="\n" if done >= total else "", file=sys.stderr, flush=True)

@@ -349,6 +349,8 @@ class _Charsmap:
         (trie_bytes,) = struct.unpack_from("<I", blob, 0)
         self.units = struct.unpack_from(f"<{trie_bytes // 4}I", blob, 4)
         self.replacements = blob[4 + trie_bytes:]
+        # Characters that never join a cluster -> their replacement (themselves when unmapped), filled lazily.
+        self._simple: dict[str, str] = {}
 
     def first_match(self, key: bytes) -> str | None:
         """The replacement for the shortest prefix of `key` that the trie holds, or None."""
@@ -372,6 +374,15 @@ class _Charsmap:
         return None
 
     def normalize(self, text: str) -> str:
+        simple = self._simple
+        if "\r\n" not in text:
+            for char in set(text) - simple.keys():
+                if _extends(char):
+                    break
+                found = self.first_match(char.encode("utf-8"))
+                simple[char] = char if found is None else found
+            else:  # no marks, no CR LF: every grapheme cluster is a single character
+                return "".join([simple[char] for char in text])
         out = []
         for cluster in _graphemes(text):
             encoded = cluster.encode("utf-8")
@@ -381,8 +392,8 @@ class _Charsmap:
                     out.append(whole)
                     continue
             for char in cluster:
-                mapped = self.first_match(char.encode("utf-8"))
-                out.append(char if mapped is None else mapped)
+                found = self.first_match(char.encode("utf-8"))
+                out.append(char if found is None else found)
         return "".join(out)
 
 
@@ -438,6 +449,8 @@ class T5Tokenizer:
         try:
             model, charsmap = self._without_normalizer(self.model_bytes, path)
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+        except hub.CheckpointError:
+            raise
         except (ValueError, IndexError, RuntimeError, struct.error, UnicodeDecodeError) as err:
             raise hub.CheckpointError(f"{path} is not a readable sentencepiece model: {err}") from err
         self._charsmap = _Charsmap(charsmap) if charsmap else None
@@ -453,6 +466,9 @@ class T5Tokenizer:
         for i in range(extra_ids):
             self.special[f"<extra_id_{i}>"] = n + extra_ids - 1 - i
         self.vocab_size = n + extra_ids
+        self._special_starts = {token[0] for token in self.special}
+        self._joinable = (self._sp.piece_to_id(_SPACE_MARK) != self.unk_id
+                          and not any(_SPACE_MARK in self._sp.id_to_piece(i)[1:] for i in range(n)))
         self._special_re = re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special, key=len,
                                                                                      reverse=True)) + ")")
 
@@ -507,31 +523,36 @@ class T5Tokenizer:
         for k, part in enumerate(self._special_re.split(text)):
             if k % 2:  # the special tokens sit at the odd places of re.split's output
                 ids.append(self.special[part])
-                continue
-            if self._charsmap is not None:
-                part = self._charsmap.normalize(part)
-            # Pieces of each "▁"-led segment: strings for sentencepiece, or ids of special tokens that the
-            # normalisation produced (they are vocabulary entries with the best possible score, 0).
-            segments: list[list[str | int]] = []
-            for word in _WHITESPACE.split(part):
-                if not word:
-                    continue
-                if not word.startswith(_SPACE_MARK):
-                    word = _SPACE_MARK + word
-                for segment in word[1:].split(_SPACE_MARK):
-                    pieces = self._special_re.split(_SPACE_MARK + segment)
-                    segments.append([self.special[p] if j % 2 else p for j, p in enumerate(pieces) if p])
-            encoded = iter(self._sp.encode([p for seg in segments for p in seg if isinstance(p, str)]))
-            for seg in segments:
-                seg_ids: list[int] = []
-                for piece in seg:
-                    for i in (next(encoded) if isinstance(piece, str) else [piece]):
-                        # transformers fuses a run of unknowns into one <unk> within a segment, the <unk> token
-                        # included; sentencepiece already does within each string it encodes.
-                        if not (i == self.unk_id and seg_ids and seg_ids[-1] == self.unk_id):
-                            seg_ids.append(i)
-                ids.extend(seg_ids)
+            else:
+                ids.extend(self._encode_text(part))
         return ids + [self.eos_id]
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Steps 2-4 of the pipeline (see above) on text without special tokens."""
+        if self._charsmap is not None:
+            text = self._charsmap.normalize(text)
+        segments = []  # "▁"-led segments: transformers runs its Unigram model on each one separately
+        for word in _WHITESPACE.split(text):
+            if word:
+                word = word if word.startswith(_SPACE_MARK) else _SPACE_MARK + word
+                segments.extend(_SPACE_MARK + segment for segment in word[1:].split(_SPACE_MARK))
+        # When "▁" is a piece and no piece holds "▁" past its start, every segmentation breaks before each "▁",
+        # so one sentencepiece call on the joined segments gives the same ids (and is several times faster).
+        chunks = ["".join(segments)] if self._joinable else segments
+        ids = []
+        for chunk in chunks:
+            # Special tokens that the normalisation made (e.g. "＜/s＞" -> "</s>") are vocabulary entries with the
+            # best possible score, 0, in transformers' Unigram model: they always win.
+            parts = self._special_re.split(chunk) if self._special_starts & set(chunk) else [chunk]
+            chunk_ids: list[int] = []
+            for j, part in enumerate(parts):
+                for i in ([self.special[part]] if j % 2 else self._sp.encode(part) if part else []):
+                    # transformers fuses a run of unknowns into one <unk> (the <unk> token included);
+                    # sentencepiece does so within each call.
+                    if not (i == self.unk_id and chunk_ids and chunk_ids[-1] == self.unk_id):
+                        chunk_ids.append(i)
+            ids.extend(chunk_ids)
+        return ids
 
     def __call__(self, prompts: Sequence[str], *, max_length: int | None = None,
                  padding: str = "longest") -> tuple[Tensor, Tensor]:
@@ -563,9 +584,6 @@ class T5Tokenizer:
                 ids = ids[:limit - 1] + [self.eos_id]
             rows.append(ids)
         width = limit if padding == "max_length" else max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
-        for b, ids in enumerate(rows):
-            input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
-            attention_mask[b, :len(ids)] = 1
+        input_ids = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rows], dtype=torch.int64)
+        attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int64)
         return input_ids, attention_mask

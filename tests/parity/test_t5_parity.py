@@ -58,15 +58,18 @@ def _corpus(seed=0):
     return lines
 
 
-@pytest.fixture(scope="session")
-def spm_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("t5_tokenizer")
+def _train(folder, **options):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus()), model_prefix=str(folder / "spiece"), model_type="unigram",
         vocab_size=600, hard_vocab_limit=False, character_coverage=0.9995,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2, **options)
     (folder / "spiece.vocab").unlink()
     return folder
+
+
+@pytest.fixture(scope="session")
+def spm_folder(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("t5_tokenizer"))
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +154,7 @@ def test_tokenizer_padding_to_max_length_matches_transformers(tokenizer, hf_toke
     assert ids.tolist() == hf["input_ids"].tolist() and mask.tolist() == hf["attention_mask"].tolist()
 
 
-def test_tokenizer_matches_transformers_on_random_text(tokenizer, hf_tokenizer):
+def _random_texts(seed, count):
     """Random strings from character pools that stress the character map, whitespace and special tokens."""
     pools = ["abcdefghijklmnopqrstuvwxyz ABCXYZ 0123456789",
              " \t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2009\u200a\u2028\u2029\u202f\u205f\u3000\u200b\ufeff\x1c\x1f",
@@ -159,11 +162,32 @@ def test_tokenizer_matches_transformers_on_random_text(tokenizer, hf_tokenizer):
              "😀🎵🎶🥁🎸👍🏽👨‍👩‍👧\u200d\ufe0f🏳️‍🌈", "日本語の音楽漢字한국어中文", "ﬁﬂ①②Ⅳ㍱ﷺ¨´½™…‥－（）ｱｲｳ",
              "\x00\x01\x02\x07\x7f\x80\x9f", "▁_-.,!?;:'\"()[]{}<>/\\|@#$%^&*+=~`"]
     specials = ["</s>", "<pad>", "<unk>", "<extra_id_0>", "<extra_id_10>", "<extra_id_99>", "<extra_id_100>",
-                "<extra_id_", "</s\x07>", "＜/s＞", "<extra_id_０>", "<un\x01k>", " music ", " café "]
-    rng = random.Random(1)
-    texts = ["".join(rng.choice(specials) if rng.random() < 0.1 else rng.choice(rng.choice(pools))
-                     for _ in range(rng.randint(0, 40))) for _ in range(600)]
+                "<extra_id_", "</s\x07>", "＜/s＞", "<extra_id_０>", "<un\x01k>", " music ", " café ", " drums"]
+    rng = random.Random(seed)
+    return ["".join(rng.choice(specials) if rng.random() < 0.1 else rng.choice(rng.choice(pools))
+                    for _ in range(rng.randint(0, 40))) for _ in range(count)]
+
+
+def test_tokenizer_matches_transformers_on_random_text(tokenizer, hf_tokenizer):
+    texts = _random_texts(1, 600)
     mismatches = [t for t in texts if tokenizer.encode(t) != hf_tokenizer(t)["input_ids"]]
+    assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[:3]!r}"
+
+
+@pytest.mark.parametrize("variant", ["identity_normalization", "pieces_across_spaces"])
+def test_tokenizer_variants_match_transformers(variant, tmp_path):
+    """Models without a character map, and with pieces that hold "▁" inside (so that every "▁"-segment must be
+    encoded on its own, as transformers does)."""
+    if variant == "identity_normalization":
+        folder = _train(tmp_path, normalization_rule_name="identity")
+    else:
+        folder = _train(tmp_path, split_by_whitespace=False)
+    ours = T5Tokenizer.from_folder(folder)
+    assert ours._joinable == (variant == "identity_normalization")
+    assert (ours._charsmap is None) == (variant == "identity_normalization")
+    hf = transformers.T5Tokenizer.from_pretrained(str(folder))
+    texts = PROMPTS + _random_texts(2, 200)
+    mismatches = [t for t in texts if ours.encode(t) != hf(t)["input_ids"]]
     assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[:3]!r}"
 
 

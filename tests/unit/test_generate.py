@@ -243,3 +243,34 @@ def test_generate_errors_unconditional(lm):
         G.generate_codes(lm, None, torch.ones(1, 2), batch_size=1, num_frames=4)
     with pytest.raises(ValueError, match="no prompt"):
         G.generate_codes(lm, torch.zeros(0, 3, TEXT), torch.zeros(0, 3), num_frames=4)
+
+
+def test_decode_pattern_with_a_prefix():
+    # How a prefix-conditioned LM (MusicGen Melody: no cross-attention) reuses the loop: its step prepends the
+    # prefix on the first call and shifts the positions of later ones.
+    torch.manual_seed(4)
+    lm = MusicGenLM(MusicGenConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=64, text_dim=8,
+                                   cross_attention=False, max_positions=64)).eval()
+    B, P = 2, 5
+    prefix = torch.randn(B, P, 32)  # [cond; null] prefixes would go here under CFG
+    pattern = G.build_pattern(None, B, 4, 9, lm.config.delays, 2048)
+    cache = lm.new_cache(B, P + pattern.shape[-1])
+
+    def step(tokens, position):
+        if isinstance(position, int):
+            x = torch.cat([prefix, lm.embed(tokens)], dim=1)
+            return lm.forward_embeds(x, cache=cache, offset=0)[:, :, -1]
+        return lm(tokens, cache=cache, offset=position + P)[:, :, -1]
+
+    out = torch.cat(list(G.decode_pattern(step, pattern, lm.config.delays, guidance_scale=None, temperature=1.0,
+                                          top_k=0, top_p=1.0, do_sample=False)), dim=-1)
+    seq = pattern.clone()  # the obvious way: the whole prefix + sequence every step
+    with torch.no_grad():
+        for s in range(1, seq.shape[-1]):
+            x = torch.cat([prefix, lm.embed(seq[:, :, :s])], dim=1)
+            best = lm.forward_embeds(x)[:, :, -1].argmax(-1)
+            seq[:, :, s] = torch.where(pattern[:, :, s] == -1, best, pattern[:, :, s])
+    assert torch.equal(out, torch.stack([seq[:, k, 1 + k: 10 + k] for k in range(4)], dim=1))
+    with pytest.raises(ValueError, match="nothing to generate"):
+        next(G.decode_pattern(step, torch.full((1, 4, 5), 2048), (0, 1, 2, 3), guidance_scale=None,
+                              temperature=1.0, top_k=0, top_p=1.0, do_sample=False))

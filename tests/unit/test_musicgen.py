@@ -91,6 +91,27 @@ def test_cache_equals_full_forward(lm, chunks):
     assert err <= 1e-5, err
 
 
+def test_decode_step_is_one_static_graph(lm):
+    # The position goes in as a tensor and the cache has a fixed size: one step traces as one graph, without
+    # breaks, and later positions reuse it (what CUDA graphs and torch.compile need).
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    text, mask = _text(2)
+    codes = _codes(2, 8)
+    with torch.no_grad():
+        memory = lm.cross_memory(text, mask)
+        full = lm(codes, memory=memory)
+        cache = lm.new_cache(2, 16)
+        lm(codes[:, :, :3], memory=memory, cache=cache, offset=0)
+        counter = CompileCounter()
+        step = torch.compile(lambda column, offset: lm(column, memory=memory, cache=cache, offset=offset),
+                             backend=counter, fullgraph=True, dynamic=False)
+        steps = [step(codes[:, :, t:t + 1], torch.tensor(t)) for t in range(3, 8)]
+    assert counter.frame_count == 1
+    assert (torch.cat(steps, dim=2) - full[:, :, 3:]).abs().max() <= 1e-5
+
+
 def test_text_mask_and_null_rows(lm):
     B = 2
     codes = _codes(B, 5)
@@ -294,6 +315,9 @@ def test_audiocraft_layout(tmp_path):
         assert torch.equal(loaded(codes), ref(codes))  # fp16 -> fp32 is exact
     stereo = convert.config_from_audiocraft(_audiocraft_package(ref, stereo=True)["xp.cfg"])
     assert stereo.audio_channels == 2 and stereo.num_codebooks == 8
+    # OmegaConf references are followed
+    xp = _audiocraft_package(ref)["xp.cfg"].replace("  dim: 64", "  dim: ${model.width}") + "model:\n  width: 64\n"
+    assert convert.config_from_audiocraft(xp) == config
 
 
 def test_audiocraft_errors():
@@ -319,27 +343,36 @@ def test_audiocraft_errors():
 # The pipeline (tiny T5 + tiny MusicGen LM + a tiny EnCodec with 4 codebooks of 2048 at 800 frames/s)
 
 
-class WordTokenizer:
-    """Stands in for the sentencepiece tokenizer: one id per word, </s> = 1 appended, right padding with 0."""
-
-    def __call__(self, prompts, *, max_length=512):
-        rows = [[3 + sum(map(ord, w)) % 90 for w in p.split()] + [1] for p in prompts]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-        return ids, mask
+WORDS = ("the a of and with music song track drums bass guitar synth piano violin beat tempo loud soft calm "
+         "happy sad pop rock jazz electronic melody rhythm vocals ambient dark bright warm 80s 90s funk").split()
 
 
-def _pipeline(channels=1, max_duration=30.0):
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A real sentencepiece model, trained in a blink on music words."""
+    import random
+
+    import sentencepiece as spm
+
+    from musiclm_core.t5 import T5Tokenizer
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10))) for _ in range(500)]
+    folder = tmp_path_factory.mktemp("spm")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
+                                   model_type="unigram", vocab_size=100, hard_vocab_limit=False, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return T5Tokenizer.from_folder(folder)
+
+
+def _pipeline(tokenizer, channels=1, max_duration=30.0):
     from musiclm_core.encodec import EnCodec, EnCodecConfig
     from musiclm_core.musicgen import MusicGen
     from musiclm_core.t5 import PRESETS as T5_PRESETS, T5Encoder
 
     torch.manual_seed(0)
     t5 = T5Encoder(T5_PRESETS["tiny"]).eval()
-    t5.tokenizer = WordTokenizer()
+    t5.tokenizer = tokenizer
     codec = EnCodec(EnCodecConfig(sample_rate=3200, num_filters=4, ratios=(2, 2), dimension=16, codebook_size=2048,
                                   target_bandwidths=(35.2,), lstm_layers=1)).eval()
     lm = MusicGenLM(MusicGenConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=256, num_codebooks=4 * channels,
@@ -348,13 +381,13 @@ def _pipeline(channels=1, max_duration=30.0):
 
 
 @pytest.fixture(scope="module")
-def mg():
-    return _pipeline()
+def mg(tokenizer):
+    return _pipeline(tokenizer)
 
 
 @pytest.fixture(scope="module")
-def mg_stereo():
-    return _pipeline(channels=2)
+def mg_stereo(tokenizer):
+    return _pipeline(tokenizer, channels=2)
 
 
 def test_pipeline_generate(mg):
@@ -379,6 +412,8 @@ def test_pipeline_audio_prompt(mg, mg_stereo):
     resampled = mg.generate_codes(["a", "b c"], duration=0.03, prompt_audio=torch.randn(2, 1, 80),
                                   prompt_sample_rate=6400, do_sample=False)
     assert resampled.shape == (2, 4, 24)
+    unconditional = mg.generate_codes(None, duration=0.03, prompt_audio=prompt, do_sample=False)
+    assert unconditional.shape == (2, 4, 24) and torch.equal(unconditional[:, :, :10], codes[:, :, :10])
     stereo = 0.3 * torch.randn(1, 2, 40)
     codes = mg_stereo.generate_codes(["a"], duration=0.03, prompt_audio=stereo, do_sample=False)
     assert codes.shape == (1, 8, 24)
@@ -389,9 +424,9 @@ def test_pipeline_audio_prompt(mg, mg_stereo):
     assert torch.equal(wav[:, 1:], mg_stereo.codec.decode(codes[:, 1::2]))
 
 
-def test_pipeline_long_form_windows(mg):
+def test_pipeline_long_form_windows(mg, tokenizer):
     # audiocraft's scheme: windows of max_duration, each continuing the last (max_duration - extend_stride).
-    long = _pipeline(max_duration=0.04)  # windows of 32 frames
+    long = _pipeline(tokenizer, max_duration=0.04)  # windows of 32 frames
     long.lm.load_state_dict(mg.lm.state_dict())
     codes = long.generate_codes(["a calm piano"], duration=0.1, extend_stride=0.02, do_sample=False)
     assert codes.shape == (1, 4, 80)
@@ -426,6 +461,63 @@ def test_pipeline_stream(mg, chunk, context):
         assert (chunks[0] - whole[..., :n]).abs().max() <= 1e-5
 
 
+def test_pipeline_native_round_trip(mg, tmp_path):
+    from musiclm_core.musicgen import MusicGen
+
+    mg.save_pretrained(tmp_path / "mg")
+    with pytest.raises(FileExistsError):
+        mg.save_pretrained(tmp_path / "mg")
+    again = MusicGen.from_pretrained(tmp_path / "mg")
+    kwargs = dict(duration=0.02, seed=4)
+    assert torch.equal(again.generate(["soft jazz"], **kwargs), mg.generate(["soft jazz"], **kwargs))
+    with pytest.raises(CheckpointError, match="not a 'musicgen' pipeline"):
+        MusicGen.from_pretrained(tmp_path / "mg" / "lm")
+
+
+def test_pipeline_audiocraft_layout(mg, tokenizer, tmp_path):
+    # state_dict.bin (the LM) + compression_state_dict.bin; here the latter is the 589-byte kind of the stereo
+    # repos, which names where the codec is, and T5 comes from `text_encoder` instead of the hub ("t5-base").
+    from musiclm_core.musicgen import MusicGen
+    from musiclm_core.t5 import T5Config, T5Encoder
+
+    torch.manual_seed(2)
+    t5 = T5Encoder(T5Config(vocab_size=256, dim=768, head_dim=16, ffn_dim=32, num_layers=1, num_heads=2)).eval()
+    t5.tokenizer = tokenizer
+    t5.save_pretrained(tmp_path / "t5")
+    mg.codec.save_pretrained(tmp_path / "codec")
+    lm = MusicGenLM(MusicGenConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=256, text_dim=768)).half().float()
+    lm.reset_buffers()
+    folder = tmp_path / "ac"
+    folder.mkdir()
+    package = _audiocraft_package(lm)
+    package["xp.cfg"] += "dataset:\n  segment_duration: 0.04\n"
+    torch.save(package, folder / "state_dict.bin")
+    torch.save({"pretrained": str(tmp_path / "codec"), "exported": True}, folder / "compression_state_dict.bin")
+    loaded = MusicGen.from_pretrained(folder, text_encoder=tmp_path / "t5")
+    assert loaded.max_duration == 0.04 and loaded.lm.config == lm.config
+    direct = MusicGen(lm.eval(), mg.codec, t5, max_duration=0.04)
+    kwargs = dict(duration=0.06, extend_stride=0.02, seed=5)  # past max_duration: two windows
+    assert torch.equal(loaded.generate(["warm synth"], **kwargs), direct.generate(["warm synth"], **kwargs))
+    with pytest.raises(ValueError, match="768-wide text states, the text encoder gives 32"):
+        mg.text_encoder.save_pretrained(tmp_path / "t5_tiny")
+        MusicGen.from_pretrained(folder, text_encoder=tmp_path / "t5_tiny")
+
+
+def test_pipeline_parts_must_fit(mg):
+    from musiclm_core.musicgen import MusicGen
+
+    def lm(**kwargs):
+        base = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64, text_dim=32)
+        return MusicGenLM(MusicGenConfig(**{**base, **kwargs}))
+
+    with pytest.raises(ValueError, match="8 codebooks for 1 channel"):
+        MusicGen(lm(num_codebooks=8), mg.codec, mg.text_encoder)
+    with pytest.raises(ValueError, match="1024 entries, the codec's 2048"):
+        MusicGen(lm(card=1024), mg.codec, mg.text_encoder)
+    with pytest.raises(ValueError, match="48-wide text states"):
+        MusicGen(lm(text_dim=48), mg.codec, mg.text_encoder)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(duration=0.0), "duration must be"), (dict(duration=-1.0), "duration must be"),
     (dict(duration=float("nan")), "duration must be"), (dict(duration=float("inf")), "duration must be"),
@@ -456,3 +548,54 @@ def test_pipeline_prompt_errors(mg, mg_stereo):
         next(mg.stream(["a"], duration=31.0))
     with pytest.raises(ValueError, match="chunk_duration"):
         next(mg.stream(["a"], duration=0.01, chunk_duration=0.0))
+
+
+def test_resolve_checkpoint_downloads_one_variant(tmp_path, monkeypatch):
+    """For a hub id only the files of the layout and variant asked for are fetched (a stand-in hub here)."""
+    import fnmatch
+    import json
+    import shutil
+
+    from musiclm_core import hub
+    from musiclm_core.musicgen import resolve_checkpoint
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"model_type": "musicgen"}))
+    for name in ("spiece.model", "model.safetensors", "model.fp32.safetensors", "pytorch_model.bin",
+                 "pytorch_model.fp32.bin", "state_dict.bin", "compression_state_dict.bin"):
+        (remote / name).write_bytes(b"x")
+    fetched = []
+
+    def fake_resolve(name_or_path, *, allow_patterns=None, revision=None):
+        local = tmp_path / "cache"
+        local.mkdir(exist_ok=True)
+        for f in remote.iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                if not (local / f.name).exists():
+                    shutil.copy(f, local / f.name)
+                    fetched.append(f.name)
+        return local
+
+    monkeypatch.setattr(hub, "resolve", fake_resolve)
+    folder, layout = resolve_checkpoint("facebook/musicgen-stereo-small", variant="fp32")
+    assert layout == "transformers"
+    assert sorted(fetched) == ["config.json", "model.fp32.safetensors", "spiece.model"]
+    folder, layout = resolve_checkpoint("facebook/musicgen-stereo-small", layout="audiocraft")
+    assert layout == "audiocraft"
+    assert sorted(fetched)[:2] == ["compression_state_dict.bin", "config.json"] and "state_dict.bin" in fetched
+    assert "model.safetensors" not in fetched and "pytorch_model.bin" not in fetched
+
+
+def test_resolve_checkpoint_errors(tmp_path):
+    import json
+
+    from musiclm_core.musicgen import resolve_checkpoint
+
+    with pytest.raises(ValueError, match="layout must be"):
+        resolve_checkpoint(tmp_path, layout="diffusers")
+    with pytest.raises(CheckpointError, match="holds no MusicGen checkpoint"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "musicgen_melody"}))
+    with pytest.raises(CheckpointError, match="MusicGenMelody"):
+        resolve_checkpoint(tmp_path)

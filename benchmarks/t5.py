@@ -1,0 +1,148 @@
+"""Time our T5 encoder and tokenizer against transformers' in the same run.
+
+    python benchmarks/t5.py            # print the table
+    python benchmarks/t5.py --write    # and put it in benchmarks/RESULTS.md under "## T5"
+
+t5-base config with random weights (transformers' initialisation, written with save_pretrained and loaded by
+ours, so both run the same weights), fp32 on the CPU with 2 threads, a batch of 8 prompts. The tokenizer is a
+sentencepiece Unigram model trained here on a small corpus (the real spiece.model needs the network), so the
+token counts are a little higher than with T5's 32k vocabulary. Rows:
+
+* tokenize: the 8 prompts -> padded ids + mask (ours: sentencepiece + our normaliser; transformers: the Rust
+  `tokenizers` pipeline of T5Tokenizer);
+* encoder: forward of the padded batch (B = 8, L = longest prompt) and of an 8 x 128 batch;
+* encode_text: both together (ours: `T5Encoder.encode_text`; transformers: tokenizer + T5EncoderModel).
+
+Each figure is the median of the repeats after one warm-up call, under torch.inference_mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = [
+    "80s pop track with bassy drums and synth",
+    "90s rock song with loud guitars and heavy drums",
+    "a light and cheerful EDM track, with syncopated drums, airy pads, and strong emotions, tempo 130 bpm",
+    "lofi slow bpm electro chill with organic samples",
+    "a grand orchestral arrangement with thunderous percussion, epic brass fanfares, and soaring strings",
+    "smooth jazz with a warm saxophone lead and brushed drums",
+    "ambient soundscape with evolving pads and distant piano, calm and cinematic",
+    "funky disco groove, slap bass, bright horns, 120 bpm",
+]
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def train_tokenizer(folder: Path) -> None:
+    import sentencepiece as spm
+
+    words = " ".join(PROMPTS).replace(",", " ").split()
+    lines = [" ".join(words[(i * 7) % len(words):] + words[:(i * 7) % len(words)]) for i in range(400)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
+                                   model_type="unigram", vocab_size=400, hard_vocab_limit=False, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args()
+
+    import transformers
+
+    from musiclm_core.t5 import T5Encoder
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    folder = Path(tempfile.mkdtemp(prefix="t5_bench_"))
+    try:
+        train_tokenizer(folder)
+        config = transformers.T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
+                                       num_heads=12, feed_forward_proj="relu")
+        reference = transformers.T5EncoderModel(config).eval()
+        reference.save_pretrained(str(folder))
+        hf_tokenizer = transformers.T5Tokenizer.from_pretrained(str(folder))
+        ours = T5Encoder.from_pretrained(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def hf_tokenize():
+        out = hf_tokenizer(PROMPTS, padding=True, truncation=True, max_length=512, return_tensors="pt")
+        return out["input_ids"], out["attention_mask"]
+
+    ids, mask = hf_tokenize()
+    long_ids = torch.randint(3, 32100, (8, 128))
+    long_mask = torch.ones_like(long_ids)
+    rows = []
+    with torch.inference_mode():
+        ours_ids, ours_mask = ours.tokenizer(PROMPTS)
+        assert torch.equal(ours_ids, ids) and torch.equal(ours_mask, mask), "tokenizers disagree"
+        err = (ours(ids, mask) - reference(input_ids=ids, attention_mask=mask).last_hidden_state).abs().max()
+        rows.append(("tokenize", "8 prompts", median_ms(lambda: ours.tokenizer(PROMPTS), args.reps * 10),
+                     median_ms(hf_tokenize, args.reps * 10)))
+        rows.append(("encoder", f"8 x {ids.shape[1]} (padded)", median_ms(lambda: ours(ids, mask), args.reps),
+                     median_ms(lambda: reference(input_ids=ids, attention_mask=mask), args.reps)))
+        rows.append(("encoder", "8 x 128", median_ms(lambda: ours(long_ids, long_mask), max(3, args.reps // 3)),
+                     median_ms(lambda: reference(input_ids=long_ids, attention_mask=long_mask),
+                               max(3, args.reps // 3))))
+        rows.append(("encode_text", "8 prompts", median_ms(lambda: ours.encode_text(PROMPTS), args.reps),
+                     median_ms(lambda: reference(*hf_tokenize()), args.reps)))
+
+    lines = [
+        f"t5-base config, random weights, fp32, CPU ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores), torch {torch.__version__} with 2 threads, transformers {transformers.__version__}; "
+        f"median of {args.reps} runs (tokenize: {args.reps * 10}) after a warm-up; same weights and ids in both "
+        f"(max abs difference of the padded-batch hidden states: {err:.1e}). `python benchmarks/t5.py`.",
+        "",
+        "| what | batch | ours (ms) | transformers (ms) | ours / transformers |",
+        "|---|---|---:|---:|---:|",
+        *[f"| {what} | {batch} | {a:.2f} | {b:.2f} | {a / b:.2f} |" for what, batch, a, b in rows],
+    ]
+    print("\n".join(lines))
+    if args.write:
+        write_section("## T5", "\n".join(lines))
+
+
+def write_section(heading: str, body: str) -> None:
+    """Replace our section of RESULTS.md (or append it at the end), leaving every other section as it is.
+
+    Re-reads the file just before writing and swaps it in with os.replace, so a concurrent writer's sections
+    are kept and a reader never sees half a file.
+    """
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = f"{heading}\n\n{body}\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS)
+
+
+if __name__ == "__main__":
+    main()
