@@ -6,14 +6,15 @@
 t5-base config with random weights (transformers' initialisation, written with save_pretrained and loaded by
 ours, so both run the same weights), fp32 on the CPU with 2 threads, a batch of 8 prompts. The tokenizer is a
 sentencepiece Unigram model trained here on a small corpus (the real spiece.model needs the network), so the
-token counts are a little higher than with T5's 32k vocabulary. Rows:
+token counts differ a little from T5's 32k vocabulary. Rows:
 
-* tokenize: the 8 prompts -> padded ids + mask (ours: sentencepiece + our normaliser; transformers: the Rust
-  `tokenizers` pipeline of T5Tokenizer);
+* tokenize: the 8 prompts -> padded ids + mask (ours: sentencepiece + our normaliser in Python; transformers:
+  the Rust `tokenizers` pipeline of T5Tokenizer);
 * encoder: forward of the padded batch (B = 8, L = longest prompt) and of an 8 x 128 batch;
 * encode_text: both together (ours: `T5Encoder.encode_text`; transformers: tokenizer + T5EncoderModel).
 
-Each figure is the median of the repeats after one warm-up call, under torch.inference_mode.
+Each figure is the median of the repeats after one warm-up call, under torch.inference_mode; the calls of ours
+and transformers alternate, so that both see the same load when the machine is shared.
 """
 
 from __future__ import annotations
@@ -42,22 +43,24 @@ PROMPTS = [
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def median_ms(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_ms(ours, theirs, reps: int) -> tuple[float, float]:
+    """Median milliseconds of each; calls alternate so that both see the same load on a shared machine."""
+    ours(), theirs()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for fn, out in ((ours, times[0]), (theirs, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def train_tokenizer(folder: Path) -> None:
     import sentencepiece as spm
 
     words = " ".join(PROMPTS).replace(",", " ").split()
-    lines = [" ".join(words[(i * 7) % len(words):] + words[:(i * 7) % len(words)]) for i in range(400)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
+    corpus = [" ".join(words[(i * 7) % len(words):] + words[:(i * 7) % len(words)]) for i in range(400)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(folder / "spiece"),
                                    model_type="unigram", vocab_size=400, hard_vocab_limit=False, pad_id=0,
                                    eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
 
@@ -93,26 +96,27 @@ def main() -> None:
     ids, mask = hf_tokenize()
     long_ids = torch.randint(3, 32100, (8, 128))
     long_mask = torch.ones_like(long_ids)
-    rows = []
+    few = max(3, args.reps // 3)
     with torch.inference_mode():
         ours_ids, ours_mask = ours.tokenizer(PROMPTS)
-        assert torch.equal(ours_ids, ids) and torch.equal(ours_mask, mask), "tokenizers disagree"
+        assert torch.equal(ours_ids, ids) and torch.equal(ours_mask, mask), "the tokenizers disagree"
         err = (ours(ids, mask) - reference(input_ids=ids, attention_mask=mask).last_hidden_state).abs().max()
-        rows.append(("tokenize", "8 prompts", median_ms(lambda: ours.tokenizer(PROMPTS), args.reps * 10),
-                     median_ms(hf_tokenize, args.reps * 10)))
-        rows.append(("encoder", f"8 x {ids.shape[1]} (padded)", median_ms(lambda: ours(ids, mask), args.reps),
-                     median_ms(lambda: reference(input_ids=ids, attention_mask=mask), args.reps)))
-        rows.append(("encoder", "8 x 128", median_ms(lambda: ours(long_ids, long_mask), max(3, args.reps // 3)),
-                     median_ms(lambda: reference(input_ids=long_ids, attention_mask=long_mask),
-                               max(3, args.reps // 3))))
-        rows.append(("encode_text", "8 prompts", median_ms(lambda: ours.encode_text(PROMPTS), args.reps),
-                     median_ms(lambda: reference(*hf_tokenize()), args.reps)))
+        rows = [
+            ("tokenize", "8 prompts", *median_ms(lambda: ours.tokenizer(PROMPTS), hf_tokenize, args.reps * 10)),
+            ("encoder", f"8 x {ids.shape[1]} (padded)",
+             *median_ms(lambda: ours(ids, mask), lambda: reference(input_ids=ids, attention_mask=mask), args.reps)),
+            ("encoder", "8 x 128", *median_ms(lambda: ours(long_ids, long_mask),
+                                              lambda: reference(input_ids=long_ids, attention_mask=long_mask), few)),
+            ("encode_text", "8 prompts",
+             *median_ms(lambda: ours.encode_text(PROMPTS), lambda: reference(*hf_tokenize()), args.reps)),
+        ]
 
     lines = [
-        f"t5-base config, random weights, fp32, CPU ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores), torch {torch.__version__} with 2 threads, transformers {transformers.__version__}; "
-        f"median of {args.reps} runs (tokenize: {args.reps * 10}) after a warm-up; same weights and ids in both "
-        f"(max abs difference of the padded-batch hidden states: {err:.1e}). `python benchmarks/t5.py`.",
+        f"t5-base config, random weights, fp32, CPU ({platform.machine()}, {os.cpu_count()} cores), torch "
+        f"{torch.__version__} with 2 threads, transformers {transformers.__version__}. Median of {args.reps} runs "
+        f"(tokenize: {args.reps * 10}, 8 x 128: {few}) after a warm-up, ours and transformers alternated; same "
+        f"weights and ids in both (max abs difference of the padded-batch hidden states: {err:.1e}). "
+        f"`python benchmarks/t5.py`.",
         "",
         "| what | batch | ours (ms) | transformers (ms) | ours / transformers |",
         "|---|---|---:|---:|---:|",
@@ -126,8 +130,8 @@ def main() -> None:
 def write_section(heading: str, body: str) -> None:
     """Replace our section of RESULTS.md (or append it at the end), leaving every other section as it is.
 
-    Re-reads the file just before writing and swaps it in with os.replace, so a concurrent writer's sections
-    are kept and a reader never sees half a file.
+    Re-reads the file just before writing and swaps the new one in with os.replace: another writer's sections
+    are kept, and a reader never sees half a file.
     """
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     section = f"{heading}\n\n{body}\n"

@@ -205,9 +205,14 @@ def save_native(folder: str | os.PathLike, kind: str, config: dict[str, Any],
             if Path(name).name != name or name in ("config.json", "model.safetensors"):
                 raise ValueError(f"extra file name {name!r} must be a plain file name other than ours")
             (tmp / name).write_bytes(content)
+        old = None
         if folder.exists():
-            shutil.rmtree(folder)
+            # Move the old folder aside rather than deleting it first: a crash in between leaves one of the two.
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old / folder.name)
         os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -432,6 +432,9 @@ class MusicGen:
         if total > window and not 0 < stride < window:
             raise ValueError(f"extend_stride must be in (0, {self.max_duration}) s to go past {self.max_duration} s, "
                              f"got {extend_stride!r}")
+        if prompt_codes is not None and prompt_codes.shape[-1] >= window:
+            raise ValueError(f"the audio prompt ({prompt_codes.shape[-1]} frames) must be shorter than one window "
+                             f"of max_duration = {self.max_duration} s ({window} frames)")
         return self._windows(states, mask, B, total, window, stride, prompt_codes, callback, settings)
 
     def _windows(self, states, mask, B, total, window, stride, prompt_codes, callback, settings) -> Tensor:
@@ -444,11 +447,13 @@ class MusicGen:
         offset = 0  # frames before the current window
         while offset + (0 if prompt is None else prompt.shape[-1]) < total:
             frames = min(total - offset, window)
-            done = offset + (0 if prompt is None else prompt.shape[-1])
+            done = offset + (0 if prompt is None else prompt.shape[-1])  # frames that exist before this window
+            new = offset + frames - done  # frames this window adds
 
-            def report(step, steps, done=done):
+            def report(step, steps, done=done, new=new):
+                # a window takes new + max(delays) steps: report frames, not steps
                 if callback is not None:
-                    callback(min(done + step, total), total)
+                    callback(done + min(step, new), total)
 
             codes = gen.generate_codes(self.lm, states, mask, batch_size=B, num_frames=frames, prompt_codes=prompt,
                                        progress=report, **settings)
@@ -473,7 +478,8 @@ class MusicGen:
         guidance_scale: classifier-free guidance, on above 1. top_k: 0 = off. top_p: 0 or 1 = off.
         seed: seeds a generator of its own; None draws from torch's global generator (as transformers).
         prompt_audio (B, C, N) at prompt_sample_rate (default: the model's): music to continue.
-        progress: True prints the frame count; a callable gets (frames done, frames in all).
+        progress: True prints the frame count; a callable gets (frames done, frames in all), or with
+            max_new_tokens (decoder steps done, steps in all).
         """
         codes = self.generate_codes(prompts, duration=duration, max_new_tokens=max_new_tokens,
                                     guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,

@@ -495,13 +495,10 @@ class T5Tokenizer:
                     if sub == _TRAINER_BYTE_FALLBACK and sub_value:
                         raise hub.CheckpointError(f"{path}: byte fallback is not supported (transformers' T5 "
                                                   f"tokenizer turns it off)")
-            if field == _MODEL_PIECES:
-                kind, text = _PIECE_NORMAL, b""
-                for sub, sub_value, _ in _proto_fields(value):
-                    if sub == _PIECE_TYPE:
-                        kind = sub_value
-                    elif sub == _PIECE_TEXT:
-                        text = sub_value
+            # A piece's type is its last field and is written only when not NORMAL: read the few others fully.
+            if field == _MODEL_PIECES and len(value) > 1 and value[-2] == _PIECE_TYPE << 3:
+                piece = {sub: sub_value for sub, sub_value, _ in _proto_fields(value)}
+                kind, text = piece.get(_PIECE_TYPE, _PIECE_NORMAL), piece.get(_PIECE_TEXT, b"")
                 if kind not in (_PIECE_NORMAL, _PIECE_UNKNOWN, _PIECE_CONTROL):
                     raise hub.CheckpointError(f"{path}: piece {text.decode('utf-8', 'replace')!r} has type {kind}; "
                                               f"only normal, unknown and control pieces are supported")

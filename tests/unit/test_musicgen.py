@@ -444,6 +444,8 @@ def test_pipeline_long_form_windows(mg, tokenizer):
     assert seen[-1] == (80, 80) and all(t == 80 for _, t in seen)
     with pytest.raises(ValueError, match="extend_stride"):
         long.generate_codes(["x"], duration=0.1, extend_stride=0.05)
+    with pytest.raises(ValueError, match="shorter than one window"):
+        long.generate_codes(["x"], duration=0.1, prompt_audio=torch.randn(1, 1, 4 * 40))
 
 
 @pytest.mark.parametrize("chunk,context", [(0.005, 1.0), (0.01, 0.005), (1.0, 0.0)])
