@@ -93,6 +93,7 @@ def main() -> None:
         out = hf_tokenizer(PROMPTS, padding=True, truncation=True, max_length=512, return_tensors="pt")
         return out["input_ids"], out["attention_mask"]
 
+    load = os.getloadavg()[0]  # other processes on a shared machine slow both sides alike (calls alternate)
     ids, mask = hf_tokenize()
     long_ids = torch.randint(3, 32100, (8, 128))
     long_mask = torch.ones_like(long_ids)
@@ -116,7 +117,7 @@ def main() -> None:
         f"{torch.__version__} with 2 threads, transformers {transformers.__version__}. Median of {args.reps} runs "
         f"(tokenize: {args.reps * 10}, 8 x 128: {few}) after a warm-up, ours and transformers alternated; same "
         f"weights and ids in both (max abs difference of the padded-batch hidden states: {err:.1e}). "
-        f"`python benchmarks/t5.py`.",
+        f"Load average at the start: {load:.1f} on {os.cpu_count()} cores. `python benchmarks/t5.py`.",
         "",
         "| what | batch | ours (ms) | transformers (ms) | ours / transformers |",
         "|---|---|---:|---:|---:|",

@@ -52,6 +52,16 @@ def _allowed(q: Tensor, k: Tensor, causal: bool, q_offset: int | Tensor, key_mas
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, q_offset: int | Tensor = 0,
                         key_mask: Tensor | None = None, bias: Tensor | None = None,
                         scale: float | None = None) -> Tensor:
+    if causal and q.device.type == "cpu" and int(q_offset) >= 0:
+        # Keys past the last query's position are masked anyway. On the CPU (nothing is captured, and reading
+        # q_offset costs no sync) leave them out: a decode step into a static cache then reads only the slots
+        # written so far (MusicGen small, 1500-slot cache, 100 visible: 0.2 ms instead of 6 ms per layer), and a
+        # single query sees every key that is left, so it needs no mask at all.
+        end = int(q_offset) + q.shape[-2]
+        k, v = k[..., :end, :], v[..., :end, :]
+        key_mask = None if key_mask is None else key_mask[..., :end]
+        bias = None if bias is None else bias[..., :end]
+        causal = q.shape[-2] > 1
     allowed = _allowed(q, k, causal, q_offset, key_mask)
     attn_bias = bias
     if allowed is not None:

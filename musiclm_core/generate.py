@@ -3,8 +3,8 @@
     logits (2B, K, V) --cfg_combine--> (B, K, V) --temperature, top_k, top_p--> softmax --> multinomial
                                                                    (greedy: argmax of the guided logits)
 
-The loop (`decode_pattern`, driven by `iter_frames` / `generate_codes`) follows transformers' `MusicgenForConditionalGeneration.generate`
-step for step, so that greedy decoding is token-identical and seeded sampling draws the same random numbers:
+The loop (`decode_pattern`, driven by `iter_frames` / `generate_codes`) follows transformers'
+`MusicgenForConditionalGeneration.generate` step for step, so that greedy decoding is token-identical and seeded sampling draws the same random numbers:
 
 1. The frames to produce (audio prompt frames first, then unknown ones) are laid out with the delay pattern
    (`delay.apply_delay`); slots holding -1 are generated, every other slot (BOS, pads, prompt) is forced.
@@ -118,7 +118,8 @@ def prefill(lm: MusicGenLM, steps: Tensor, *, memory: CrossMemory | None, cache:
     return lm(steps, memory=memory, cache=cache, offset=0)[:, :, -1]
 
 
-def decode_one_step(lm: MusicGenLM, column: Tensor, offset: Tensor, *, memory: CrossMemory | None, cache: KVCache) -> Tensor:
+def decode_one_step(lm: MusicGenLM, column: Tensor, offset: Tensor, *, memory: CrossMemory | None,
+                    cache: KVCache) -> Tensor:
     """Feed one column (B', K, 1) at position `offset` (0-dim tensor: static inputs); logits (B', K, V)."""
     return lm(column, memory=memory, cache=cache, offset=offset)[:, :, -1]
 

@@ -64,7 +64,8 @@ class T5Config:
             raise ValueError(f"T5Config.relative_buckets must be even and >= 4, got {self.relative_buckets}")
         if self.relative_max_distance <= self.relative_buckets // 4:
             raise ValueError(f"T5Config.relative_max_distance ({self.relative_max_distance}) must exceed "
-                             f"relative_buckets // 4 ({self.relative_buckets // 4}), where the log-spaced buckets start")
+                             f"relative_buckets // 4 ({self.relative_buckets // 4}), where the log-spaced buckets "
+                             f"start")
 
 
 PRESETS: dict[str, T5Config] = {
@@ -190,8 +191,8 @@ class T5Encoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """input_ids (B, L) int, attention_mask (B, L) (1/True = token, 0/False = padding) -> hidden (B, L, D).
 
-        Every position gets a value, padded ones included (transformers' `last_hidden_state`). A row whose
-        mask is all zeros gives the final norm of zeros for its attention outputs (never NaN), where
+        Every position gets a value, padded ones included (transformers' `last_hidden_state`). In a row whose
+        mask is all zeros the attention outputs are zeros (the attention kernel's rule: never NaN) where
         transformers averages over all keys; the tokenizer never makes such rows.
         """
         if input_ids.dim() != 2 or input_ids.is_floating_point():

@@ -1,8 +1,9 @@
 """MusicGen LM and generation against transformers' MusicgenForConditionalGeneration.
 
 The reference checkpoints are tiny composite models (T5 + EnCodec + decoder) with random weights that
-transformers itself writes with `save_pretrained`; our LM is converted from those files. Until our T5 is wired
-in, the text states come from transformers' own text encoder.
+transformers itself writes with `save_pretrained` (plus a small sentencepiece model as spiece.model). The LM
+tests feed our LM the text states of transformers' own text encoder, so that they test the LM alone; the
+pipeline tests at the end run our whole `MusicGen` (our tokenizer, T5, LM and EnCodec) from the same folder.
 
 Tolerances: logits max abs error <= 1e-4 (fp32); greedy decoding token-identical.
 

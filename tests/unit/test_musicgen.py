@@ -291,7 +291,8 @@ def _audiocraft_package(model: MusicGenLM, stereo=False):
             best[theirs + name + ".out_proj.weight"] = sd[ours + attn + ".out.weight"]
         for a, b in (("self_norm", "norm1"), ("cross_norm", "norm_cross"), ("ffn_norm", "norm2")):
             best[theirs + b + ".weight"], best[theirs + b + ".bias"] = sd[ours + a + ".weight"], sd[ours + a + ".bias"]
-        best[theirs + "linear1.weight"], best[theirs + "linear2.weight"] = sd[ours + "ffn_in.weight"], sd[ours + "ffn_out.weight"]
+        best[theirs + "linear1.weight"] = sd[ours + "ffn_in.weight"]
+        best[theirs + "linear2.weight"] = sd[ours + "ffn_out.weight"]
     best["out_norm.weight"], best["out_norm.bias"] = sd["norm.weight"], sd["norm.bias"]
     best["condition_provider.conditioners.description.output_proj.weight"] = sd["text_proj.weight"]
     best["condition_provider.conditioners.description.output_proj.bias"] = sd["text_proj.bias"]
@@ -326,7 +327,8 @@ def test_audiocraft_errors():
     package = _audiocraft_package(ref)
     with pytest.raises(CheckpointError, match="'xp.cfg'"):
         convert.load_audiocraft({"best_state": package["best_state"]}, source="x")
-    extra = dict(package, best_state=dict(package["best_state"], **{"transformer.layers.0.layer_scale_1.scale": torch.zeros(64)}))
+    extra = dict(package, best_state={**package["best_state"],
+                                      "transformer.layers.0.layer_scale_1.scale": torch.zeros(64)})
     with pytest.raises(CheckpointError, match="layer_scale_1"):
         convert.load_audiocraft(extra, source="x")
     for old, new, match in [("norm_first: true", "norm_first: false", "norm_first"),
@@ -445,7 +447,7 @@ def test_pipeline_long_form_windows(mg, tokenizer):
     with pytest.raises(ValueError, match="extend_stride"):
         long.generate_codes(["x"], duration=0.1, extend_stride=0.05)
     with pytest.raises(ValueError, match="shorter than one window"):
-        long.generate_codes(["x"], duration=0.1, prompt_audio=torch.randn(1, 1, 4 * 40))
+        long.generate_codes(["x"], duration=0.1, extend_stride=0.02, prompt_audio=torch.randn(1, 1, 4 * 40))
 
 
 @pytest.mark.parametrize("chunk,context", [(0.005, 1.0), (0.01, 0.005), (1.0, 0.0)])

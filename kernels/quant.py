@@ -1,0 +1,198 @@
+"""Opt-in reduced-precision weights for the memory-bound decode step.
+
+A decode step multiplies a few activation rows (2 under CFG) by every weight matrix once, so on a CPU it runs at
+the speed memory delivers the weights: MusicGen small reads 1.38 GB of fp32 weights per step. Storing them in
+fewer bytes raises that ceiling:
+
+    quantize_weights(lm, "bf16")   every nn.Linear -> BF16Linear: bf16 weights (2 B/param)
+    quantize_weights(lm, "int8")   every nn.Linear -> Int8Linear: int8 weights (1 B/param) with one symmetric
+                                   scale per output channel, dequantised inside the matmul
+
+It is weight-only: LayerNorms, embeddings, the KV cache and the sampling stay in the model's dtype, and the
+layers keep the interface of `nn.Linear` (any leading dims, optional bias). It is an inference path: do it
+after loading, do not train or `save_pretrained` the result.
+
+Each layer has two ways to compute, with one signature (`int8_linear` / `bf16_linear`, `backend=`):
+
+* "reference": plain PyTorch in the activation dtype, `x @ W^T` with W upcast (int8: `(x @ Q^T) * scale`). Exact
+  with respect to the dequantised weights; it is what the tests hold the fast path to, and what runs off the CPU.
+* "cpu": the fastest path measured on a 2-core AVX-512 Xeon without native bf16 (benchmarks/RESULTS.md):
+  - int8: `torch.ops.aten._weight_int8pack_mm`, whose vectorised kernel takes bf16 activations (with fp32
+    activations the same op runs a slow generic loop, ~20x slower). Activations are rounded to bf16 and the
+    product comes back in bf16: relative error ~2^-9 per output on top of the int8 rounding (~1e-2), which
+    dominates. Measured against the alternatives: fp32 upcast of the int8 weights per matmul (in blocks or
+    whole), torch.compile'd dequantise-and-reduce, and `torch._int_mm` (needs int8 activations) were all slower.
+  - bf16: oneDNN's bf16 matmul (`F.linear` on bf16 activations and weights, fp32 accumulation, bf16 out).
+    Without AVX512-BF16/AMX it emulates bf16 arithmetic and is compute-bound: see RESULTS.md for whether it
+    beats fp32 on a given machine.
+  `backend=None` (auto) takes "cpu" for CPU tensors and "reference" elsewhere; MUSICLM_QUANT=reference forces
+  the reference everywhere (tests, debugging).
+
+The int8 scales are rounded up to bf16 values before quantising, so the CPU kernel (which takes its scales in
+the activation dtype, bf16) and the reference multiply by exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODES = ("bf16", "int8")
+BACKENDS = ("cpu", "reference")
+
+
+def _backend(x: Tensor, backend: str | None) -> str:
+    choice = backend or os.environ.get("MUSICLM_QUANT") or "auto"
+    if choice not in ("auto", *BACKENDS):
+        raise ValueError(f"quantised linear backend {choice!r} (argument or MUSICLM_QUANT): expected auto, "
+                         f"{' or '.join(BACKENDS)}")
+    if choice == "auto":
+        return "cpu" if x.device.type == "cpu" else "reference"
+    if choice == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"quantised linear backend 'cpu' asked for with activations on {x.device}")
+    return choice
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# int8
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, K) float weight -> (int8 (N, K), bf16 scales (N,)) with weight ~= q * scale[:, None].
+
+    Symmetric, per output channel: scale = max|w_row| / 127, rounded *up* to a bf16 value (so |q| <= 127 still
+    holds and the bf16 kernel and the fp32 reference see the same scale). An all-zero row gets scale 1.
+    """
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_int8 takes a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)  # (N,)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    rounded = scale.to(torch.bfloat16)
+    up = rounded.float() < scale  # bf16 rounding went down: step to the next bf16 value
+    rounded = torch.where(up, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
+    q = torch.round(w / rounded.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, rounded
+
+
+def int8_linear_reference(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) @ (weight (N, K) int8 * scale (N,))^T + bias, in the activation dtype."""
+    y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = None, *,
+                backend: str | None = None) -> Tensor:
+    """`int8_linear_reference`, on the CPU through the bf16 int8-weight kernel (see the module docstring)."""
+    if _backend(x, backend) == "reference":
+        return int8_linear_reference(x, weight, scale, bias)
+    *lead, K = x.shape
+    N = weight.shape[0]
+    rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()  # (M, K): the kernel wants 2-D, unit stride
+    y = torch.ops.aten._weight_int8pack_mm(rows, weight, scale.to(torch.bfloat16))  # (M, N) bf16
+    y = y.to(x.dtype).view(*lead, N)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 `nn.Linear`: buffers `weight` (N, K) int8 and `scale` (N,) bf16, optional `bias`."""
+
+    def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2 or tuple(scale.shape) != (weight.shape[0],):
+            raise ValueError(f"Int8Linear needs an int8 (N, K) weight and (N,) scales, got {weight.dtype} "
+                             f"{tuple(weight.shape)} and {tuple(scale.shape)}")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.backend: str | None = None  # None = auto; "cpu" / "reference" to force one
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q, scale = quantize_int8(linear.weight)
+        return cls(q.to(linear.weight.device), scale.to(linear.weight.device), linear.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.weight.to(dtype) * self.scale.to(dtype)[:, None]  # (N, K)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_linear(x, self.weight, self.scale, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16
+
+
+def bf16_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) @ weight (N, K)^T + bias with the bf16 weight upcast to the activation dtype."""
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def bf16_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: str | None = None) -> Tensor:
+    """`bf16_linear_reference`, on the CPU as a bf16 matmul (activations rounded to bf16, fp32 accumulation)."""
+    if _backend(x, backend) == "reference":
+        return bf16_linear_reference(x, weight, bias)
+    y = F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+class BF16Linear(nn.Module):
+    """Weight-only bf16 `nn.Linear`: buffer `weight` (N, K) bf16, optional `bias` (kept in its dtype)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"BF16Linear needs a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        # A buffer, not a parameter: `module.to(dtype)` would otherwise turn it back into fp32.
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.backend: str | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "BF16Linear":
+        return cls(linear.weight, linear.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.weight.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return bf16_linear(x, self.weight, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def quantize_weights(module: nn.Module, mode: str = "int8") -> nn.Module:
+    """Replace every `nn.Linear` inside `module` (in place) by its weight-only `mode` variant; returns `module`.
+
+    mode: "bf16" or "int8". E.g. `quantize_weights(mg.lm, "int8")` for the MusicGen LM (its layers, heads and
+    text projection). Other modules (norms, embeddings) and buffers are left as they are.
+    """
+    if mode not in MODES:
+        raise ValueError(f"quantize_weights mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"quantize_weights takes an nn.Module, got {type(module).__name__}")
+    if isinstance(module, nn.Linear):
+        raise ValueError("quantize_weights replaces the nn.Linear layers *inside* a module; wrap a lone "
+                         "nn.Linear (Int8Linear.from_linear / BF16Linear.from_linear)")
+    make = Int8Linear.from_linear if mode == "int8" else BF16Linear.from_linear
+    targets = [(name, child) for name, child in module.named_modules() if isinstance(child, nn.Linear)]
+    if not targets:
+        raise ValueError(f"{type(module).__name__} holds no nn.Linear to quantise")
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        with torch.no_grad():
+            setattr(parent, attr, make(linear))
+    return module
