@@ -403,3 +403,25 @@ def test_pipeline_native_round_trip(pipeline, tmp_path):
     again = MusicGen.from_pretrained(tmp_path / "native")
     kwargs = dict(duration=0.02, guidance_scale=3.0, do_sample=True, seed=3)
     assert torch.equal(again.generate(TEXTS, **kwargs), pipeline.generate(TEXTS, **kwargs))
+
+
+def test_pipeline_sharded_fp16_and_fp32_variant(mono, tmp_path):
+    # The stereo repos' arrangement: fp16 default files, sharded, plus an fp32 copy under variant="fp32".
+    import copy
+
+    from musiclm_core.musicgen import MusicGen
+
+    folder = tmp_path / "variants"
+    copy.deepcopy(mono.hf).half().save_pretrained(folder, max_shard_size="300KB")
+    mono.hf.save_pretrained(folder, variant="fp32", max_shard_size="300KB")
+    shutil.copy(mono.folder / "spiece.model", folder / "spiece.model")
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert (folder / "model.safetensors.index.fp32.json").is_file()
+    exact = MusicGen.from_pretrained(folder, variant="fp32")
+    rounded = MusicGen.from_pretrained(folder)
+    ref = mono.lm.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in exact.lm.state_dict().items())
+    assert all(torch.equal(v, ref[k].half().float()) for k, v in rounded.lm.state_dict().items())
+    assert any(not torch.equal(v, ref[k]) for k, v in rounded.lm.state_dict().items())
+    half = MusicGen.from_pretrained(folder, dtype=torch.float16)
+    assert half.lm.dtype == torch.float16 and half.codec.decoder.conv_in.weight.dtype == torch.float16

@@ -1,0 +1,116 @@
+"""Time our EnCodec against transformers' EncodecModel in the same run.
+
+    python benchmarks/encodec.py            # print the table
+    python benchmarks/encodec.py --write    # and put it in benchmarks/RESULTS.md under "## EnCodec"
+
+The 32 kHz config (MusicGen's codec) with random weights: transformers' initialisation with the codebooks filled
+with random rows (its zero codebooks would make every code 0), written with save_pretrained and loaded by ours,
+so both run the same weights. fp32 on the CPU with 2 threads; 10 s of mono audio (noise at -20 dBFS) -> 500
+frames x 4 codebooks, and those codes back to audio. Each figure is the median of the repeats after one warm-up
+call; the calls of ours and transformers alternate, so that both see the same load on a shared machine. The
+real-time factor is seconds of audio per second of compute (higher is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from t5 import write_section  # noqa: E402  (the shared RESULTS.md section writer)
+
+SECONDS = 10.0
+
+
+def median_s(ours, theirs, reps: int) -> tuple[float, float]:
+    """Median seconds of each; the calls alternate so that both see the same load on a shared machine."""
+    ours(), theirs()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(reps):
+        for fn, out in ((ours, times[0]), (theirs, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+
+    import transformers
+    from transformers import EncodecConfig, EncodecModel
+
+    from musiclm_core.encodec import EnCodec
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    config = EncodecConfig(upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2], num_filters=64,
+                           sampling_rate=32_000, codebook_size=2048, use_causal_conv=False, normalize=False,
+                           use_conv_shortcut=False)
+    reference = EncodecModel(config).eval()
+    with torch.no_grad():
+        for layer in reference.quantizer.layers:
+            layer.codebook.embed.normal_(0, 0.1)
+    folder = Path(tempfile.mkdtemp(prefix="encodec_bench_"))
+    try:
+        reference.save_pretrained(str(folder))
+        ours = EnCodec.from_pretrained(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    wav = 0.1 * torch.randn(1, 1, int(SECONDS * config.sampling_rate))
+    load = os.getloadavg()[0]
+    with torch.inference_mode():
+        codes = ours.encode(wav)
+        hf_codes = reference.encode(wav).audio_codes  # (1, B, K, T)
+        assert torch.equal(codes, hf_codes[0]), "the codes differ"
+        err = (ours.decode(codes) - reference.decode(hf_codes, [None])[0]).abs().max().item()
+        rows = [
+            ("encode", *median_s(lambda: ours.encode(wav), lambda: reference.encode(wav), args.reps)),
+            ("decode", *median_s(lambda: ours.decode(codes), lambda: reference.decode(hf_codes, [None]), args.reps)),
+        ]
+
+    lines = [
+        f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__} "
+        f"with 2 threads, transformers {transformers.__version__}. encodec_32khz config, random weights, fp32; "
+        f"{SECONDS:.0f} s of mono audio at 32 kHz (500 frames x 4 codebooks). Median of {args.reps} runs after a "
+        f"warm-up, ours and transformers alternated; identical codes, decoded audio max abs difference "
+        f"{err:.1e}. Load average at the start: {load:.1f} on {os.cpu_count()} cores (a shared machine: absolute "
+        f"times move with the load, the ratio less so). `python benchmarks/encodec.py --write`.",
+        "",
+        "| what | ours (s) | transformers (s) | ours real-time factor | transformers real-time factor "
+        "| speed-up (transformers / ours) |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {what} 10 s | {a:.2f} | {b:.2f} | {SECONDS / a:.1f}x | {SECONDS / b:.1f}x | {b / a:.2f} |"
+          for what, a, b in rows],
+    ]
+    print("\n".join(lines))
+    if args.write:
+        write_section("## EnCodec", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
