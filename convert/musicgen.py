@@ -208,6 +208,16 @@ def config_from_audiocraft(xp_cfg: str | dict[str, Any]) -> MusicGenConfig:
     need("transformer_lm.kv_repeat", 1, 1)
     need("transformer_lm.past_context", None, None)
     need("codebooks_pattern.modeling", "delay")
+    # audiocraft's StreamingTransformer is causal only when asked; every released config says so (a config
+    # without the field is taken as causal).
+    need("transformer_lm.causal", True, True)
+    # Sinusoids added to the text states before cross-attention, and conditions added to the code embeddings.
+    # (fuser.prepend is not checked here: convert/musicgen_melody.py reads its decoder with this function.)
+    need("fuser.cross_attention_pos_emb", False, False)
+    for method in ("sum", "input_interpolate"):
+        need(f"fuser.{method}", [], [])
+    # Lemmatising and stop-word removal (spacy) of the text before T5: we feed the text as it is.
+    need("conditioners.description.t5.normalize_text", False, False)
     cross = get_field(cfg, "fuser.cross", [])
     if "description" not in (cross or []):
         raise CheckpointError(f"audiocraft fuser.cross = {cross!r}: this LM does not cross-attend to the text "

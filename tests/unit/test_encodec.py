@@ -12,13 +12,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from musiclm_core import CheckpointError
 from musiclm_core.audio import resample
 from musiclm_core.convert import encodec as convert
 from musiclm_core.convert.keys import rename
-from musiclm_core.encodec import PRESETS, EnCodec, EnCodecConfig, pad1d
+from musiclm_core.encodec import (PRESETS, EnCodec, EnCodecConfig, conv1d_by_taps, conv_transpose1d_by_matmul,
+                                  lstm_inference_cpu, pad1d)
 
 TINY = PRESETS["tiny"]  # 16 kHz, hop 8, 256-entry codebooks, 16 / 32 kbps -> 1 / 2 codebooks
 # The 48 kHz model's extras at tiny size: stereo, GroupNorm, per-chunk RMS, 100-sample chunks 90 apart.
@@ -499,3 +501,41 @@ def test_audiocraft_folder_without_the_codec(tmp_path):
     torch.save({"best_state": {}}, tmp_path / "lm_only" / "state_dict.bin")
     with pytest.raises(CheckpointError, match="without compression_state_dict.bin"):
         EnCodec.from_pretrained(tmp_path / "lm_only")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CPU inference routes against torch's ops (which the layers use when gradients are on)
+
+
+def test_conv_routes_match_torch():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 50)
+    w, b = torch.randn(5, 6, 3), torch.randn(5)
+    for dilation in (1, 3):
+        for left, right in ((0, 0), (2 * dilation, 0), (dilation, dilation), (0, 2 * dilation)):
+            for mode in ("reflect", "constant"):
+                expected = F.conv1d(pad1d(x, left, right, mode), w, b, dilation=dilation)
+                torch.testing.assert_close(conv1d_by_taps(x, w, b, dilation, left, right, mode), expected)
+        for N in (1, 2, 3):  # shorter than the pads: the reflection is of a zero-extended signal (G5)
+            expected = F.conv1d(pad1d(x[..., :N], 3, 3, "reflect"), w, b, dilation=dilation)
+            torch.testing.assert_close(conv1d_by_taps(x[..., :N], w, b, dilation, 3, 3, "reflect"), expected)
+    for stride in (1, 2, 5):
+        wt = torch.randn(6, 4, 2 * stride)
+        torch.testing.assert_close(conv_transpose1d_by_matmul(x, wt, b[:4], stride),
+                                   F.conv_transpose1d(x, wt, b[:4], stride))
+    lstm = torch.nn.LSTM(6, 6, 2)
+    seq = torch.randn(30, 3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(lstm_inference_cpu(lstm, seq), lstm(seq)[0])
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_CHUNKED, TINY_CAUSAL], ids=["tiny", "chunked", "causal"])
+def test_inference_routes_match_the_autograd_routes(config):
+    codec = make(config)
+    wav = torch.randn(2, config.channels, 333)
+    latents = codec.encoder(wav)  # gradients on: torch's conv / LSTM ops
+    assert latents.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(codec.encoder(wav), latents.detach(), rtol=0, atol=1e-5)
+        audio = codec.decoder(latents)
+    torch.testing.assert_close(audio, codec.decoder(latents).detach(), rtol=0, atol=1e-5)

@@ -1,0 +1,339 @@
+"""MusicGen Melody against transformers' MusicgenMelodyForConditionalGeneration.
+
+The reference checkpoints are tiny composite models (T5 + EnCodec + melody decoder) with random weights that
+transformers itself writes with `save_pretrained`, sharded with a small `max_shard_size` so that loading goes
+through `model.safetensors.index.json` (as facebook/musicgen-melody does), plus a small sentencepiece model.
+The LM tests feed our LM the text states of transformers' own text encoder; the pipeline test at the end runs
+our whole `MusicGenMelody` (our tokenizer, T5, chroma, LM) from the same folder. Our chroma comes from
+`chroma_features`, transformers' from its `MusicgenMelodyFeatureExtractor` (needs torchaudio); at 32 kHz the
+two are equal, which each test that uses them checks.
+
+Tolerances: logits max abs error <= 1e-4 (fp32); greedy (and seeded sampling) decoding token-identical.
+
+The fixture listens (specs/NOTES.md: a random tiny melody model barely does): the chroma and text projections,
+the self-attention q/k/out and the code embeddings are scaled up. `test_fixture_listens_to_the_melody` shows
+first that the same melody twice gives the same tokens and two melodies different ones, so that the token
+parity with melodies tests that the melody arrives.
+"""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+try:
+    import torchaudio  # noqa: F401  (transformers' chroma feature extractor needs it)
+except (ImportError, OSError) as e:  # OSError: torchaudio's compiled libraries do not match our torch
+    pytest.skip(f"torchaudio cannot be imported ({e}); install the test reference with "
+                "`bash tests/install_torchaudio_reference.sh`", allow_module_level=True)
+
+from musiclm_core import hub  # noqa: E402
+from musiclm_core.chroma import chroma_features, null_chroma  # noqa: E402
+from musiclm_core.convert import musicgen_melody as convert  # noqa: E402
+from musiclm_core.melody import MusicGenMelody, generate_codes  # noqa: E402
+
+LOGIT_TOL = 1e-4
+SR = 32000  # the chroma extractor's rate: no resampling on either side
+
+
+@torch.no_grad()
+def _make_it_listen(model):
+    """Scale the paths that carry the conditioning and the past (see the module docstring)."""
+    model.audio_enc_to_dec_proj.weight.mul_(64.0)
+    model.enc_to_dec_proj.weight.mul_(64.0)
+    decoder = model.decoder.model.decoder
+    for layer in decoder.layers:
+        for w in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.out_proj):
+            w.weight.mul_(6.0)
+    for emb in decoder.embed_tokens:
+        emb.weight.mul_(4.0)
+
+
+def _save_reference(folder, channels, seed, spm_model):
+    from transformers import (EncodecConfig, MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
+                              MusicgenMelodyForConditionalGeneration, T5Config)
+
+    torch.manual_seed(seed)
+    t5 = T5Config(vocab_size=320, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                  relative_attention_num_buckets=8, feed_forward_proj="relu")
+    codec = EncodecConfig(sampling_rate=3200, audio_channels=1, hidden_size=16, num_filters=4,
+                          upsampling_ratios=[2, 2], codebook_size=2048, target_bandwidths=[35.2],
+                          num_lstm_layers=1, use_causal_conv=False, use_conv_shortcut=False, normalize=False)
+    decoder = MusicgenMelodyDecoderConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
+                                          num_codebooks=4 * channels, audio_channels=channels, vocab_size=2048,
+                                          max_position_embeddings=512)
+    config = MusicgenMelodyConfig(text_encoder=t5.to_dict(), audio_encoder=codec.to_dict(),
+                                  decoder=decoder.to_dict())
+    model = MusicgenMelodyForConditionalGeneration(config).eval()
+    _make_it_listen(model)
+    model.generation_config.update(decoder_start_token_id=2048, pad_token_id=2048, bos_token_id=2048,
+                                   do_sample=True, guidance_scale=3.0, max_length=1500)
+    model.save_pretrained(folder, max_shard_size="300KB")  # sharded, with an index (as facebook/musicgen-melody)
+    shutil.copy(spm_model, folder / "spiece.model")
+    return folder
+
+
+class Pair:
+    """transformers' model and our LM, read from the same checkpoint folder."""
+
+    def __init__(self, folder):
+        from transformers import MusicgenMelodyForConditionalGeneration
+
+        self.folder = folder
+        self.hf = MusicgenMelodyForConditionalGeneration.from_pretrained(folder).eval()
+        self.lm = convert.load_transformers(hub.read_json(folder / "config.json"),
+                                            convert.lm_part(hub.load_state_dict(folder)), source=str(folder))
+        self.K = self.lm.config.num_codebooks
+
+    @torch.no_grad()
+    def text(self, ids, mask):
+        return self.hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    @torch.no_grad()
+    def hf_codes(self, **kwargs):
+        """transformers' generate; the codes (B, K, T) it hands to the audio decoder."""
+        captured = []
+        decode = self.hf.audio_encoder.decode
+
+        def capture(codes, *args, **kw):
+            captured.append(codes.clone())
+            return decode(codes, *args, **kw)
+
+        self.hf.audio_encoder.decode = capture
+        try:
+            self.hf.generate(**kwargs)
+        finally:
+            del self.hf.audio_encoder.decode
+        if self.K == 4:
+            return captured[0][0]
+        left, right = captured  # stereo: rows ::2 decoded as the left channel, 1::2 as the right
+        out = torch.empty(left.shape[1], self.K, left.shape[-1], dtype=torch.long)
+        out[:, ::2], out[:, 1::2] = left[0], right[0]
+        return out
+
+
+WORDS = ("the a of and with music song track drums bass guitar synth piano violin beat tempo loud soft calm "
+         "happy sad pop rock jazz electronic melody rhythm vocals ambient dark bright warm 80s 90s funk").split()
+
+
+@pytest.fixture(scope="session")
+def melody_spm(tmp_path_factory):
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10))) for _ in range(500)]
+    folder = tmp_path_factory.mktemp("melody_spm")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
+                                   model_type="unigram", vocab_size=200, hard_vocab_limit=False, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return folder / "spiece.model"
+
+
+@pytest.fixture(scope="session")
+def mono(tmp_path_factory, melody_spm):
+    return Pair(_save_reference(tmp_path_factory.mktemp("melody_mono"), 1, 0, melody_spm))
+
+
+@pytest.fixture(scope="session")
+def stereo(tmp_path_factory, melody_spm):
+    return Pair(_save_reference(tmp_path_factory.mktemp("melody_stereo"), 2, 10, melody_spm))
+
+
+@pytest.fixture(scope="session")
+def feature_extractor():
+    from transformers import MusicgenMelodyFeatureExtractor
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    return MusicgenMelodyFeatureExtractor()
+
+
+def _tune(notes, seconds_per_note=0.25):
+    """A sine melody at 32 kHz, one note (semitones above A440) after the other."""
+    t = torch.arange(int(SR * seconds_per_note)) / SR
+    return torch.cat([0.5 * torch.sin(2 * math.pi * 440 * 2 ** (n / 12) * t) for n in notes])
+
+
+TUNE_A = _tune([0, 2, 4, 5, 7, 9, 11, 12])  # 2 s: 16 chroma frames
+TUNE_B = _tune([3, 10, 6, 1, 8, 3, 10, 6])
+TUNE_C = _tune([5, 0, 5, 0, 7])  # shorter: right-padded in a batch with A
+
+
+def _chroma(fe, tunes):
+    """Our chroma and transformers', checked equal (the parity tests below then hold for both)."""
+    theirs = fe([t.numpy() for t in tunes], sampling_rate=SR, return_tensors="pt", padding=True).input_features
+    ours = chroma_features(list(tunes), SR)
+    assert torch.equal(ours, theirs)
+    return ours
+
+
+def _prompts(seed, B=2, L=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 99, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[-1, 4:] = 0  # the last text is shorter: right padding, as the tokenizer does
+    ids[-1, 4:] = 0
+    return ids, mask
+
+
+def _diverse(codes, min_unique=30):
+    for row in codes:
+        assert row.unique().numel() >= min_unique, "the fixture generates near-constant tokens"
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_is_sharded(mono):
+    index = hub.read_json(mono.folder / "model.safetensors.index.json")
+    assert len(set(index["weight_map"].values())) > 2
+    assert "audio_enc_to_dec_proj.weight" in index["weight_map"]
+    assert torch.equal(mono.lm.chroma_proj.weight, mono.hf.audio_enc_to_dec_proj.weight)
+
+
+@pytest.mark.parametrize("with_melody", [True, False])
+def test_logits_padded_batch(mono, feature_extractor, with_melody):
+    ids, mask = _prompts(1)
+    B, T = ids.shape[0], 9
+    codes = torch.randint(0, 2049, (B, mono.K, T))
+    chroma = _chroma(feature_extractor, [TUNE_A, TUNE_C]) if with_melody else None
+    with torch.no_grad():
+        ref = mono.hf(input_ids=ids, attention_mask=mask, input_features=chroma,
+                      decoder_input_ids=codes.reshape(B * mono.K, T)).logits  # (B*K, 235 + L + T, V)
+        prefix = mono.lm.prefix(null_chroma(B) if chroma is None else chroma, mono.text(ids, mask), mask)
+        ours = mono.lm(codes, prefix=prefix)
+    assert ref.shape[1] == 235 + ids.shape[1] + T and prefix.shape[1] == 235 + ids.shape[1]
+    err = (ours.reshape(B * mono.K, T, -1) - ref[:, -T:]).abs().max().item()
+    print(f"melody logits, padded batch, melody={with_melody}: max abs err {err:.2e}")
+    assert err <= LOGIT_TOL
+
+
+def test_logits_cfg_null_rows(mono, feature_extractor):
+    # The CFG null row: zero text states after the projection and the one-hot bin-0 chroma. In transformers'
+    # forward that is an all-zero text mask with the null chroma.
+    ids, mask = _prompts(2)
+    B, T = ids.shape[0], 6
+    chroma = _chroma(feature_extractor, [TUNE_A, TUNE_B])
+    codes = torch.randint(0, 2049, (B, mono.K, T))
+    h = mono.text(ids, mask)
+    with torch.no_grad():
+        ref = mono.hf(input_ids=ids, attention_mask=torch.zeros_like(mask), input_features=null_chroma(B, 16),
+                      decoder_input_ids=codes.reshape(B * mono.K, T)).logits[:, -T:]
+        null = mono.lm(codes, prefix=mono.lm.prefix(null_chroma(B, 16), torch.zeros_like(h), torch.zeros_like(mask)))
+        cond = mono.lm(codes, prefix=mono.lm.prefix(chroma, h, mask))
+    err = (null.reshape(B * mono.K, T, -1) - ref).abs().max().item()
+    print(f"melody logits, CFG null rows: max abs err {err:.2e}")
+    assert err <= LOGIT_TOL
+    assert (cond - null).abs().max() > 1e-2
+
+
+def test_fixture_listens_to_the_melody(mono, feature_extractor):
+    ids, mask = _prompts(3)
+    h = mono.text(ids, mask)
+    runs = {}
+    for name, tunes in (("A", [TUNE_A, TUNE_A]), ("A again", [TUNE_A, TUNE_A]), ("B", [TUNE_B, TUNE_B])):
+        chroma = _chroma(feature_extractor, tunes)
+        runs[name] = generate_codes(mono.lm, chroma, h, mask, max_new_tokens=40, guidance_scale=3.0,
+                                    do_sample=False)
+    assert torch.equal(runs["A"], runs["A again"])  # the same melody twice: the same tokens
+    differ = (runs["A"] != runs["B"]).float().mean().item()
+    print(f"two melodies: {differ:.0%} of the tokens differ")
+    assert differ > 0.3  # different melodies: different music
+    _diverse(runs["A"])
+
+
+@pytest.mark.parametrize("tunes,steps", [((TUNE_A, TUNE_B), 80), ((TUNE_C, TUNE_A), 32), (None, 32)])
+def test_greedy_text_cfg(mono, feature_extractor, tunes, steps):
+    ids, mask = _prompts(4)
+    chroma = None if tunes is None else _chroma(feature_extractor, tunes)
+    ref = mono.hf_codes(input_ids=ids, attention_mask=mask, input_features=chroma, do_sample=False,
+                        guidance_scale=3.0, max_new_tokens=steps)
+    ours = generate_codes(mono.lm, null_chroma(2) if chroma is None else chroma, mono.text(ids, mask), mask,
+                          max_new_tokens=steps, guidance_scale=3.0, do_sample=False)
+    assert ours.shape == ref.shape == (2, 4, steps - 3)
+    mismatch = (ours != ref).sum().item()
+    print(f"greedy, melody={tunes is not None}, {steps} steps: {mismatch} of {ref.numel()} tokens differ")
+    assert torch.equal(ours, ref)
+    _diverse(ours)
+
+
+def test_greedy_melody_without_text(mono, feature_extractor):
+    # transformers' way to give no text: the processor's unconditional inputs (the empty prompt, masked out).
+    from transformers import T5Tokenizer
+
+    null = T5Tokenizer.from_pretrained(str(mono.folder))([""] * 2, return_tensors="pt")
+    null["attention_mask"][:] = 0
+    chroma = _chroma(feature_extractor, [TUNE_B, TUNE_A])
+    ref = mono.hf_codes(**null, input_features=chroma, do_sample=False, guidance_scale=3.0, max_new_tokens=32)
+    ours = generate_codes(mono.lm, chroma, torch.zeros(2, 1, 32), torch.zeros(2, 1, dtype=torch.long),
+                          max_new_tokens=32, guidance_scale=3.0, do_sample=False)
+    assert null["input_ids"].shape == (2, 1) and torch.equal(ours, ref)
+    assert (ours[0] != ours[1]).float().mean() > 0.3
+
+
+def test_sampling_same_draws(mono, feature_extractor):
+    ids, mask = _prompts(5)
+    chroma = _chroma(feature_extractor, [TUNE_A, TUNE_B])
+    torch.manual_seed(123)
+    ref = mono.hf_codes(input_ids=ids, attention_mask=mask, input_features=chroma, do_sample=True,
+                        guidance_scale=3.0, top_k=50, temperature=0.9, max_new_tokens=32)
+    h = mono.text(ids, mask)
+    torch.manual_seed(123)
+    ours = generate_codes(mono.lm, chroma, h, mask, max_new_tokens=32, guidance_scale=3.0, top_k=50, top_p=1.0,
+                          temperature=0.9, do_sample=True)
+    assert torch.equal(ours, ref)
+
+
+def test_greedy_stereo(stereo, feature_extractor):
+    ids, mask = _prompts(6)
+    chroma = _chroma(feature_extractor, [TUNE_A, TUNE_B])
+    ref = stereo.hf_codes(input_ids=ids, attention_mask=mask, input_features=chroma, do_sample=False,
+                          guidance_scale=3.0, max_new_tokens=32)
+    ours = generate_codes(stereo.lm, chroma, stereo.text(ids, mask), mask, max_new_tokens=32, guidance_scale=3.0,
+                          do_sample=False)
+    assert ours.shape == ref.shape == (2, 8, 32 - 3)
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ours[:, ::2], ours[:, 1::2])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole pipeline: our tokenizer, T5, chroma and LM, read from the sharded transformers folder.
+
+TEXTS = ["80s pop track with bassy drums and synth", "calm piano"]
+
+
+def test_pipeline_greedy(mono, feature_extractor):
+    from transformers import T5Tokenizer
+
+    mel = MusicGenMelody.from_pretrained(mono.folder)
+    batch = T5Tokenizer.from_pretrained(str(mono.folder))(TEXTS, padding=True, return_tensors="pt")
+    chroma = _chroma(feature_extractor, [TUNE_C, TUNE_B])
+    ref = mono.hf_codes(input_ids=batch.input_ids, attention_mask=batch.attention_mask, input_features=chroma,
+                        do_sample=False, guidance_scale=3.0, max_new_tokens=40)
+    ours = mel.generate_codes(TEXTS, melody=[TUNE_C, TUNE_B], melody_sample_rate=SR, max_new_tokens=40,
+                              guidance_scale=3.0, do_sample=False)
+    assert torch.equal(ours, ref)
+    # A (B, C, N) batch of stereo melodies is mixed down to mono first.
+    stereo_tunes = torch.stack([TUNE_A, TUNE_B]).expand(2, 2, -1)  # each: left A, right B
+    mixed = (TUNE_A + TUNE_B) / 2
+    ref = mono.hf_codes(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        input_features=_chroma(feature_extractor, [mixed, mixed]), do_sample=False,
+                        guidance_scale=3.0, max_new_tokens=16)
+    ours = mel.generate_codes(TEXTS, melody=stereo_tunes, melody_sample_rate=SR, max_new_tokens=16,
+                              guidance_scale=3.0, do_sample=False)
+    assert torch.equal(ours, ref)
+
+
+def test_cli_convert(mono, tmp_path, capsys):
+    # `musiclm convert` of the sharded transformers folder writes a native one that generates the same codes.
+    from musiclm_core.cli import main
+
+    assert main(["convert", str(mono.folder), str(tmp_path / "native")]) == 0
+    native = MusicGenMelody.from_pretrained(tmp_path / "native")
+    kwargs = dict(melody=[TUNE_A, TUNE_B], melody_sample_rate=SR, max_new_tokens=12, do_sample=False)
+    assert torch.equal(native.generate_codes(TEXTS, **kwargs),
+                       MusicGenMelody.from_pretrained(mono.folder).generate_codes(TEXTS, **kwargs))

@@ -1,0 +1,329 @@
+"""`musiclm generate` end to end on a tiny native MusicGen folder, and `musiclm convert` of MusicGen and T5.
+
+The tiny pipeline: T5 (tiny preset, a sentencepiece model trained in a blink), an EnCodec at 3200 Hz with 4
+codebooks of 2048 entries (800 frames/s, hop 4) and a 2-layer LM: a 0.05 s piece is 40 frames.
+"""
+
+import io
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from musiclm_core.audio import load_audio, save_audio
+from musiclm_core.cli import Progress, main
+
+SR, HOP, FRAME_RATE = 3200, 4, 800
+WORDS = ("the a of and with music song track drums bass guitar synth piano violin beat tempo loud soft calm "
+         "happy sad pop rock jazz electronic melody rhythm vocals ambient dark bright warm 80s 90s funk").split()
+PCM16 = 1 / 32768  # wav files hold 16-bit samples
+
+
+@pytest.fixture(scope="module")
+def spm_folder(tmp_path_factory):
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10))) for _ in range(500)]
+    folder = tmp_path_factory.mktemp("cli_spm")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
+                                   model_type="unigram", vocab_size=100, hard_vocab_limit=False, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return folder
+
+
+def _tiny_pipeline(spm_folder, channels=1):
+    from musiclm_core.encodec import EnCodec, EnCodecConfig
+    from musiclm_core.musicgen import MusicGen, MusicGenConfig, MusicGenLM
+    from musiclm_core.t5 import PRESETS as T5_PRESETS, T5Encoder, T5Tokenizer
+
+    torch.manual_seed(0)
+    t5 = T5Encoder(T5_PRESETS["tiny"]).eval()
+    t5.tokenizer = T5Tokenizer.from_folder(spm_folder)
+    codec = EnCodec(EnCodecConfig(sample_rate=SR, num_filters=4, ratios=(2, 2), dimension=16, codebook_size=2048,
+                                  target_bandwidths=(35.2,), lstm_layers=1)).eval()
+    lm = MusicGenLM(MusicGenConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=256, num_codebooks=4 * channels,
+                                   audio_channels=channels, text_dim=32, max_positions=256)).eval()
+    return MusicGen(lm, codec, t5)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, spm_folder):
+    folder = tmp_path_factory.mktemp("cli_musicgen") / "tiny"
+    _tiny_pipeline(spm_folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_folder):
+    from musiclm_core.musicgen import MusicGen
+
+    return MusicGen.from_pretrained(model_folder)
+
+
+def _run(model_folder, *args):
+    return main(["generate", *args, "--model", str(model_folder)])
+
+
+def _same_audio(path, expected):
+    """The file holds `expected` (C, N) up to 16-bit rounding (and clipping to [-1, 1])."""
+    wav, sr = load_audio(path)
+    assert sr == SR and wav.shape == expected.shape
+    assert (wav - expected.clamp(-1, 1)).abs().max() <= PCM16 + 1e-6
+
+
+def test_generate_one_prompt(model_folder, model, tmp_path, capsys):
+    out = tmp_path / "out.wav"
+    assert _run(model_folder, "80s pop track with bassy drums and synth", "--duration", "0.05", "--seed", "3",
+                "-o", str(out), "--normalize", "none") == 0
+    assert f"{out}: 0.05 s, 1 channel(s) at 3200 Hz" in capsys.readouterr().out
+    expected = model.generate(["80s pop track with bassy drums and synth"], duration=0.05, seed=3)[0]
+    assert expected.shape == (1, 40 * HOP)  # int(0.05 * 800) = 40 frames of 4 samples
+    _same_audio(out, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.wav"]  # no temporary file left
+
+    # The sampling options reach the model: greedy with CFG, then top-p and temperature sampling.
+    greedy = tmp_path / "greedy.wav"
+    assert _run(model_folder, "calm piano", "--duration", "0.05", "--greedy", "--guidance-scale", "2",
+                "-o", str(greedy), "--normalize", "none") == 0
+    _same_audio(greedy, model.generate(["calm piano"], duration=0.05, do_sample=False, guidance_scale=2.0)[0])
+    nucleus = tmp_path / "nucleus.flac"
+    assert _run(model_folder, "calm piano", "--duration", "0.05", "--seed", "1", "--top-k", "0", "--top-p", "0.9",
+                "--temperature", "0.7", "-o", str(nucleus), "--normalize", "none") == 0
+    _same_audio(nucleus, model.generate(["calm piano"], duration=0.05, seed=1, top_k=0, top_p=0.9,
+                                        temperature=0.7)[0])
+    assert not torch.equal(load_audio(nucleus)[0], load_audio(greedy)[0])
+
+
+def test_seed_is_printed_when_not_given(model_folder, tmp_path, capsys):
+    assert _run(model_folder, "warm synth", "--duration", "0.02", "--normalize", "peak",
+                "-o", str(tmp_path / "a.wav")) == 0
+    err = capsys.readouterr().err
+    seed = int(err.split("--seed ")[1].split()[0])
+    assert _run(model_folder, "warm synth", "--duration", "0.02", "--seed", str(seed), "--normalize", "peak",
+                "-o", str(tmp_path / "b.wav")) == 0
+    assert torch.equal(load_audio(tmp_path / "a.wav")[0], load_audio(tmp_path / "b.wav")[0])
+
+
+@pytest.mark.parametrize("normalize", ["peak", "rms", "loudness"])
+def test_normalize(model_folder, model, tmp_path, normalize):
+    from musiclm_core import audio
+
+    out = tmp_path / "out.wav"
+    assert _run(model_folder, "soft jazz", "--duration", "0.5", "--seed", "0", "--normalize", normalize,
+                "-o", str(out)) == 0
+    wav = model.generate(["soft jazz"], duration=0.5, seed=0)[0]
+    expected = {"peak": lambda: audio.normalize_peak(wav), "rms": lambda: audio.normalize_rms(wav),
+                "loudness": lambda: audio.normalize_loudness(wav, SR)}[normalize]()
+    _same_audio(out, expected)
+
+
+def test_prompts_file(model_folder, model, tmp_path, capsys):
+    prompts = ["calm piano", "loud rock drums", "ambient pads"]
+    listing = tmp_path / "prompts.txt"
+    listing.write_text(f"{prompts[0]}\n\n  {prompts[1]}  \n{prompts[2]}\n", encoding="utf-8")  # blank line skipped
+    assert _run(model_folder, "--prompts-file", str(listing), "--duration", "0.03", "--seed", "5",
+                "-o", str(tmp_path / "song.wav"), "--normalize", "none") == 0
+    out = capsys.readouterr().out
+    for i, prompt in enumerate(prompts):  # batch size 1: each output is its prompt's generation with the seed
+        assert f"song_{i}.wav: 0.03 s" in out
+        _same_audio(tmp_path / f"song_{i}.wav", model.generate([prompt], duration=0.03, seed=5)[0])
+
+    # A folder as the output, prompts generated two at a time.
+    folder = tmp_path / "outs"
+    folder.mkdir()
+    assert _run(model_folder, "--prompts-file", str(listing), "--duration", "0.03", "--seed", "5", "--batch-size",
+                "2", "-o", str(folder), "--normalize", "none") == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["0.wav", "1.wav", "2.wav"]
+    batch = model.generate(prompts[:2], duration=0.03, seed=5)
+    _same_audio(folder / "0.wav", batch[0])
+    _same_audio(folder / "1.wav", batch[1])
+    _same_audio(folder / "2.wav", model.generate(prompts[2:], duration=0.03, seed=5)[0])
+
+    # Twelve prompts: the numbers are zero-padded so that the files sort in prompt order.
+    listing.write_text("\n".join(f"{w} beat" for w in WORDS[:12]), encoding="utf-8")
+    assert _run(model_folder, "--prompts-file", str(listing), "--duration", "0.01", "-o",
+                str(tmp_path / "many" / "x.ogg"), "--batch-size", "12", "--normalize", "peak") == 0
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [f"x_{i:02d}.ogg" for i in range(12)]
+
+
+def test_continue(model_folder, model, tmp_path, capsys):
+    # A stereo prompt at another rate: resampled to 3200 Hz and mixed to mono, as load_audio does.
+    t = torch.arange(160) / 8000  # 0.02 s: 16 frames at 800 frames/s
+    prompt = save_audio(tmp_path / "prompt.wav", 0.4 * torch.stack([torch.sin(2 * torch.pi * 300 * t),
+                                                                      torch.sin(2 * torch.pi * 500 * t)]), 8000)
+    out = tmp_path / "out.wav"
+    assert _run(model_folder, "funk bass", "--continue", str(prompt), "--duration", "0.05", "--seed", "2",
+                "-o", str(out), "--normalize", "none") == 0
+    wav, _ = load_audio(prompt, sample_rate=SR, channels=1)  # (1, 64)
+    expected = model.generate(["funk bass"], duration=0.05, seed=2, prompt_audio=wav[None], prompt_sample_rate=SR)[0]
+    _same_audio(out, expected)
+    free = model.generate(["funk bass"], duration=0.05, seed=2)[0]
+    assert (expected - free).abs().max() > 1e-3  # the prompt changed the music
+    # A prompt as long as the duration leaves nothing to generate.
+    assert _run(model_folder, "funk bass", "--continue", str(prompt), "--duration", "0.02", "--normalize", "none",
+                "-o", str(tmp_path / "long.wav")) == 1
+    assert "is not shorter than the duration asked for" in capsys.readouterr().err
+    assert not (tmp_path / "long.wav").exists()
+
+
+def test_continue_prompt_codes_are_kept(model_folder, model, tmp_path):
+    t = torch.arange(80) / SR
+    prompt = save_audio(tmp_path / "prompt.wav", 0.5 * torch.sin(2 * torch.pi * 200 * t)[None], SR)
+    out = tmp_path / "out.wav"
+    assert _run(model_folder, "funk bass", "--continue", str(prompt), "--duration", "0.05", "--seed", "2",
+                "-o", str(out), "--normalize", "none") == 0
+    wav, _ = load_audio(prompt)
+    with torch.no_grad():
+        codes = model.generate_codes(["funk bass"], duration=0.05, seed=2, prompt_audio=wav[None])
+    assert codes.shape == (1, 4, 40) and torch.equal(codes[:, :, :20], model.encode_audio(wav[None]))
+    _same_audio(out, model.decode_codes(codes)[0])
+
+
+def test_refuses_to_overwrite(model_folder, tmp_path, capsys):
+    out = tmp_path / "out.wav"
+    out.write_bytes(b"keep me")
+    assert _run(model_folder, "calm piano", "--duration", "0.02", "--normalize", "none", "-o", str(out)) == 1
+    assert "out.wav exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+    # With several prompts every output is checked before anything is generated or written.
+    listing = tmp_path / "prompts.txt"
+    listing.write_text("a\nb\nc\n")
+    (tmp_path / "song_1.wav").write_bytes(b"keep me too")
+    assert _run(model_folder, "--prompts-file", str(listing), "--duration", "0.02", "--normalize", "none", "-o",
+                str(tmp_path / "song.wav")) == 1
+    assert "song_1.wav exists" in capsys.readouterr().err
+    assert not (tmp_path / "song_0.wav").exists() and (tmp_path / "song_1.wav").read_bytes() == b"keep me too"
+    assert _run(model_folder, "calm piano", "--duration", "0.02", "-o", str(out), "--overwrite",
+                "--normalize", "none") == 0
+    assert load_audio(out)[0].shape == (1, 16 * HOP)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.wav", "prompts.txt", "song_1.wav"]
+
+
+@pytest.mark.parametrize("args,message", [
+    ([""], "the prompt is empty"),
+    (["   "], "the prompt is empty"),
+    ([], "give a text prompt, or --prompts-file"),
+    (["x", "--prompts-file", "p.txt"], "either a prompt or --prompts-file, not both"),
+    (["--prompts-file", "missing.txt"], "no such file: missing.txt"),
+    (["--prompts-file", "blank.txt"], "holds no prompt"),
+    (["--prompts-file", "binary.txt"], "is not UTF-8 text"),
+    (["--prompts-file", "."], "is not a file"),
+    (["x", "--duration", "0"], "--duration must be a positive number of seconds, got 0.0"),
+    (["x", "--duration", "-2"], "--duration must be a positive number"),
+    (["x", "--duration", "nan"], "--duration must be a positive number"),
+    (["x", "--duration", "inf"], "--duration must be a positive number"),
+    (["x", "--duration", "0.0001", "--normalize", "none"], "shorter than one frame"),
+    (["x", "--duration", "0.2"], "--normalize loudness needs at least 0.4 s of audio (--duration 0.2)"),
+    (["x", "--top-p", "1.5"], "top_p must be in [0, 1]"),
+    (["x", "--top-k", "-1"], "top_k must be an integer >= 0"),
+    (["x", "--temperature", "0"], "temperature must be a finite number > 0"),
+    (["x", "--guidance-scale", "-1"], "guidance_scale must be a finite number >= 0"),
+    (["x", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["x", "--continue", "missing.wav"], "no such file: missing.wav"),
+    (["x", "--continue", "binary.txt"], "could not be read as audio"),
+    (["x", "-o", "out.mp3"], "cannot tell the audio format of out.mp3"),
+    (["x", "--device", "cuda:0"] if not torch.cuda.is_available() else ["x", "--device", "nonsense"],
+     "--device"),
+    (["x", "--model", "./no_such_model_folder"], "no such folder: no_such_model_folder"),
+])
+def test_errors(model_folder, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
+    argv = ["generate", *args, "--model", str(model_folder)]
+    if "-o" not in args:
+        argv += ["-o", "out.wav"]
+    if "--model" in args:
+        argv = ["generate", *args, "-o", "out.wav"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("musiclm generate: error: ") and message in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "blank.txt", "p.txt"]  # nothing written
+
+
+def test_usage_errors_exit_2(model_folder, tmp_path):
+    for args in (["x", "--duration", "abc"], ["x", "--normalize", "loud"], ["x", "--dtype", "float64"], ["x"]):
+        argv = ["generate", *args, "--model", str(model_folder)] + (["-o", "out.wav"] if args != ["x"] else [])
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2  # argparse: a bad value, or -o missing
+
+
+def test_progress_line():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    progress = Progress("prompt 1/1", stream=screen, width=10)
+    for done in (0, 5, 10):
+        progress(done, 10)
+    lines = screen.getvalue().split("\r")[1:]
+    assert lines[0].startswith("prompt 1/1 [..........] 0/10 frames")
+    assert lines[1].startswith("prompt 1/1 [#####.....] 5/10 frames")
+    assert lines[2].startswith("prompt 1/1 [##########] 10/10 frames") and lines[2].endswith("\n")
+    log = io.StringIO()  # not a terminal: nothing is drawn
+    Progress("x", stream=log)(5, 10)
+    assert log.getvalue() == ""
+
+
+def test_stereo_and_dtype(spm_folder, tmp_path):
+    folder = tmp_path / "stereo"
+    _tiny_pipeline(spm_folder, channels=2).save_pretrained(folder)
+    out = tmp_path / "out.wav"
+    assert main(["generate", "wide synth", "--model", str(folder), "--duration", "0.02", "--dtype", "bfloat16",
+                 "--device", "cpu", "--normalize", "rms", "-o", str(out)]) == 0
+    wav, sr = load_audio(out)
+    assert sr == SR and wav.shape == (2, 16 * HOP)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# convert
+
+
+def test_convert_musicgen_and_t5(spm_folder, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from musiclm_core.musicgen import MusicGen
+    from musiclm_core.t5 import T5Encoder
+
+    torch.manual_seed(0)
+    t5 = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                               relative_attention_num_buckets=8, feed_forward_proj="relu")
+    codec = transformers.EncodecConfig(sampling_rate=SR, audio_channels=1, hidden_size=16, num_filters=4,
+                                       upsampling_ratios=[2, 2], codebook_size=2048, target_bandwidths=[35.2],
+                                       num_lstm_layers=1, use_causal_conv=False, use_conv_shortcut=False,
+                                       normalize=False)
+    decoder = transformers.MusicgenDecoderConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 ffn_dim=256, num_codebooks=4, vocab_size=2048,
+                                                 max_position_embeddings=256)
+    config = transformers.MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=codec.to_dict(),
+                                         decoder=decoder.to_dict())
+    hf = transformers.MusicgenForConditionalGeneration(config).eval()
+    src = tmp_path / "hf_musicgen"
+    hf.save_pretrained(src)
+    shutil.copy(spm_folder / "spiece.model", src / "spiece.model")
+    assert main(["convert", str(src), str(tmp_path / "native")]) == 0
+    assert "(transformers musicgen) ->" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert meta["musiclm_core"]["model"] == "musicgen"
+    kwargs = dict(duration=0.02, seed=1)
+    assert torch.equal(MusicGen.from_pretrained(tmp_path / "native").generate(["calm piano"], **kwargs),
+                       MusicGen.from_pretrained(src).generate(["calm piano"], **kwargs))
+    assert main(["convert", str(src), str(tmp_path / "native")]) == 1
+    assert "native exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["generate", "calm piano", "--model", str(src), "--duration", "0.02", "--normalize", "peak",
+                 "-o", str(tmp_path / "from_hf.wav")]) == 0  # generate reads the transformers folder as well
+
+    t5_src = tmp_path / "hf_t5"
+    transformers.T5EncoderModel(t5).save_pretrained(t5_src)
+    shutil.copy(spm_folder / "spiece.model", t5_src / "spiece.model")
+    assert main(["convert", str(t5_src), str(tmp_path / "t5_native")]) == 0
+    ours, ref = T5Encoder.from_pretrained(tmp_path / "t5_native"), T5Encoder.from_pretrained(t5_src)
+    with torch.no_grad():
+        a, b = ours.encode_text(["calm piano", "loud drums"]), ref.encode_text(["calm piano", "loud drums"])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
