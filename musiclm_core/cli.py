@@ -228,9 +228,10 @@ def _add_generate(subparsers) -> None:
         "generate", help="text -> music (MusicGen)",
         description="Generate music from a text prompt, or from each line of --prompts-file, with MusicGen. "
                     "Several prompts give several files, in prompt order: -o out.wav writes out_0.wav, out_1.wav, "
-                    "... (numbers zero-padded to one width), and -o FOLDER/ (an existing folder, or a path ending "
-                    "in /) writes FOLDER/0.wav, FOLDER/1.wav, .... Every output path is checked before the model "
-                    "is loaded: an existing file is only replaced with --overwrite.")
+                    "..., and -o FOLDER/ (an existing folder, or a path ending in /) writes FOLDER/0.wav, "
+                    "FOLDER/1.wav, ... (from 10 prompts on, the numbers are zero-padded to one width: 00, 01, ...). "
+                    "Every output path is checked before the model is loaded: an existing file is only replaced "
+                    "with --overwrite.")
     p.add_argument("prompt", nargs="?", help="the text prompt (or --prompts-file)")
     p.add_argument("-o", "--output", required=True,
                    help="audio file to write (.wav, .flac or .ogg), or a folder (see above)")
@@ -296,12 +297,12 @@ def _output_paths(output: str, count: int, overwrite: bool) -> list[Path]:
     from musiclm_core.audio import _FORMATS as AUDIO_FORMATS  # the extensions save_audio writes
 
     path = Path(output)
+    width = len(str(count - 1))  # numbers of one width sort in prompt order
     if path.is_dir() or output.endswith(("/", os.sep)):
-        paths = [path / f"{i}.wav" for i in range(count)]
+        paths = [path / f"{i:0{width}d}.wav" for i in range(count)]
     elif count == 1:
         paths = [path]
     else:
-        width = len(str(count - 1))
         paths = [path.with_name(f"{path.stem}_{i:0{width}d}{path.suffix}") for i in range(count)]
     for p in paths:
         if p.suffix.lower() not in AUDIO_FORMATS:
@@ -371,10 +372,6 @@ def _generate(args: argparse.Namespace) -> int:
     if args.melody is not None:
         _check_input(args.melody)
     device, dtype = _device(args.device), _DTYPES[args.dtype]
-    seed = args.seed
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-        print(f"seed {seed} (pass --seed {seed} to generate the same music again)", file=sys.stderr)
 
     pipeline = MusicGen
     if _checkpoint_kind(args.model)[1] == "musicgen_melody":  # the same generate, plus melody=
@@ -393,6 +390,10 @@ def _generate(args: argparse.Namespace) -> int:
     if args.continue_from is not None:
         wav, _ = load_audio(args.continue_from, sample_rate=model.sample_rate, channels=model.channels)
         conditioning["prompt_audio"] = wav.to(device=device, dtype=dtype)
+    seed = args.seed
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+        print(f"seed {seed} (pass --seed {seed} to generate the same music again)", file=sys.stderr)
     settings = dict(duration=args.duration, guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
                     temperature=args.temperature, do_sample=not args.greedy, seed=seed)
     for start in range(0, len(prompts), args.batch_size):

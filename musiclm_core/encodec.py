@@ -192,33 +192,30 @@ def conv1d_by_taps(x: Tensor, weight: Tensor, bias: Tensor, dilation: int, left:
                    mode: str) -> Tensor:
     """F.conv1d(pad1d(x, left, right, mode), weight, bias, dilation=dilation) with stride 1, without padding x.
 
-    One matrix product per kernel tap j: out[:, n] += weight[:, :, j] @ x[:, n + j * dilation - left], on the
-    range of n where that sample exists, as a view of x; the few outputs near the ends whose sample lies in the
-    padding read the reflected sample (or nothing, for zeros) instead.
+    The outputs whose window lies inside x (all but `left` at the start and `right` at the end) are one matrix
+    product per kernel tap j over a view of x: out[:, n] += weight[:, :, j] @ x[:, n - left + j * dilation].
+    The few at the ends come from a conv over a padded copy of just the end of x.
     Why: on CPU, for the SEANet's long and narrow signals (e.g. 64 channels x 320k samples), this ran 1.3-2x
     faster than torch's conv1d (oneDNN), and skips the padded copy of x (benchmarks/RESULTS.md).
     """
     B, _, N_in = x.shape
     Cout, _, K = weight.shape
-    if mode == "reflect" and N_in <= max(left, right):
-        x, left, right = pad1d(x, left, right, mode), 0, 0  # reflection of a too-short signal (G5): pad first
-        N_in = x.shape[-1]
-    N = N_in + left + right - (K - 1) * dilation
-    out = bias.view(1, Cout, 1).expand(B, Cout, N).contiguous()
-    for j in range(K):
-        w = weight[:, :, j]
-        shift = j * dilation - left  # out[n] reads x[n + shift]
-        lo, hi = max(0, -shift), min(N, N_in - shift)
-        for b in range(B):
-            if lo < hi:
-                out[b, :, lo:hi].addmm_(w, x[b, :, lo + shift: hi + shift])
-            if mode == "reflect":
-                # Outputs whose sample is in the padding: x[-i] on the left, x[2(N_in - 1) - i] on the right.
-                for n0, n1 in ((0, min(lo, N)), (max(hi, 0), N)):
-                    if n0 < n1:
-                        i = torch.arange(n0 + shift, n1 + shift, device=x.device).abs()
-                        i = torch.where(i >= N_in, 2 * (N_in - 1) - i, i)
-                        out[b, :, n0:n1].addmm_(w, x[b, :, i])
+    span = (K - 1) * dilation
+    if N_in <= span + max(left, right):  # no interior to speak of (and the short-signal reflection, G5)
+        return F.conv1d(pad1d(x, left, right, mode), weight, bias, dilation=dilation)
+    M = N_in - span  # outputs left .. left + M - 1 read only samples of x
+    out = bias.view(1, Cout, 1).expand(B, Cout, left + M + right).contiguous()
+    for b in range(B):
+        for j in range(K):
+            out[b, :, left: left + M].addmm_(weight[:, :, j], x[b, :, j * dilation: j * dilation + M])
+    # The ends: a padded copy of a few samples at each end is enough; one more than the window and the pad, so
+    # that reflection reads the same samples as it would on the whole of x.
+    if left:
+        end = pad1d(x[..., : max(span, left) + 1], left, 0, mode)
+        out[..., :left] = F.conv1d(end, weight, bias, dilation=dilation)[..., :left]
+    if right:
+        end = pad1d(x[..., N_in - max(span, right) - 1:], 0, right, mode)
+        out[..., left + M:] = F.conv1d(end, weight, bias, dilation=dilation)[..., -right:]
     return out
 
 
@@ -317,7 +314,7 @@ class ResidualBlock(nn.Module):
 def lstm_with_skip(lstm: nn.LSTM, x: Tensor) -> Tensor:
     """(B, C, T) -> (B, C, T): an LSTM over time plus its input (the skip is part of the model, G14)."""
     seq = x.permute(2, 0, 1)  # (T, B, C)
-    if inference_on_cpu(seq) and seq.shape[1] <= 8:
+    if inference_on_cpu(seq) and seq.shape[1] <= 8 and torch.get_num_threads() <= 2:
         out = lstm_inference_cpu(lstm, seq)
     else:
         out = lstm(seq)[0]
@@ -341,7 +338,9 @@ def lstm_inference_cpu(lstm: nn.LSTM, seq: Tensor) -> Tensor:
     steps, each a (B, C) x (C, 4C) product that reads all of W_hh (16 MB at C = 1024) for little arithmetic at
     small B. Split across threads, each step pays a synchronisation; on the shared 2-core machines this project
     runs on, that made torch's LSTM 2-3x slower than one thread doing the same reads (benchmarks/RESULTS.md).
-    Gates in torch's order (input, forget, cell, output), both biases; same maths as `lstm(seq)[0]`.
+    `lstm_with_skip` takes this route only with at most 2 threads and 8 sequences: with many cores, splitting
+    each step's read of W_hh is worth its synchronisation (not measured here), and a large batch makes the steps
+    compute-bound. Gates in torch's order (input, forget, cell, output), both biases; same maths as `lstm(seq)[0]`.
     """
     T, B, C = seq.shape
     out = seq

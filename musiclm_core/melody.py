@@ -350,8 +350,8 @@ class MusicGenMelody(MusicGen):
             # one zero vector after the projection and mask (audiocraft's null description is the same).
             states = torch.zeros(B, 1, self.lm.config.text_dim, device=self.device)
             mask = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-            if melody is None:
-                guidance_scale = None  # the condition is the null condition: CFG would compare it with itself
+            if not chroma[..., 1:].any():  # no melody either (or silence): the condition is the null one, and
+                guidance_scale = None       # CFG would compare it with itself
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         callback = _progress_printer() if progress is True else (progress or None)
         return generate_codes(self.lm, chroma, states, mask, num_frames=total, max_new_tokens=max_new_tokens,

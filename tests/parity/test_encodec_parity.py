@@ -4,9 +4,11 @@
   24 kHz causal one with conv shortcuts, constant padding with odd kernels and a partial right trim, and the
   48 kHz kind: stereo, GroupNorm, RMS normalisation, chunks with overlap), saved with `save_pretrained`, loaded
   by transformers itself and by `EnCodec.from_pretrained`. The full official configs run under `-m slow`.
-* audiocraft layout: the original `encodec` package (facebookresearch/encodec, pip `encodec`, installed with
-  `--no-deps`; its modules are the ones audiocraft's EnCodec copied, and its state-dict keys are the ones of
-  audiocraft's `compression_state_dict.bin`: `encoder.model.N.conv.conv.weight_g`, `quantizer.vq.layers.N._codebook.*`).
+* audiocraft layout: the original `encodec` package (facebookresearch/encodec; test environment only:
+  `pip install --no-deps encodec==0.1.1`, as its torchaudio requirement would replace torch; it imports torchaudio,
+  see tests/install_torchaudio_reference.sh). Its modules are the ones audiocraft's EnCodec copied, and its
+  state-dict keys are the ones of audiocraft's `compression_state_dict.bin`: `encoder.model.N.conv.conv.weight_g`,
+  `decoder.model.N.convtr.convtr.weight_v`, `quantizer.vq.layers.N._codebook.{embed,embed_avg,cluster_size,inited}`.
   Its SEANet encoder/decoder and residual VQ are built with the 32 kHz hyper-parameters, wrapped with an xp.cfg
   as audiocraft exports them, and loaded by `EnCodec.from_pretrained`.
 
@@ -17,8 +19,6 @@ that many distinct codes occur and that changing the codes changes the audio by 
 
 Tolerances: codes identical; latents and audio max abs error <= 1e-4 (fp32).
 """
-
-import math
 
 import pytest
 import torch
@@ -238,7 +238,7 @@ optim:
 # audiocraft's own default is "constant" (config/model/encodec/default.yaml); "reflect" is what transformers uses.
 @pytest.mark.parametrize("pad_mode", ["constant", pytest.param("reflect", marks=pytest.mark.slow)])
 def test_audiocraft_layout_matches_the_encodec_package(tmp_path, pad_mode):
-    encodec = pytest.importorskip("encodec", reason="pip install --no-deps encodec (the original EnCodec package)")
+    pytest.importorskip("encodec", reason="pip install --no-deps encodec==0.1.1 (the original EnCodec package)")
     from encodec.modules import SEANetDecoder, SEANetEncoder
     from encodec.quantization import ResidualVectorQuantizer
 

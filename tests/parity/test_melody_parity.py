@@ -246,7 +246,7 @@ def test_fixture_listens_to_the_melody(mono, feature_extractor):
     _diverse(runs["A"])
 
 
-@pytest.mark.parametrize("tunes,steps", [((TUNE_A, TUNE_B), 80), ((TUNE_C, TUNE_A), 32), (None, 32)])
+@pytest.mark.parametrize("tunes,steps", [((TUNE_A, TUNE_B), 64), ((TUNE_C, TUNE_A), 32), (None, 32)])
 def test_greedy_text_cfg(mono, feature_extractor, tunes, steps):
     ids, mask = _prompts(4)
     chroma = None if tunes is None else _chroma(feature_extractor, tunes)
@@ -337,3 +337,50 @@ def test_cli_convert(mono, tmp_path, capsys):
     kwargs = dict(melody=[TUNE_A, TUNE_B], melody_sample_rate=SR, max_new_tokens=12, do_sample=False)
     assert torch.equal(native.generate_codes(TEXTS, **kwargs),
                        MusicGenMelody.from_pretrained(mono.folder).generate_codes(TEXTS, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The official weights (downloads about 6 GB): transformers' own integration-test values
+# (tests/models/musicgen_melody/test_modeling_musicgen_melody.py, specs/musicgen.md §7), tolerance 1e-4.
+
+OFFICIAL = "ylacombe/musicgen-melody"  # the repo those values were computed with
+
+
+def _bip_bip(duration, bip_duration=0.125, sample_rate=SR):
+    t = torch.arange(int(duration * sample_rate), dtype=torch.float64) / sample_rate
+    gate = (t % (2 * bip_duration)) / (2 * bip_duration) >= 0.5
+    return (torch.cos(2 * math.pi * 440 * t) * gate).float()
+
+
+@pytest.fixture(scope="module")
+def official():
+    return MusicGenMelody.from_pretrained(OFFICIAL)
+
+
+@pytest.mark.slow
+def test_official_logits(official):
+    lm = official.lm
+    texts = ["80s music", "Club techno"]
+    states, mask = official.text_encoder.encode_text(texts)
+    bos = torch.full((2, 4, 1), 2048)
+    with torch.no_grad():
+        logits = lm(bos, prefix=lm.prefix(null_chroma(2), states, mask))  # text only: the no-melody chroma
+    assert mask.shape[1] + 1 + 235 == 240
+    expected = torch.tensor([1.1100, -2.1065, -3.7699, -0.7102, 1.3707, -1.7028, -2.6802, -6.0367,
+                             1.0504, -2.5358, -4.3497, 0.7338, 0.4823, -2.5260, 1.2717, 1.5427])
+    torch.testing.assert_close(logits[0, 0, -1, :16], expected, rtol=1e-4, atol=1e-4)
+    chroma = official.melody_chroma([_bip_bip(0.5), _bip_bip(1.0)], SR, 2)
+    with torch.no_grad():
+        logits = lm(bos, prefix=lm.prefix(chroma, states, mask))
+    expected = torch.tensor([[0.7479, 0.3742, 0.6253, -7.9405, 0.7105, -6.9995, 0.7792, -3.0482],
+                             [-2.7905, 0.7492, -0.2556, -8.1586, -1.6740, 0.5771, -8.3650, -0.0908]])
+    torch.testing.assert_close(logits[0, 1:3, -1, 32:40], expected, rtol=1e-4, atol=1e-4)  # their rows 1:3
+
+
+@pytest.mark.slow
+def test_official_greedy_text(official):
+    audio = official.generate(["80s music", "Club techno"], max_new_tokens=10, guidance_scale=1.0, do_sample=False)
+    expected = torch.tensor([1.2741e-04, -8.0474e-05, 5.5789e-04, 1.0402e-03, 2.6547e-04, 1.5597e-05, -1.4210e-04,
+                             -9.7309e-05, 6.4504e-04, 5.0903e-04])
+    assert audio.shape == (2, 1, 4480)
+    torch.testing.assert_close(audio[0, 0, :10], expected, rtol=1e-4, atol=1e-4)

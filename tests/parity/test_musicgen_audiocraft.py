@@ -31,6 +31,11 @@ import torch
 if importlib.util.find_spec("audiocraft") is None or importlib.util.find_spec("omegaconf") is None:
     pytest.skip("the audiocraft reference is not installed; install it with "
                 "`bash tests/install_audiocraft_reference.sh`", allow_module_level=True)
+try:
+    import torchaudio  # noqa: F401  (audiocraft's data and chroma modules import it at module level)
+except (ImportError, OSError) as e:  # OSError: torchaudio's compiled libraries do not match our torch
+    pytest.skip(f"torchaudio cannot be imported ({e}); install it with `bash tests/install_torchaudio_reference.sh`",
+                allow_module_level=True)
 transformers = pytest.importorskip("transformers")
 
 from musiclm_core import generate as G  # noqa: E402

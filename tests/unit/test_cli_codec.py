@@ -92,7 +92,7 @@ def test_convert_writes_a_native_folder(codec_folder, tmp_path, capsys):
     assert main(["convert", str(src), str(tmp_path / "native"), "--overwrite"]) == 0
     assert main(["convert", str(codec_folder), str(tmp_path / "again")]) == 1
     assert "already a native checkpoint" in capsys.readouterr().err
-    (tmp_path / "t5").mkdir()
-    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    assert main(["convert", str(tmp_path / "t5"), str(tmp_path / "t5_native")]) == 1
-    assert "converting a 't5' checkpoint (transformers layout) is not supported yet" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "wav2vec2"}))
+    assert main(["convert", str(tmp_path / "other"), str(tmp_path / "other_native")]) == 1
+    assert "converting a 'wav2vec2' checkpoint (transformers layout) is not supported yet" in capsys.readouterr().err

@@ -246,8 +246,9 @@ def test_native_round_trip(codec, tmp_path):
     codec.save_pretrained(tmp_path / "native")
     again = EnCodec.from_pretrained(tmp_path / "native")
     assert again.config == codec.config
-    for (k, v), (k2, v2) in zip(codec.state_dict().items(), again.state_dict().items()):
-        assert k == k2 and torch.equal(v, v2)
+    state = again.state_dict()
+    assert list(state) == list(codec.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in codec.state_dict().items())
     wav = torch.randn(1, 1, 120)
     assert torch.equal(again.encode(wav, 32.0), codec.encode(wav, 32.0))
     with pytest.raises(FileExistsError, match="overwrite"):
@@ -492,7 +493,8 @@ def test_audiocraft_pointer_to_an_unreachable_repo(tmp_path):
     (tmp_path / "stereo").mkdir()
     torch.save({"pretrained": "musiclm-core-tests/no-such-codec", "exported": True, "version": "1.2.0"},
                tmp_path / "stereo" / "compression_state_dict.bin")
-    with pytest.raises(CheckpointError, match=r"(?s)points to 'musiclm-core-tests/no-such-codec'.*could not get .*pass the folder"):
+    message = r"(?s)points to 'musiclm-core-tests/no-such-codec'.*could not get .*pass the folder"
+    with pytest.raises(CheckpointError, match=message):
         EnCodec.from_pretrained(tmp_path / "stereo")
 
 
@@ -516,9 +518,14 @@ def test_conv_routes_match_torch():
             for mode in ("reflect", "constant"):
                 expected = F.conv1d(pad1d(x, left, right, mode), w, b, dilation=dilation)
                 torch.testing.assert_close(conv1d_by_taps(x, w, b, dilation, left, right, mode), expected)
-        for N in (1, 2, 3):  # shorter than the pads: the reflection is of a zero-extended signal (G5)
-            expected = F.conv1d(pad1d(x[..., :N], 3, 3, "reflect"), w, b, dilation=dilation)
-            torch.testing.assert_close(conv1d_by_taps(x[..., :N], w, b, dilation, 3, 3, "reflect"), expected)
+        # Short signals, around the length below which it pads and calls torch's conv (the shortest ones are
+        # shorter than the pads: reflection of a zero-extended signal, G5), and pads wider than the kernel.
+        for N in range(1, 12):
+            for left, right in ((3, 3), (7, 0), (1, 8)):
+                for mode in ("reflect", "constant"):
+                    expected = F.conv1d(pad1d(x[..., :N], left, right, mode), w, b, dilation=dilation)
+                    got = conv1d_by_taps(x[..., :N], w, b, dilation, left, right, mode)
+                    torch.testing.assert_close(got, expected, msg=f"N={N} pads={left},{right} {mode}")
     for stride in (1, 2, 5):
         wt = torch.randn(6, 4, 2 * stride)
         torch.testing.assert_close(conv_transpose1d_by_matmul(x, wt, b[:4], stride),
