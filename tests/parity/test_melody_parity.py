@@ -246,7 +246,7 @@ def test_fixture_listens_to_the_melody(mono, feature_extractor):
     _diverse(runs["A"])
 
 
-@pytest.mark.parametrize("tunes,steps", [((TUNE_A, TUNE_B), 64), ((TUNE_C, TUNE_A), 32), (None, 32)])
+@pytest.mark.parametrize("tunes,steps", [((TUNE_A, TUNE_B), 64), (None, 32)])
 def test_greedy_text_cfg(mono, feature_extractor, tunes, steps):
     ids, mask = _prompts(4)
     chroma = None if tunes is None else _chroma(feature_extractor, tunes)
