@@ -63,10 +63,15 @@ def lm_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(OTHER_PARTS)}
 
 
-def config_from_transformers(config: dict[str, Any]) -> MusicGenConfig:
-    """MusicGenConfig from a transformers `MusicgenConfig` dict (model_type "musicgen"), field by field."""
-    if config.get("model_type") != "musicgen":
-        raise CheckpointError(f"expected a transformers MusicGen config (model_type 'musicgen'), got "
+def config_from_transformers(config: dict[str, Any], *, model_type: str = "musicgen",
+                             cross_attention: bool = True) -> MusicGenConfig:
+    """MusicGenConfig from a transformers `MusicgenConfig` dict, field by field.
+
+    model_type="musicgen_melody", cross_attention=False reads a MusicGen Melody config, whose decoder and text
+    sub-configs are MusicGen's (convert/musicgen_melody.py reads its chroma fields).
+    """
+    if config.get("model_type") != model_type:
+        raise CheckpointError(f"expected a transformers config of model_type {model_type!r}, got "
                               f"model_type {config.get('model_type')!r}")
     for part in ("decoder", "text_encoder"):
         if not isinstance(config.get(part), dict):
@@ -106,7 +111,7 @@ def config_from_transformers(config: dict[str, Any]) -> MusicGenConfig:
         card=card,
         audio_channels=dec.get("audio_channels", 1),  # absent from the 4.31-era mono configs: 1
         text_dim=text_dim,
-        cross_attention=True,
+        cross_attention=cross_attention,
         max_positions=dec.get("max_position_embeddings", 2048),
     )
 
@@ -185,8 +190,12 @@ def parse_xp_cfg(xp_cfg: str | dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def config_from_audiocraft(xp_cfg: str | dict[str, Any]) -> MusicGenConfig:
-    """MusicGenConfig from an audiocraft training config (`xp.cfg`), field by field."""
+def config_from_audiocraft(xp_cfg: str | dict[str, Any], *, cross_attention: bool = True) -> MusicGenConfig:
+    """MusicGenConfig from an audiocraft training config (`xp.cfg`), field by field.
+
+    cross_attention=False reads the decoder of a melody LM, whose fuser (prepend, no cross) is checked by
+    convert/musicgen_melody.py.
+    """
     cfg = parse_xp_cfg(xp_cfg)
 
     def need(path: str, expected: Any, default: Any = KeyError) -> None:
@@ -219,7 +228,7 @@ def config_from_audiocraft(xp_cfg: str | dict[str, Any]) -> MusicGenConfig:
     # Lemmatising and stop-word removal (spacy) of the text before T5: we feed the text as it is.
     need("conditioners.description.t5.normalize_text", False, False)
     cross = get_field(cfg, "fuser.cross", [])
-    if "description" not in (cross or []):
+    if cross_attention and "description" not in (cross or []):
         raise CheckpointError(f"audiocraft fuser.cross = {cross!r}: this LM does not cross-attend to the text "
                               f"description (a melody checkpoint takes its conditioning as a prefix)")
     t5_name = get_field(cfg, "conditioners.description.t5.name")
@@ -236,7 +245,7 @@ def config_from_audiocraft(xp_cfg: str | dict[str, Any]) -> MusicGenConfig:
         card=get_field(cfg, "transformer_lm.card"),
         audio_channels=2 if stereo else 1,
         text_dim=T5_WIDTHS[t5_name],
-        cross_attention=True,
+        cross_attention=cross_attention,
     )
     delays = list(get_field(cfg, "codebooks_pattern.delay.delays"))
     if delays != list(config.delays):

@@ -11,7 +11,6 @@ this module adds the chroma projection and the melody-specific config fields (sp
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,8 @@ lm_part = musicgen.lm_part  # everything but text_encoder.* and audio_encoder.*
 
 def config_from_transformers(config: dict[str, Any]) -> MusicGenMelodyConfig:
     """MusicGenMelodyConfig from a transformers `MusicgenMelodyConfig` dict (model_type "musicgen_melody")."""
-    if config.get("model_type") != TRANSFORMERS_MODEL_TYPE:
-        raise CheckpointError(f"expected a transformers MusicGen Melody config (model_type "
-                              f"{TRANSFORMERS_MODEL_TYPE!r}), got model_type {config.get('model_type')!r}")
     # The decoder and text sub-configs read exactly as MusicGen's; only the cross-attention is absent.
-    lm = musicgen.config_from_transformers({**config, "model_type": "musicgen"})
-    lm = dataclasses.replace(lm, cross_attention=False)
+    lm = musicgen.config_from_transformers(config, model_type=TRANSFORMERS_MODEL_TYPE, cross_attention=False)
     num_chroma = config.get("num_chroma", N_CHROMA)
     if num_chroma != N_CHROMA:
         raise CheckpointError(f"num_chroma = {num_chroma!r} is not supported: the chroma extractor gives "
@@ -97,10 +92,8 @@ def config_from_audiocraft(xp_cfg: str | dict[str, Any]) -> MusicGenMelodyConfig
         if value != expected:
             raise CheckpointError(f"audiocraft conditioners.self_wav.chroma_stem.{path} = {value!r} is not "
                                   f"supported (expected {expected!r})")
-    # Everything else (the decoder, the text conditioner) is read as MusicGen's; that reader insists on a
-    # cross-attended description, so it is shown the config with the description moved there.
-    lm = musicgen.config_from_audiocraft({**cfg, "fuser": {**cfg["fuser"], "cross": ["description"]}})
-    lm = dataclasses.replace(lm, cross_attention=False)
+    # Everything else (the decoder, the text conditioner) is read as MusicGen's.
+    lm = musicgen.config_from_audiocraft(cfg, cross_attention=False)
     # audiocraft's pretrained melody models match the chroma to the training segment (match_len_on_eval): the
     # STFT frames of `segment_duration` seconds, 1 + N // hop (235 for 30 s).
     duration = get(cfg, "dataset.segment_duration", 30)

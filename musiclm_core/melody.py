@@ -22,10 +22,8 @@ prefix in the first step and shifts every later position by its length.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,11 +31,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from musiclm_core import hub
+from musiclm_core import hub, musicgen
 from musiclm_core.cache import KVCache
 from musiclm_core.chroma import MAX_FRAMES, N_CHROMA, chroma_features, null_chroma
 from musiclm_core.encodec import EnCodec
-from musiclm_core.musicgen import MAX_DURATION, MusicGen, MusicGenConfig, MusicGenLM
+from musiclm_core.musicgen import MAX_DURATION, MusicGen, MusicGenConfig, MusicGenLM, progress_printer
 from musiclm_core.t5 import T5Encoder, T5Tokenizer
 
 LM_KIND = "musicgen_melody_lm"  # model names in native config.json files
@@ -275,6 +273,9 @@ class MusicGenMelody(MusicGen):
     (duration <= max_duration, 30 s), no audio prompt, no streaming.
     """
 
+    kind = PIPELINE_KIND  # MusicGen's from_pretrained / save_pretrained of a native folder read these two
+    lm_class = MusicGenMelodyLM
+
     def __init__(self, lm: MusicGenMelodyLM, codec: EnCodec, text_encoder: T5Encoder, *,
                  max_duration: float = MAX_DURATION):
         if not isinstance(lm, MusicGenMelodyLM):
@@ -332,18 +333,17 @@ class MusicGenMelody(MusicGen):
                        progress: bool | Callable[[int, int], None] = False) -> Tensor:
         """Codes (B, K, T), delay undone. See `generate` for the arguments."""
         from musiclm_core import generate as gen
-        from musiclm_core.musicgen import _progress_printer
 
         gen.check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                            do_sample=do_sample)
-        total = self._length(duration, max_new_tokens)
+        total = self.frame_count(duration, max_new_tokens)
         if total is not None and total > int(self.max_duration * self.frame_rate):
             raise ValueError(f"MusicGenMelody generates one window: duration must be <= {self.max_duration} s, "
                              f"got {duration}")
         if prompts is None and num_samples is None and melody is not None:
             num_samples = melody.shape[0] if isinstance(melody, Tensor) and melody.dim() == 3 else \
                 (len(melody) if isinstance(melody, Sequence) else 1)
-        states, mask, B = self._condition(prompts, num_samples, None)
+        states, mask, B = self.encode_prompts(prompts, num_samples)
         chroma = self.melody_chroma(melody, melody_sample_rate, B, separate_stems=separate_stems)
         if states is None:
             # No text: transformers' unconditional input, the empty prompt ("" -> "</s>") masked out, which is
@@ -353,7 +353,7 @@ class MusicGenMelody(MusicGen):
             if not chroma[..., 1:].any():  # no melody either (or silence): the condition is the null one, and
                 guidance_scale = None       # CFG would compare it with itself
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        callback = _progress_printer() if progress is True else (progress or None)
+        callback = progress_printer() if progress is True else (progress or None)
         return generate_codes(self.lm, chroma, states, mask, num_frames=total, max_new_tokens=max_new_tokens,
                               guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                               do_sample=do_sample, generator=generator, progress=callback)
@@ -398,15 +398,8 @@ class MusicGenMelody(MusicGen):
         from musiclm_core.convert import musicgen_melody as convert, t5 as convert_t5
 
         folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout)
-        if found == "native":
-            meta = hub.read_json(folder / "config.json")
-            if meta[hub.NATIVE_FORMAT].get("model") != PIPELINE_KIND:
-                raise hub.CheckpointError(f"{folder} holds a native {meta[hub.NATIVE_FORMAT].get('model')!r}, "
-                                          f"not a {PIPELINE_KIND!r} pipeline")
-            return cls(MusicGenMelodyLM.from_pretrained(folder / "lm", dtype=dtype),
-                       EnCodec.from_pretrained(folder / "codec", dtype=dtype),
-                       T5Encoder.from_pretrained(folder / "text_encoder", dtype=dtype),
-                       max_duration=meta["config"].get("max_duration", MAX_DURATION))
+        if found == "native":  # MusicGen's reader, with this class's kind and LM class
+            return super().from_pretrained(folder, dtype=dtype)
         if found == "transformers":
             config = hub.read_json(folder / "config.json")
             state = hub.load_state_dict(folder, variant=variant)
@@ -427,44 +420,10 @@ class MusicGenMelody(MusicGen):
         return cls(lm, codec, t5, max_duration=float(convert_musicgen.get_field(xp, "dataset.segment_duration",
                                                                                 MAX_DURATION)))
 
-    def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Native folder: config.json + lm/, codec/, text_encoder/, as MusicGen's, under the melody kind."""
-        super().save_pretrained(folder, overwrite=overwrite)
-        # MusicGen.save_pretrained writes its own pipeline kind; relabel the folder (atomic file replace).
-        path = Path(folder) / "config.json"
-        meta = hub.read_json(path)
-        meta[hub.NATIVE_FORMAT]["model"] = PIPELINE_KIND
-        fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, path)
-
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None,
                        variant: str | None = None, layout: str | None = None) -> tuple[Path, str]:
-    """(folder, layout) of a MusicGen Melody checkpoint: "native", "transformers" or "audiocraft".
-
-    As `musicgen.resolve_checkpoint`, for transformers' model_type "musicgen_melody": a hub id downloads only
-    what its layout needs; layout="audiocraft" picks the audiocraft files of a repo that holds both.
-    """
-    from musiclm_core import musicgen
-
-    if layout is not None:
-        return musicgen.resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout)
-    local = Path(name_or_path).expanduser().is_dir()
-    folder = hub.resolve(name_or_path, revision=revision, allow_patterns=["*.json", "spiece.model"])
-    if not (folder / "config.json").is_file():
-        return musicgen.resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout="audiocraft")
-    found = hub.detect_layout(folder)
-    if found == "transformers":
-        model_type = hub.read_json(folder / "config.json").get("model_type")
-        if model_type != TRANSFORMERS_MODEL_TYPE:
-            hint = " (for 'musicgen' use MusicGen)" if model_type == "musicgen" else ""
-            raise hub.CheckpointError(f"{folder}: model_type {model_type!r} is not a MusicGen Melody "
-                                      f"({TRANSFORMERS_MODEL_TYPE!r}){hint}")
-        if not local:
-            folder = musicgen._fetch_transformers_weights(name_or_path, folder, revision=revision, variant=variant)
-        return folder, found
-    if found == "native":
-        return (folder if local else hub.resolve(name_or_path, revision=revision)), found
-    raise hub.CheckpointError(f"{folder} holds a {found} checkpoint, not a MusicGen Melody")
+    """(folder, layout) of a MusicGen Melody checkpoint: `musicgen.resolve_checkpoint` for transformers'
+    model_type "musicgen_melody"."""
+    return musicgen.resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout,
+                                       model_type=TRANSFORMERS_MODEL_TYPE)

@@ -302,6 +302,9 @@ class MusicGen:
     as transformers does. Sampling defaults are audiocraft's (top_k=250, top_p=0 i.e. off, CFG 3.0).
     """
 
+    kind = PIPELINE_KIND  # the model name of a native folder's config.json
+    lm_class = MusicGenLM  # what a native folder's lm/ holds
+
     def __init__(self, lm: MusicGenLM, codec: EnCodec, text_encoder: T5Encoder, *,
                  max_duration: float = MAX_DURATION):
         c = lm.config
@@ -360,7 +363,10 @@ class MusicGen:
 
     # -- generation -------------------------------------------------------------------------------------------
 
-    def _condition(self, prompts: Sequence[str] | None, num_samples: int | None, prompt_audio: Tensor | None):
+    def encode_prompts(self, prompts: Sequence[str] | None, num_samples: int | None,
+                       prompt_audio: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, int]:
+        """(text states (B, L, text_dim), mask (B, L), B) of the prompts; (None, None, num_samples) for
+        prompts=None, where num_samples defaults to the batch of a (B, C, N) prompt_audio."""
         if prompts is None:
             if num_samples is None and isinstance(prompt_audio, Tensor) and prompt_audio.dim() == 3:
                 num_samples = prompt_audio.shape[0]  # continue each prompt audio without text
@@ -380,7 +386,7 @@ class MusicGen:
             states, mask = self.text_encoder.encode_text(prompts)
         return states, mask, len(prompts)
 
-    def _length(self, duration: float | None, max_new_tokens: int | None) -> int | None:
+    def frame_count(self, duration: float | None, max_new_tokens: int | None) -> int | None:
         """Total frames for a duration (audiocraft: int(duration * frame rate)); None with max_new_tokens."""
         if duration is None and max_new_tokens is None:
             raise ValueError("give duration (seconds) or max_new_tokens")
@@ -407,8 +413,8 @@ class MusicGen:
 
         gen.check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                            do_sample=do_sample)
-        total = self._length(duration, max_new_tokens)
-        states, mask, B = self._condition(prompts, num_samples, prompt_audio)
+        total = self.frame_count(duration, max_new_tokens)
+        states, mask, B = self.encode_prompts(prompts, num_samples, prompt_audio)
         prompt_codes = None
         if prompt_audio is not None:
             prompt_codes = self.encode_audio(prompt_audio, prompt_sample_rate)
@@ -421,7 +427,7 @@ class MusicGen:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        callback = _progress_printer() if progress is True else (progress or None)
+        callback = progress_printer() if progress is True else (progress or None)
         settings = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                         do_sample=do_sample, generator=generator)
         if total is None:  # transformers' reckoning, one window
@@ -504,7 +510,7 @@ class MusicGen:
 
         gen.check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                            do_sample=do_sample)
-        total = self._length(duration, None)
+        total = self.frame_count(duration, None)
         if total > int(self.max_duration * self.frame_rate):
             raise ValueError(f"stream generates one window: duration must be <= {self.max_duration} s, "
                              f"got {duration}")
@@ -515,7 +521,7 @@ class MusicGen:
                                  f"{'> 0' if name == 'chunk_duration' else '>= 0'}, got {value!r}")
         chunk = max(1, int(chunk_duration * self.frame_rate))
         context = int(context_duration * self.frame_rate)
-        states, mask, B = self._condition(prompts, num_samples, prompt_audio)
+        states, mask, B = self.encode_prompts(prompts, num_samples, prompt_audio)
         prompt_codes = None
         if prompt_audio is not None:
             prompt_codes = self.encode_audio(prompt_audio, prompt_sample_rate)
@@ -559,10 +565,10 @@ class MusicGen:
         folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout)
         if found == "native":
             meta = hub.read_json(folder / "config.json")
-            if meta[hub.NATIVE_FORMAT].get("model") != PIPELINE_KIND:
+            if meta[hub.NATIVE_FORMAT].get("model") != cls.kind:
                 raise hub.CheckpointError(f"{folder} holds a native {meta[hub.NATIVE_FORMAT].get('model')!r}, "
-                                          f"not a {PIPELINE_KIND!r} pipeline")
-            return cls(MusicGenLM.from_pretrained(folder / "lm", dtype=dtype),
+                                          f"not a {cls.kind!r} pipeline")
+            return cls(cls.lm_class.from_pretrained(folder / "lm", dtype=dtype),
                        EnCodec.from_pretrained(folder / "codec", dtype=dtype),
                        T5Encoder.from_pretrained(folder / "text_encoder", dtype=dtype),
                        max_duration=meta["config"].get("max_duration", MAX_DURATION))
@@ -597,7 +603,7 @@ class MusicGen:
             self.lm.save_pretrained(tmp / "lm")
             self.codec.save_pretrained(tmp / "codec")
             self.text_encoder.save_pretrained(tmp / "text_encoder")
-            meta = {hub.NATIVE_FORMAT: {"model": PIPELINE_KIND, "version": 1},
+            meta = {hub.NATIVE_FORMAT: {"model": self.kind, "version": 1},
                     "config": {"max_duration": self.max_duration}}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
             if folder.exists():
@@ -608,13 +614,21 @@ class MusicGen:
             raise
 
 
+# transformers' model_type of each pipeline: (the model's name, the class that loads it), for resolve_checkpoint
+# to say which class a checkpoint of the other type needs.
+TRANSFORMERS_MODEL_TYPES = {"musicgen": ("MusicGen", "MusicGen"),
+                            "musicgen_melody": ("MusicGen Melody", "MusicGenMelody")}
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None,
-                       variant: str | None = None, layout: str | None = None) -> tuple[Path, str]:
+                       variant: str | None = None, layout: str | None = None,
+                       model_type: str = "musicgen") -> tuple[Path, str]:
     """(folder, layout) of a MusicGen checkpoint: "native", "transformers" or "audiocraft".
 
     For a hub id only what that layout needs is downloaded: a repo such as facebook/musicgen-small holds the
     transformers weights twice (.safetensors and .bin) and audiocraft's files besides. layout="audiocraft"
-    picks the audiocraft files of a repo or folder that holds both.
+    picks the audiocraft files of a repo or folder that holds both. model_type: the transformers config's
+    (a key of TRANSFORMERS_MODEL_TYPES), "musicgen_melody" for MusicGen Melody.
     """
     if layout not in (None, "audiocraft"):
         raise ValueError(f"layout must be None (detect) or 'audiocraft', got {layout!r}")
@@ -625,12 +639,16 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
             found = hub.detect_layout(folder)
             if found == "native" and not local:
                 folder = hub.resolve(name_or_path, revision=revision)
-            elif found == "transformers" and not local:
-                folder = _fetch_transformers_weights(name_or_path, folder, revision=revision, variant=variant)
-            if found == "transformers" and hub.read_json(folder / "config.json").get("model_type") != "musicgen":
-                raise hub.CheckpointError(f"{folder}: model_type "
-                                          f"{hub.read_json(folder / 'config.json').get('model_type')!r} is not a "
-                                          f"MusicGen (for 'musicgen_melody' use MusicGenMelody)")
+            elif found == "transformers":
+                # Checked before the weights are downloaded: a melody repo's are as large as the model.
+                theirs = hub.read_json(folder / "config.json").get("model_type")
+                if theirs != model_type:
+                    hint = (f"; for {theirs!r} use {TRANSFORMERS_MODEL_TYPES[theirs][1]}"
+                            if theirs in TRANSFORMERS_MODEL_TYPES else "")
+                    raise hub.CheckpointError(f"{folder}: model_type {theirs!r} is not a "
+                                              f"{TRANSFORMERS_MODEL_TYPES[model_type][0]} ({model_type!r}){hint}")
+                if not local:
+                    folder = _fetch_transformers_weights(name_or_path, folder, revision=revision, variant=variant)
             if found in ("native", "transformers"):
                 return folder, found
             raise hub.CheckpointError(f"{folder} holds a {found} checkpoint, not a MusicGen")
@@ -658,7 +676,8 @@ def _fetch_transformers_weights(name_or_path: str | os.PathLike, folder: Path, *
     return folder  # hub.load_state_dict then says which files are missing
 
 
-def _progress_printer() -> Callable[[int, int], None]:
+def progress_printer() -> Callable[[int, int], None]:
+    """The `progress=True` callback of the pipelines: "  done /  total frames" on one stderr line."""
 
     def show(done: int, total: int) -> None:
         print(f"\r{done:6d} / {total:6d} frames", end="\n" if done >= total else "", file=sys.stderr, flush=True)

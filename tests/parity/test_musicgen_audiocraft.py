@@ -15,7 +15,9 @@ Checks: every audiocraft tensor lands in exactly one of ours (matched by content
 random values, LayerNorms included), in the same layer; logits of audiocraft's `LMModel.forward` and ours on
 the same weights, text and codes (max abs err <= 1e-4; the texts are not padded, G8: audiocraft's cross-attention
 does not mask padded text keys, transformers and we do); greedy generation with CFG token-identical to
-audiocraft's `LMModel.generate`.
+audiocraft's `LMModel.generate` (40 frames); and config fields that change audiocraft's model without changing
+its keys (causal, cross_attention_pos_emb, activation, max_period, normalize_text) are refused by our converter.
+Mono (musicgen-small) and stereo (musicgen-stereo-small: 8 interleaved codebooks) configs.
 """
 
 import importlib.machinery
