@@ -8,7 +8,9 @@ with random rows (its zero codebooks would make every code 0), written with save
 so both run the same weights. fp32 on the CPU with 2 threads; 10 s of mono audio (noise at -20 dBFS) -> 500
 frames x 4 codebooks, and those codes back to audio. Each figure is the median of the repeats after one warm-up
 call; the calls of ours and transformers alternate, so that both see the same load on a shared machine. The
-real-time factor is seconds of audio per second of compute (higher is faster).
+real-time factor is seconds of audio per second of compute (higher is faster). A second table times the CPU
+inference routes of musiclm_core/encodec.py (convolutions as matrix products, the LSTM recurrence on one thread)
+against the torch ops they replace.
 """
 
 from __future__ import annotations
@@ -93,6 +95,27 @@ def main() -> None:
             ("decode", *median_s(lambda: ours.decode(codes), lambda: reference.decode(hf_codes, [None]), args.reps)),
         ]
 
+    # The CPU inference routes of musiclm_core/encodec.py against the torch ops they replace, on the decoder's
+    # largest layers (the claims in their docstrings).
+    import torch.nn.functional as F
+
+    from musiclm_core.encodec import conv1d_by_taps, conv_transpose1d_by_matmul, lstm_inference_cpu, pad1d
+
+    x64, w_res, b_res = torch.randn(1, 64, 320_000), 0.1 * torch.randn(32, 64, 3), torch.randn(32)
+    x128, w_up, b_up = torch.randn(1, 128, 80_000), 0.02 * torch.randn(128, 64, 8), torch.randn(64)
+    lstm, seq = ours.decoder.lstm, torch.randn(500, 1, 1024)
+    with torch.inference_mode():
+        routes = [
+            ("conv1d 64 -> 32, k3, 320k samples (reflect pad)",
+             *median_s(lambda: conv1d_by_taps(x64, w_res, b_res, 1, 1, 1, "reflect"),
+                       lambda: F.conv1d(pad1d(x64, 1, 1, "reflect"), w_res, b_res), args.reps)),
+            ("conv_transpose1d 128 -> 64, stride 4, 80k frames",
+             *median_s(lambda: conv_transpose1d_by_matmul(x128, w_up, b_up, 4),
+                       lambda: F.conv_transpose1d(x128, w_up, b_up, 4), args.reps)),
+            ("LSTM 2 x 1024, 500 steps", *median_s(lambda: lstm_inference_cpu(lstm, seq), lambda: lstm(seq),
+                                                   args.reps)),
+        ]
+
     lines = [
         f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__} "
         f"with 2 threads, transformers {transformers.__version__}. encodec_32khz config, random weights, fp32; "
@@ -106,6 +129,13 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|",
         *[f"| {what} 10 s | {a:.2f} | {b:.2f} | {SECONDS / a:.1f}x | {SECONDS / b:.1f}x | {b / a:.2f} |"
           for what, a, b in rows],
+        "",
+        "The CPU inference routes of `musiclm_core/encodec.py` against the torch ops they replace (same inputs, "
+        "same run, alternated):",
+        "",
+        "| layer | our route (s) | torch (s) | speed-up |",
+        "|---|---:|---:|---:|",
+        *[f"| {what} | {a:.3f} | {b:.3f} | {b / a:.2f} |" for what, a, b in routes],
     ]
     print("\n".join(lines))
     if args.write:

@@ -200,6 +200,7 @@ def worker_hf(args) -> dict:
             stamps.append(_stamp())
             return scores
 
+    _release_freed_memory()
     rss_loaded, load_peak = _status("VmRSS"), _status("VmHWM")
     reset = _reset_peak()
     torch.manual_seed(0)
@@ -208,9 +209,10 @@ def worker_hf(args) -> dict:
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.steps, do_sample=True,
                        guidance_scale=GUIDANCE, top_k=TOP_K, logits_processor=LogitsProcessorList([Stamp()]))
     total_s = time.perf_counter() - t
+    gen_peak = _status("VmHWM") if reset else None
     return {**_rate(stamps), "total_s": total_s, "load_s": load_s, "rss_loaded": rss_loaded,
-            "gen_peak": _status("VmHWM") if reset else None, "load_peak": load_peak,
-            "text_len": int(mask.sum())}
+            "gen_peak": gen_peak, "load_peak": load_peak, "text_len": int(mask.sum()),
+            "bandwidth": measure_bandwidth(5)}
 
 
 def worker_ours(args) -> dict:
@@ -224,6 +226,7 @@ def worker_ours(args) -> dict:
     load_peak = _status("VmHWM")
     if args.quant != "fp32":
         quantize_weights(mg.lm, args.quant)
+    _release_freed_memory()
     rows = 2  # one prompt and its CFG null row
     text_len = int(_tokens(folder)[1].sum())
     stamps: list[tuple[float, float]] = []
@@ -236,21 +239,41 @@ def worker_ours(args) -> dict:
     total_s = time.perf_counter() - t
     # The timed intervals are the decode steps at offsets 1 .. steps - 1: offset p sees p + 1 keys.
     visible = statistics.mean(range(2, args.steps + 1))
+    gen_peak = _status("VmHWM") if reset else None
     return {**_rate(stamps), "total_s": total_s, "load_s": load_s, "rss_loaded": rss_loaded,
-            "gen_peak": _status("VmHWM") if reset else None, "load_peak": load_peak,
-            "bytes_per_step": step_bytes(mg.lm, rows, visible, text_len), "text_len": text_len}
+            "gen_peak": gen_peak, "load_peak": load_peak, "bytes_per_step": step_bytes(mg.lm, rows, visible, text_len),
+            "text_len": text_len, "bandwidth": measure_bandwidth(5)}
 
 
-def worker_bandwidth(args) -> dict:
-    x = torch.empty(256 * 1024 * 1024).normal_()  # 1 GiB of random (not zero) fp32
+def measure_bandwidth(repeats: int = 7) -> dict:
+    """Memory read bandwidth: sum over a 1 GiB fp32 tensor of random values, best of `repeats`, by the wall
+    clock and by this process's CPU time."""
+    x = torch.empty(256 * 1024 * 1024).normal_()
     x.sum()
     wall, cpu = [], []
-    for _ in range(7):
+    for _ in range(repeats):
         w, c = _stamp()
         x.sum()
         wall.append(time.perf_counter() - w)
         cpu.append(time.process_time() - c)
     return {"read_bytes_per_s": x.numel() * 4 / min(wall), "cpu_read_bytes_per_s": x.numel() * 4 / min(cpu)}
+
+
+def worker_bandwidth(args) -> dict:
+    return measure_bandwidth()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them), so a peak measured next starts from what is
+    really in use (after quantising, the fp32 weights are gone but their pages would still count)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @torch.no_grad()
@@ -304,7 +327,9 @@ WORKERS = {"build": worker_build, "hf": worker_hf, "ours": worker_ours, "bandwid
 def run_worker(role: str, args, **extra) -> dict:
     """Run one measurement in a fresh interpreter (so peaks do not mix); its JSON result."""
     cmd = [sys.executable, __file__, "--worker", role, "--folder", str(args.folder), "--steps", str(args.steps),
-           "--threads", str(args.threads), "--parity-steps", str(args.parity_steps)] + (["--smoke"] if args.smoke else [])
+           "--threads", str(args.threads), "--parity-steps", str(args.parity_steps)]
+    if args.smoke:
+        cmd.append("--smoke")
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -362,23 +387,27 @@ def main_cpu(args) -> None:
             fp32_bytes = step_bytes(MusicGenLM(PRESETS["small"]), 2, statistics.mean(range(2, args.steps + 1)),
                                     rows[-1][2]["text_len"])
     one = args.threads == 1  # CPU time is the single core's time only with one thread
-    print(f"\nmemory read bandwidth (torch sum over 1 GiB, best of 7): {bw / 1e9:.2f} GB/s wall clock"
-          + (f", {cpu_bw / 1e9:.2f} GB/s by CPU time" if one else ""))
+    print(f"\nmemory read bandwidth (torch sum over 1 GiB, best of 7, before the runs): {bw / 1e9:.2f} GB/s wall "
+          f"clock" + (f", {cpu_bw / 1e9:.2f} GB/s by CPU time" if one else ""))
     print(f"bytes per decode step (fp32): {fp32_bytes / 1e9:.3f} GB -> fp32 roofline {bw / fp32_bytes:.2f} steps/s"
           + (f" (by CPU time {cpu_bw / fp32_bytes:.2f})" if one else ""))
+    print("rooflines below use the bandwidth each worker measured right after its generation (same process, same "
+          "neighbours), column 'bw'")
     print()
-    head = (f"| {'variant':<17} | run | steps/s | ms/step (median) | GB/step | % own roofline | % fp32 roofline |"
-            + (" CPU-time steps/s | % own (CPU time) |" if one else "")
+    head = (f"| {'variant':<17} | run | steps/s | ms/step (median) | GB/step | bw GB/s | % own roofline | "
+            f"% fp32 roofline |" + (" CPU-time steps/s | CPU-time bw GB/s | % own (CPU time) |" if one else "")
             + " gen peak RSS GB | load peak GB | load s |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for name, rep, r in rows:
         nbytes = r.get("bytes_per_step", fp32_bytes)
+        rbw, rcpu = r["bandwidth"]["read_bytes_per_s"], r["bandwidth"]["cpu_read_bytes_per_s"]
         line = (f"| {name:<17} | {rep + 1:>3} | {r['steps_per_s']:7.2f} | {r['median_step_ms']:16.0f} | "
-                f"{nbytes / 1e9:7.3f} | {100 * r['steps_per_s'] * nbytes / bw:13.0f}% | "
-                f"{100 * r['steps_per_s'] * fp32_bytes / bw:14.0f}% |")
+                f"{nbytes / 1e9:7.3f} | {rbw / 1e9:7.2f} | {100 * r['steps_per_s'] * nbytes / rbw:13.0f}% | "
+                f"{100 * r['steps_per_s'] * fp32_bytes / rbw:14.0f}% |")
         if one:
-            line += f" {r['cpu_steps_per_s']:16.2f} | {100 * r['cpu_steps_per_s'] * nbytes / cpu_bw:15.0f}% |"
+            line += (f" {r['cpu_steps_per_s']:16.2f} | {rcpu / 1e9:16.2f} | "
+                     f"{100 * r['cpu_steps_per_s'] * nbytes / rcpu:15.0f}% |")
         print(line + f" {gb(r['gen_peak']):>15} | {gb(r['load_peak']):>12} | {r['load_s']:6.1f} |")
     if parity:
         print(f"\nparity against fp32 ({args.parity_steps} greedy CFG steps; random weights: near-flat logits, "
@@ -469,6 +498,7 @@ def main_cuda(args) -> None:
         with torch.device("cuda"):
             hf = MusicgenForConditionalGeneration(official_config(size, args.smoke))
         hf = hf.to(torch.bfloat16).eval()
+        hf.audio_encoder.float()  # the codec is not timed; keep its LSTM out of bf16
         _set_generation_config(hf)
         lm = convert.load_transformers(hf.config.to_dict(), convert.lm_part(hf.state_dict()),
                                        source=f"random {size}", dtype=torch.bfloat16).to("cuda").eval()

@@ -255,6 +255,8 @@ def load_transformers_folder(folder: str | os.PathLike, *, dtype: torch.dtype = 
 def parse_xp_config(text: str, *, source: str) -> dict[str, Any]:
     """The YAML of an audiocraft `xp.cfg` -> a dict, with OmegaConf's `${a.b}` references to other keys resolved.
 
+    References that do not name a key of the config (`${oc.env:USER}`, `${dora.dir}`, ...) are left as they are:
+    they sit in sections the converter does not read, and reading one is an error (`config_from_audiocraft`).
     PyYAML is a dependency of huggingface_hub, itself a dependency of this package.
     """
     import yaml
@@ -265,14 +267,15 @@ def parse_xp_config(text: str, *, source: str) -> dict[str, Any]:
         raise CheckpointError(f"{source}: xp.cfg is not valid YAML: {err}") from err
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{source}: xp.cfg holds a {type(cfg).__name__}, expected a mapping")
+    reference = re.compile(r"\$\{([\w.]+)\}")
 
-    def lookup(path: str) -> Any:
+    def lookup(match: re.Match, depth: int) -> Any:
         node: Any = cfg
-        for part in path.split("."):
+        for part in match.group(1).split("."):
             if not isinstance(node, dict) or part not in node:
-                raise CheckpointError(f"{source}: xp.cfg refers to ${{{path}}}, which it does not define")
+                return match.group(0)
             node = node[part]
-        return resolve(node)
+        return resolve(node, depth + 1)
 
     def resolve(node: Any, depth: int = 0) -> Any:
         if depth > 50:
@@ -282,16 +285,16 @@ def parse_xp_config(text: str, *, source: str) -> dict[str, Any]:
         if isinstance(node, list):
             return [resolve(v, depth + 1) for v in node]
         if isinstance(node, str):
-            whole = re.fullmatch(r"\$\{([\w.]+)\}", node)
+            whole = reference.fullmatch(node)
             if whole:
-                return lookup(whole.group(1))
-            return re.sub(r"\$\{([\w.]+)\}", lambda m: str(lookup(m.group(1))), node)
+                return lookup(whole, depth)
+            return reference.sub(lambda m: str(lookup(m, depth)), node)
         return node
 
     return resolve(cfg)
 
 
-# SEANet fields of audiocraft's config (config/model/encodec/default.yaml) and whether we use them.
+# The SEANet fields of audiocraft's config (config/model/encodec/default.yaml) that the converter knows.
 _SEANET_USED = {"dimension", "channels", "causal", "n_filters", "n_residual_layers", "ratios", "activation",
                 "activation_params", "norm", "norm_params", "kernel_size", "residual_kernel_size",
                 "last_kernel_size", "dilation_base", "pad_mode", "true_skip", "compress", "lstm",
@@ -307,6 +310,8 @@ def config_from_audiocraft(cfg: dict[str, Any], *, source: str) -> EnCodecConfig
     def need(node: dict[str, Any], key: str, where: str) -> Any:
         if not isinstance(node, dict) or key not in node:
             raise CheckpointError(f"{source}: xp.cfg has no {where}{key}")
+        if isinstance(node[key], str) and "${" in node[key]:
+            raise CheckpointError(f"{source}: xp.cfg leaves {where}{key} = {node[key]} unresolved")
         return node[key]
 
     if cfg.get("compression_model", "encodec") != "encodec":

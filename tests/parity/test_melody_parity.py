@@ -358,6 +358,7 @@ def official():
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_official_logits(official):
     lm = official.lm
     texts = ["80s music", "Club techno"]
@@ -378,6 +379,7 @@ def test_official_logits(official):
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_official_greedy_text(official):
     audio = official.generate(["80s music", "Club techno"], max_new_tokens=10, guidance_scale=1.0, do_sample=False)
     expected = torch.tensor([1.2741e-04, -8.0474e-05, 5.5789e-04, 1.0402e-03, 2.6547e-04, 1.5597e-05, -1.4210e-04,

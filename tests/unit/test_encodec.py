@@ -380,6 +380,9 @@ rvq:
 dataset:
   segment_duration: 1.0
   batch_size: 64
+logging:
+  folder: ${{dora.dir}}/logs
+  user: ${{oc.env:USER}}
 """
 
 
@@ -468,7 +471,7 @@ def test_audiocraft_reports_its_padding_mode(tmp_path, caplog):
     (("  encoder: {}", "  encoder: {n_filters: 4}"), "per-side seanet overrides"),
     (("  pad_mode:", "  snake: true\n  pad_mode:"), r"seanet settings the converter does not know: \['snake'\]"),
     (("  n_q: 2", "  n_q: 3"), r"codebooks \[2\] are missing|does not fit"),
-    (("channels: ${channels}\n  causal", "channels: ${nothing.here}\n  causal"), r"refers to \$\{nothing.here\}"),
+    (("sample_rate: 16000", "sample_rate: ${nothing.here}"), r"leaves sample_rate = \$\{nothing.here\} unresolved"),
     (("autoencoder: seanet", "autoencoder: dac"), "only the seanet autoencoder"),
 ])
 def test_audiocraft_config_errors(codec, tmp_path, edit, message):
