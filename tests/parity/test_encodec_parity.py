@@ -79,8 +79,17 @@ def write_hf_checkpoint(folder, config_kwargs: dict, fill_samples: int) -> None:
     config = EncodecConfig(**config_kwargs)
     model = EncodecModel(config).eval()
     wav = torch.randn(2, config.audio_channels, fill_samples, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        # One thread: torch's LSTM pays a thread synchronisation per time step, seconds over these 1000+ steps
+        # on a loaded 2-core machine; this only makes the fixture's weights.
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            latents = model.encoder(wav)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
-        fill_codebooks(model.encoder(wav), [layer.codebook.embed for layer in model.quantizer.layers])
+        fill_codebooks(latents, [layer.codebook.embed for layer in model.quantizer.layers])
         # At transformers' initialisation the decoded audio is a near-constant ~0.1 that the codes move by ~1e-3;
         # doubling the decoder's weight-norm gains makes it of order 1 and clearly code-dependent.
         for name, param in model.decoder.named_parameters():
