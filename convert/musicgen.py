@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -257,18 +257,26 @@ def config_from_audiocraft(xp_cfg: str | dict[str, Any], *, cross_attention: boo
     return config
 
 
-def load_audiocraft(package: dict[str, Any], *, source: str, dtype: torch.dtype = torch.float32) -> MusicGenLM:
-    """MusicGenLM from the loaded content of an audiocraft `state_dict.bin` ({'best_state', 'xp.cfg', ...})."""
+def load_audiocraft(package: dict[str, Any], *, source: str, dtype: torch.dtype = torch.float32,
+                    read_config: Callable[[str | dict[str, Any]], Any] = config_from_audiocraft,
+                    lm_class: Callable[[Any], MusicGenLM] = MusicGenLM,
+                    table: Sequence[tuple[str, str]] = AUDIOCRAFT_TABLE,
+                    dropped: Sequence[str] = AUDIOCRAFT_DROPPED) -> MusicGenLM:
+    """MusicGenLM from the loaded content of an audiocraft `state_dict.bin` ({'best_state', 'xp.cfg', ...}).
+
+    read_config, lm_class, table, dropped: the config reader, the LM class it goes with and the key table and
+    dropped keys; convert/musicgen_melody.py passes its own to read a melody LM.
+    """
     for entry in ("best_state", "xp.cfg"):
         if entry not in package:
             raise CheckpointError(f"{source} has no '{entry}' entry (found {sorted(package)}): not an audiocraft "
                                   f"LM checkpoint")
-    config = config_from_audiocraft(package["xp.cfg"])
+    config = read_config(package["xp.cfg"])
     state = keys.split_fused_qkv(dict(package["best_state"]), "in_proj_weight",
                                  ("q.weight", "k.weight", "v.weight"))
-    renamed = keys.rename(state, AUDIOCRAFT_TABLE, dropped=AUDIOCRAFT_DROPPED, source=source)
+    renamed = keys.rename(state, table, dropped=dropped, source=source)
     # The stored tensors are fp16; transformers' fp32 weights are these values upcast (exact).
-    return keys.build(lambda: MusicGenLM(config), renamed, source=source, dtype=dtype)
+    return keys.build(lambda: lm_class(config), renamed, source=source, dtype=dtype)
 
 
 def load_audiocraft_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> MusicGenLM:

@@ -103,16 +103,8 @@ def config_from_audiocraft(xp_cfg: str | dict[str, Any]) -> MusicGenMelodyConfig
 
 def load_audiocraft(package: dict[str, Any], *, source: str, dtype: torch.dtype = torch.float32) -> MusicGenMelodyLM:
     """MusicGenMelodyLM from the loaded content of an audiocraft melody `state_dict.bin`."""
-    for entry in ("best_state", "xp.cfg"):
-        if entry not in package:
-            raise CheckpointError(f"{source} has no '{entry}' entry (found {sorted(package)}): not an audiocraft "
-                                  f"LM checkpoint")
-    config = config_from_audiocraft(package["xp.cfg"])
-    state = keys.split_fused_qkv(dict(package["best_state"]), "in_proj_weight",
-                                 ("q.weight", "k.weight", "v.weight"))
-    renamed = keys.rename(state, AUDIOCRAFT_TABLE, dropped=AUDIOCRAFT_DROPPED, source=source)
-    # fp16 tensors in the file; transformers' fp32 weights are these values upcast (exact).
-    return keys.build(lambda: MusicGenMelodyLM(config), renamed, source=source, dtype=dtype)
+    return musicgen.load_audiocraft(package, source=source, dtype=dtype, read_config=config_from_audiocraft,
+                                    lm_class=MusicGenMelodyLM, table=AUDIOCRAFT_TABLE, dropped=AUDIOCRAFT_DROPPED)
 
 
 def load_audiocraft_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> MusicGenMelodyLM:

@@ -26,6 +26,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,7 +37,7 @@ from musiclm_core.cache import KVCache
 from musiclm_core.chroma import MAX_FRAMES, N_CHROMA, chroma_features, null_chroma
 from musiclm_core.encodec import EnCodec
 from musiclm_core.musicgen import MAX_DURATION, MusicGen, MusicGenConfig, MusicGenLM, progress_printer
-from musiclm_core.t5 import T5Encoder, T5Tokenizer
+from musiclm_core.t5 import T5Encoder
 
 LM_KIND = "musicgen_melody_lm"  # model names in native config.json files
 PIPELINE_KIND = "musicgen_melody"
@@ -273,8 +274,9 @@ class MusicGenMelody(MusicGen):
     (duration <= max_duration, 30 s), no audio prompt, no streaming.
     """
 
-    kind = PIPELINE_KIND  # MusicGen's from_pretrained / save_pretrained of a native folder read these two
+    kind = PIPELINE_KIND  # MusicGen's from_pretrained / save_pretrained read these three
     lm_class = MusicGenMelodyLM
+    transformers_model_type = TRANSFORMERS_MODEL_TYPE
 
     def __init__(self, lm: MusicGenMelodyLM, codec: EnCodec, text_encoder: T5Encoder, *,
                  max_duration: float = MAX_DURATION):
@@ -385,40 +387,14 @@ class MusicGenMelody(MusicGen):
         raise NotImplementedError("MusicGenMelody does not stream yet: use generate")
 
     # -- checkpoints ------------------------------------------------------------------------------------------
+    # `MusicGen.from_pretrained` reads a transformers MusicGen Melody repo or folder (`facebook/musicgen-melody`,
+    # `-melody-large`, `musicgen-stereo-melody*`), an audiocraft folder or a native folder with this converter.
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                        revision: str | None = None, variant: str | None = None, layout: str | None = None,
-                        text_encoder: str | os.PathLike | None = None) -> "MusicGenMelody":
-        """A transformers MusicGen Melody repo or folder (`facebook/musicgen-melody`, `-melody-large`,
-        `musicgen-stereo-melody*`), an audiocraft folder (`state_dict.bin` + `compression_state_dict.bin`) or a
-        native folder. Arguments as `MusicGen.from_pretrained`.
-        """
-        from musiclm_core.convert import encodec as convert_encodec, keys, musicgen as convert_musicgen
-        from musiclm_core.convert import musicgen_melody as convert, t5 as convert_t5
+    def lm_converter(cls) -> ModuleType:
+        from musiclm_core.convert import musicgen_melody as convert
 
-        folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout)
-        if found == "native":  # MusicGen's reader, with this class's kind and LM class
-            return super().from_pretrained(folder, dtype=dtype)
-        if found == "transformers":
-            config = hub.read_json(folder / "config.json")
-            state = hub.load_state_dict(folder, variant=variant)
-            lm = convert.load_transformers(config, convert.lm_part(state), source=str(folder), dtype=dtype)
-            codec = convert_encodec.load_transformers(config["audio_encoder"],
-                                                      keys.strip_prefix(state, "audio_encoder."),
-                                                      source=f"{folder} (audio_encoder)", dtype=dtype)
-            t5 = convert_t5.load_transformers(config["text_encoder"], keys.strip_prefix(state, "text_encoder."),
-                                              source=f"{folder} (text_encoder)", dtype=dtype)
-            t5.tokenizer = T5Tokenizer.from_folder(folder, max_length=t5.config.max_length)
-            return cls(lm, codec, t5)
-        package = hub.load_tensors(folder / "state_dict.bin")  # audiocraft
-        lm = convert.load_audiocraft(package, source=str(folder / "state_dict.bin"), dtype=dtype)
-        codec = convert_encodec.load_audiocraft_folder(folder, dtype=dtype)
-        xp = convert_musicgen.parse_xp_cfg(package["xp.cfg"])
-        t5_name = text_encoder or convert_musicgen.get_field(xp, "conditioners.description.t5.name")
-        t5 = T5Encoder.from_pretrained(t5_name, dtype=dtype)
-        return cls(lm, codec, t5, max_duration=float(convert_musicgen.get_field(xp, "dataset.segment_duration",
-                                                                                MAX_DURATION)))
+        return convert
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None,

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -304,6 +305,7 @@ class MusicGen:
 
     kind = PIPELINE_KIND  # the model name of a native folder's config.json
     lm_class = MusicGenLM  # what a native folder's lm/ holds
+    transformers_model_type = "musicgen"  # the model_type a transformers checkpoint must have (resolve_checkpoint)
 
     def __init__(self, lm: MusicGenLM, codec: EnCodec, text_encoder: T5Encoder, *,
                  max_duration: float = MAX_DURATION):
@@ -562,7 +564,8 @@ class MusicGen:
         """
         from musiclm_core.convert import encodec as convert_encodec, keys, musicgen as convert, t5 as convert_t5
 
-        folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout)
+        folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout,
+                                           model_type=cls.transformers_model_type)
         if found == "native":
             meta = hub.read_json(folder / "config.json")
             if meta[hub.NATIVE_FORMAT].get("model") != cls.kind:
@@ -575,7 +578,8 @@ class MusicGen:
         if found == "transformers":
             config = hub.read_json(folder / "config.json")
             state = hub.load_state_dict(folder, variant=variant)
-            lm = convert.load_transformers(config, convert.lm_part(state), source=str(folder), dtype=dtype)
+            lm = cls.lm_converter().load_transformers(config, convert.lm_part(state), source=str(folder),
+                                                     dtype=dtype)
             codec = convert_encodec.load_transformers(config["audio_encoder"],
                                                       keys.strip_prefix(state, "audio_encoder."),
                                                       source=f"{folder} (audio_encoder)", dtype=dtype)
@@ -584,13 +588,21 @@ class MusicGen:
             t5.tokenizer = T5Tokenizer.from_folder(folder, max_length=t5.config.max_length)
             return cls(lm, codec, t5)
         package = hub.load_tensors(folder / "state_dict.bin")  # audiocraft
-        lm = convert.load_audiocraft(package, source=str(folder / "state_dict.bin"), dtype=dtype)
+        lm = cls.lm_converter().load_audiocraft(package, source=str(folder / "state_dict.bin"), dtype=dtype)
         codec = convert_encodec.load_audiocraft_folder(folder, dtype=dtype)
         xp = convert.parse_xp_cfg(package["xp.cfg"])
         t5 = T5Encoder.from_pretrained(text_encoder or convert.get_field(xp, "conditioners.description.t5.name"),
                                        dtype=dtype)
         return cls(lm, codec, t5, max_duration=float(convert.get_field(xp, "dataset.segment_duration",
                                                                   MAX_DURATION)))
+
+    @classmethod
+    def lm_converter(cls) -> ModuleType:
+        """The convert/ module that reads this pipeline's LM from transformers and audiocraft checkpoints (its
+        `load_transformers` and `load_audiocraft`); MusicGenMelody returns convert/musicgen_melody."""
+        from musiclm_core.convert import musicgen as convert  # convert/ imports this module: import at call time
+
+        return convert
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Native folder: config.json + lm/, codec/, text_encoder/ (each a native folder), written atomically."""
