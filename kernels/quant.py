@@ -42,10 +42,11 @@ from torch import Tensor, nn
 
 MODES = ("bf16", "int8")
 BACKENDS = ("cpu", "reference")
+ENV = "MUSICLM_QUANT"
 
 
 def _backend(x: Tensor, backend: str | None) -> str:
-    choice = backend or os.environ.get("MUSICLM_QUANT") or "auto"
+    choice = backend or os.environ.get(ENV) or "auto"
     if choice not in ("auto", *BACKENDS):
         raise ValueError(f"quantised linear backend {choice!r} (argument or MUSICLM_QUANT): expected auto, "
                          f"{' or '.join(BACKENDS)}")
@@ -89,11 +90,18 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = 
     """`int8_linear_reference`, on the CPU through the bf16 int8-weight kernel (see the module docstring)."""
     if _backend(x, backend) == "reference":
         return int8_linear_reference(x, weight, scale, bias)
+    return _int8_linear_cpu(x, weight, scale, bias)
+
+
+def _int8_linear_cpu(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     *lead, K = x.shape
     N = weight.shape[0]
-    rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()  # (M, K): the kernel wants 2-D, unit stride
-    y = torch.ops.aten._weight_int8pack_mm(rows, weight, scale.to(torch.bfloat16))  # (M, N) bf16
-    y = y.to(x.dtype).view(*lead, N)
+    # One cast that also makes the rows contiguous (the kernel wants 2-D, unit stride): every extra op here runs
+    # ~200 times per decode step and costs about as much as the int8 weights save (measured: 6 ms of 87 ms).
+    rows = x.reshape(-1, K).to(torch.bfloat16, memory_format=torch.contiguous_format)  # (M, K)
+    if scale.dtype != torch.bfloat16:
+        scale = scale.to(torch.bfloat16)
+    y = torch.ops.aten._weight_int8pack_mm(rows, weight, scale).to(x.dtype).view(*lead, N)  # bf16 (M, N) -> x.dtype
     return y if bias is None else y + bias.to(x.dtype)
 
 
@@ -120,6 +128,9 @@ class Int8Linear(nn.Module):
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]  # (N, K)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.backend is None and x.device.type == "cpu" and ENV not in os.environ:
+            # The common case without the dispatch: it runs ~200 times per decode step (-20 us a call).
+            return _int8_linear_cpu(x, self.weight, self.scale, self.bias)
         return int8_linear(x, self.weight, self.scale, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -139,6 +150,10 @@ def bf16_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backen
     """`bf16_linear_reference`, on the CPU as a bf16 matmul (activations rounded to bf16, fp32 accumulation)."""
     if _backend(x, backend) == "reference":
         return bf16_linear_reference(x, weight, bias)
+    return _bf16_linear_cpu(x, weight, bias)
+
+
+def _bf16_linear_cpu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     y = F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
     return y if bias is None else y + bias.to(x.dtype)
 
@@ -164,6 +179,8 @@ class BF16Linear(nn.Module):
         return self.weight.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.backend is None and x.device.type == "cpu" and ENV not in os.environ:
+            return _bf16_linear_cpu(x, self.weight, self.bias)  # as in Int8Linear.forward
         return bf16_linear(x, self.weight, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
