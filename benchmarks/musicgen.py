@@ -211,6 +211,7 @@ def worker_hf(args) -> dict:
     total_s = time.perf_counter() - t
     gen_peak = _status("VmHWM") if reset else None
     return {**_rate(stamps), "total_s": total_s, "load_s": load_s, "rss_loaded": rss_loaded,
+            "rss_anon": _status("RssAnon"), "rss_file": _status("RssFile"),
             "gen_peak": gen_peak, "load_peak": load_peak, "text_len": int(mask.sum()),
             "bandwidth": measure_bandwidth(5)}
 
@@ -241,6 +242,7 @@ def worker_ours(args) -> dict:
     visible = statistics.mean(range(2, args.steps + 1))
     gen_peak = _status("VmHWM") if reset else None
     return {**_rate(stamps), "total_s": total_s, "load_s": load_s, "rss_loaded": rss_loaded,
+            "rss_anon": _status("RssAnon"), "rss_file": _status("RssFile"),
             "gen_peak": gen_peak, "load_peak": load_peak, "bytes_per_step": step_bytes(mg.lm, rows, visible, text_len),
             "text_len": text_len, "bandwidth": measure_bandwidth(5)}
 
@@ -396,7 +398,7 @@ def main_cpu(args) -> None:
     print()
     head = (f"| {'variant':<17} | run | steps/s | ms/step (median) | GB/step | bw GB/s | % own roofline | "
             f"% fp32 roofline |" + (" CPU-time steps/s | CPU-time bw GB/s | % own (CPU time) |" if one else "")
-            + " gen peak RSS GB | load peak GB | load s |")
+            + " gen peak RSS GB | of which file-backed GB | load peak GB | load s |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for name, rep, r in rows:
@@ -408,7 +410,8 @@ def main_cpu(args) -> None:
         if one:
             line += (f" {r['cpu_steps_per_s']:16.2f} | {rcpu / 1e9:16.2f} | "
                      f"{100 * r['cpu_steps_per_s'] * nbytes / rcpu:15.0f}% |")
-        print(line + f" {gb(r['gen_peak']):>15} | {gb(r['load_peak']):>12} | {r['load_s']:6.1f} |")
+        print(line + f" {gb(r['gen_peak']):>15} | {gb(r['rss_file']):>23} | {gb(r['load_peak']):>12} | "
+              f"{r['load_s']:6.1f} |")
     if parity:
         print(f"\nparity against fp32 ({args.parity_steps} greedy CFG steps; random weights: near-flat logits, "
               f"so greedy argmaxes flip easily):")

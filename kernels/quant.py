@@ -1,7 +1,7 @@
 """Opt-in reduced-precision weights for the memory-bound decode step.
 
 A decode step multiplies a few activation rows (2 under CFG) by every weight matrix once, so on a CPU it runs at
-the speed memory delivers the weights: MusicGen small reads 1.38 GB of fp32 weights per step. Storing them in
+the speed memory delivers the weights: MusicGen small reads 1.44 GB of fp32 weights per step. Storing them in
 fewer bytes raises that ceiling:
 
     quantize_weights(lm, "bf16")   every nn.Linear -> BF16Linear: bf16 weights (2 B/param)
@@ -20,8 +20,10 @@ Each layer has two ways to compute, with one signature (`int8_linear` / `bf16_li
   - int8: `torch.ops.aten._weight_int8pack_mm`, whose vectorised kernel takes bf16 activations (with fp32
     activations the same op runs a slow generic loop, ~20x slower). Activations are rounded to bf16 and the
     product comes back in bf16: relative error ~2^-9 per output on top of the int8 rounding (~1e-2), which
-    dominates. Measured against the alternatives: fp32 upcast of the int8 weights per matmul (in blocks or
-    whole), torch.compile'd dequantise-and-reduce, and `torch._int_mm` (needs int8 activations) were all slower.
+    dominates. At 2 rows it multiplies 8.7-14 G int8 weights/s on 2 threads against ~5 G fp32 weights/s for
+    `F.linear` (memory-bound). Measured against the alternatives: fp32 upcast of the int8 weights per matmul (in
+    blocks or whole), torch.compile'd dequantise-and-reduce and `torch._int_mm` were all slower; fbgemm's
+    dynamic int8 linear is about as fast but also quantises the activations and its API is deprecated.
   - bf16: oneDNN's bf16 matmul (`F.linear` on bf16 activations and weights, fp32 accumulation, bf16 out).
     Without AVX512-BF16/AMX it emulates bf16 arithmetic and is compute-bound: see RESULTS.md for whether it
     beats fp32 on a given machine.
