@@ -28,9 +28,9 @@ its `from_pretrained`, ours with `MusicGen.from_pretrained` (the whole loader at
   and the share of identical tokens over a free-running greedy (CFG) generation of that many steps.
 
 CUDA (`--device cuda`): small / medium / large built at random on the GPU in bf16, batch 1 (with CFG: 2 rows) and
-batch 8 (16 rows): transformers eager, ours eager, ours with the decode step captured as a CUDA graph (done here,
-around `generate.decode_one_step`: generate.py exposes no captured path yet); torch.compile: TODO (no hook in
-generate.py). steps/s and % of the HBM roofline (measured copy bandwidth, and the datasheet figure for the device).
+batch 8 (16 rows): transformers eager, ours eager, ours with every decode step replayed from a CUDA graph
+(`generate_codes(..., cuda_graph=True)`). steps/s and % of the HBM roofline (measured copy bandwidth, and the
+datasheet figure for the device).
 
 Timings on a shared machine move with its load: the script prints `uptime`'s load before and after; run it twice.
 """
@@ -217,16 +217,13 @@ def worker_hf(args) -> dict:
 
 
 def worker_ours(args) -> dict:
-    from musiclm_core.kernels.quant import quantize_weights
     from musiclm_core.musicgen import MusicGen
 
     folder = Path(args.folder)
     t = time.perf_counter()
-    mg = MusicGen.from_pretrained(folder)
+    mg = MusicGen.from_pretrained(folder, quantize=None if args.quant == "fp32" else args.quant)
     load_s = time.perf_counter() - t
     load_peak = _status("VmHWM")
-    if args.quant != "fp32":
-        quantize_weights(mg.lm, args.quant)
     _release_freed_memory()
     rows = 2  # one prompt and its CFG null row
     text_len = int(_tokens(folder)[1].sum())
@@ -429,37 +426,6 @@ def main_cpu(args) -> None:
 # CUDA
 
 
-class GraphedDecode:
-    """`generate.decode_one_step` replayed from a CUDA graph: captured on its first call for a cache (static
-    column, offset, cache and memory buffers), then each call copies its column and offset in and replays.
-
-    A stand-in for a captured path in generate.py (none exists yet); installed by monkeypatching the module.
-    """
-
-    def __init__(self, step):
-        self.step = step
-        self.graph = None  # (cache id, graph, static column, static offset, static logits)
-
-    def __call__(self, lm, column, offset, *, memory, cache):
-        if self.graph is None or self.graph[0] != id(cache):
-            col, off = column.clone(), offset.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up (Triton compilation) outside the capture; it rewrites the
-                for _ in range(2):        # same cache slot the real step writes, with the same values
-                    self.step(lm, col, off, memory=memory, cache=cache)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self.step(lm, col, off, memory=memory, cache=cache)
-            self.graph = (id(cache), graph, col, off, logits)
-        _, graph, col, off, logits = self.graph
-        col.copy_(column)
-        off.copy_(offset)
-        graph.replay()
-        return logits
-
-
 def _hbm_bandwidth() -> float:
     """Bytes/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written (METHOD.md)."""
     src = torch.empty(512 * 1024 * 1024, device="cuda").normal_()
@@ -491,11 +457,9 @@ def main_cuda(args) -> None:
           f"max_new_tokens {args.steps}; {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# HBM copy bandwidth (read + write) {bw / 1e12:.2f} TB/s; datasheet "
           f"{'-' if datasheet is None else f'{datasheet / 1e12:.2f} TB/s'}")
-    print("# torch.compile: TODO (generate.py exposes no compiled decode step; hook: GraphedDecode's place)")
     head = "| model | batch | path | steps/s | ms/step | GB/step | % roofline (measured bw) | % datasheet | peak GB |"
     print(head)
     print("|---|---|---|---|---|---|---|---|---|")
-    original = G.decode_one_step
     for size in args.sizes:
         torch.manual_seed(0)
         with torch.device("cuda"):
@@ -533,15 +497,12 @@ def main_cuda(args) -> None:
                                         do_sample=True, guidance_scale=GUIDANCE, top_k=TOP_K,
                                         logits_processor=LogitsProcessorList([Stamp()]))
                         else:
-                            G.decode_one_step = GraphedDecode(original) if path == "ours cuda graph" else original
                             G.generate_codes(lm, states, mask, max_new_tokens=args.steps, guidance_scale=GUIDANCE,
                                              top_k=TOP_K, generator=torch.Generator("cuda").manual_seed(0),
-                                             progress=stamp)
+                                             progress=stamp, cuda_graph=path == "ours cuda graph")
                 except Exception as e:  # report and go on: one failing path should not hide the others
                     print(f"| {size} | {batch} | {path} | failed: {type(e).__name__}: {str(e)[:120]} |")
                     continue
-                finally:
-                    G.decode_one_step = original
                 r = _rate(stamps)
                 sheet = "-" if datasheet is None else f"{100 * r['steps_per_s'] * nbytes / datasheet:.0f}%"
                 print(f"| {size} | {batch} | {path} | {r['steps_per_s']:.1f} | {r['median_step_ms']:.2f} | "

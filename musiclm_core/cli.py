@@ -266,6 +266,11 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="float32", help="model weights dtype (default float32)")
+    p.add_argument("--quantize", choices=["int8", "bf16"], default=None,
+                   help="store the LM's linear weights in int8 or bf16 (weight-only; faster decoding on a CPU, "
+                        "close but not identical results: see benchmarks/RESULTS.md)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA devices: replay each decoding step from a CUDA graph (much faster at small batches)")
     p.set_defaults(run=_generate)
 
 
@@ -372,6 +377,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.melody is not None:
         _check_input(args.melody)
     device, dtype = _device(args.device), _DTYPES[args.dtype]
+    if args.cuda_graph and device.type != "cuda":
+        raise CLIError(f"--cuda-graph needs a CUDA device, the model would run on {device}")
 
     pipeline = MusicGen
     if _checkpoint_kind(args.model)[1] == "musicgen_melody":  # the same generate, plus melody=
@@ -382,7 +389,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise CLIError("--continue is not supported by MusicGen Melody checkpoints")
     elif args.melody is not None:
         raise CLIError(f"--melody needs a MusicGen Melody checkpoint; {args.model} is not one")
-    model = pipeline.from_pretrained(args.model, dtype=dtype).to(device)
+    model = pipeline.from_pretrained(args.model, dtype=dtype, quantize=args.quantize).to(device)
     conditioning = {}  # inputs besides the text, the same for every prompt: (C, N) audio at the model's rate
     if args.melody is not None:
         melody, melody_rate = load_audio(args.melody)  # as it is: the chroma mixes it down and resamples it
@@ -395,7 +402,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed = secrets.randbelow(2**31)
         print(f"seed {seed} (pass --seed {seed} to generate the same music again)", file=sys.stderr)
     settings = dict(duration=args.duration, guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                    temperature=args.temperature, do_sample=not args.greedy, seed=seed)
+                    temperature=args.temperature, do_sample=not args.greedy, seed=seed, cuda_graph=args.cuda_graph)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start: start + args.batch_size]
         B = len(batch)

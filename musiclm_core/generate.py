@@ -124,6 +124,48 @@ def decode_one_step(lm: MusicGenLM, column: Tensor, offset: Tensor, *, memory: C
     return lm(column, memory=memory, cache=cache, offset=offset)[:, :, -1]
 
 
+class GraphedStep:
+    """A `step(tokens, position)` whose one-column calls replay a CUDA graph (DESIGN.md: static decode step).
+
+    transformers' decode step is ~1,000 small kernel launches at batch 1, each a few microseconds of CPU work for
+    microseconds of GPU work; a graph launches them all at once. The static `KVCache` and `CrossMemory` and the
+    position passed as a 0-dim tensor (read on the device by the attention kernels) are what make one capture valid
+    for every later step. The prefill (an int position, a chunk of columns) runs eagerly. The first decode call
+    runs the step twice on a side stream (Triton compiles, cuBLAS picks its kernels; both runs write the same
+    cache slot with the values the real step writes), then captures it; later calls copy their column and
+    position into the graph's inputs and replay. The logits returned live in the graph's output buffer: use them
+    before the next call (decode_pattern samples from them at once).
+
+    One instance per generation: the graph holds that generation's cache and memory.
+    """
+
+    def __init__(self, step: Callable[[Tensor, int | Tensor], Tensor]):
+        self.step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.tokens = self.position = self.logits = None  # the graph's static input and output buffers
+
+    def __call__(self, tokens: Tensor, position: int | Tensor) -> Tensor:
+        if isinstance(position, int):
+            return self.step(tokens, position)
+        if not tokens.is_cuda:
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, the tokens are on {tokens.device}")
+        if self.graph is None:
+            self.tokens, self.position = tokens.clone(), position.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.step(self.tokens, self.position)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.step(self.tokens, self.position)
+        self.tokens.copy_(tokens)
+        self.position.copy_(position)
+        self.graph.replay()
+        return self.logits
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Lengths and the pattern
 
@@ -176,7 +218,7 @@ def iter_frames(lm: MusicGenLM, text_states: Tensor | None = None, text_mask: Te
                 prompt_codes: Tensor | None = None, guidance_scale: float | None = 3.0, temperature: float = 1.0,
                 top_k: int = 250, top_p: float = 0.0, do_sample: bool = True,
                 generator: torch.Generator | None = None,
-                progress: Callable[[int, int], None] | None = None) -> Iterator[Tensor]:
+                progress: Callable[[int, int], None] | None = None, cuda_graph: bool = False) -> Iterator[Tensor]:
     """Generate codes, yielding frames (B, K, n) as soon as all their codebooks are final.
 
     text_states (B, Lt, text_dim) and text_mask (B, Lt) are the text encoder's output for B prompts (padded
@@ -184,7 +226,8 @@ def iter_frames(lm: MusicGenLM, text_states: Tensor | None = None, text_mask: Te
     transformers' `get_unconditional_inputs`) for `batch_size` rows, and CFG, which would compare the null text
     with itself, is skipped. prompt_codes (B, K, P) are audio-prompt frames to continue; they are yielded
     first. The length is `num_frames` (total, prompt included) or `max_new_tokens` (see `plan_frames`).
-    `progress(step, total)` is called after each decoding step.
+    `progress(step, total)` is called after each decoding step. `cuda_graph`: replay each decode step from a
+    CUDA graph (the model must be on a CUDA device; see `GraphedStep`).
     """
     check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                    do_sample=do_sample)
@@ -242,21 +285,29 @@ def iter_frames(lm: MusicGenLM, text_states: Tensor | None = None, text_mask: Te
 
     yield from decode_pattern(step, pattern, delays, guidance_scale=guidance_scale if cfg else None,
                               temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                              generator=generator, progress=progress)
+                              generator=generator, progress=progress, cuda_graph=cuda_graph)
 
 
 def decode_pattern(step: Callable[[Tensor, int | Tensor], Tensor], pattern: Tensor, delays: Sequence[int], *,
                    guidance_scale: float | None, temperature: float, top_k: int, top_p: float, do_sample: bool,
-                   generator: torch.Generator | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> Iterator[Tensor]:
+                   generator: torch.Generator | None = None, progress: Callable[[int, int], None] | None = None,
+                   cuda_graph: bool = False) -> Iterator[Tensor]:
     """Fill the FREE slots of a (B, K, S) pattern column by column; yield frames (B, K, n) once final.
 
     `step(tokens, position)` runs the model and returns the logits (B', K, V) of its last input column. It is
     called first with every column before the first free one (position 0, an int: the prefill), then with one
     column at a time (position a 0-dim tensor). Under CFG (guidance_scale > 1) the tokens are given twice,
     [cond; null] (B' = 2B), and the logits must come in that order. A model with a conditioning prefix (e.g.
-    MusicGen Melody) prepends it in its first step and shifts its positions.
+    MusicGen Melody) prepends it in its first step and shifts its positions. `cuda_graph`: the one-column steps
+    replay a CUDA graph (`GraphedStep`); the step must then keep static shapes and buffers, as the KV-cache
+    steps of this module do.
     """
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    if cuda_graph:
+        if not pattern.is_cuda:
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {pattern.device}")
+        step = GraphedStep(step)
     B, K, S = pattern.shape
     T = S - max(delays) - 1
     cfg = uses_cfg(guidance_scale)
@@ -304,10 +355,10 @@ def generate_codes(lm: MusicGenLM, text_states: Tensor | None = None, text_mask:
                    max_new_tokens: int | None = None, prompt_codes: Tensor | None = None,
                    guidance_scale: float | None = 3.0, temperature: float = 1.0, top_k: int = 250,
                    top_p: float = 0.0, do_sample: bool = True, generator: torch.Generator | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> Tensor:
+                   progress: Callable[[int, int], None] | None = None, cuda_graph: bool = False) -> Tensor:
     """Codes (B, K, T) with the delay undone and the prompt frames included; arguments as `iter_frames`."""
     frames = iter_frames(lm, text_states, text_mask, batch_size=batch_size, num_frames=num_frames,
                          max_new_tokens=max_new_tokens, prompt_codes=prompt_codes, guidance_scale=guidance_scale,
                          temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                         generator=generator, progress=progress)
+                         generator=generator, progress=progress, cuda_graph=cuda_graph)
     return torch.cat(list(frames), dim=-1)

@@ -92,7 +92,10 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            # pread, not mmap: every tensor then owns its memory, so one dropped after loading (a weight replaced
+            # by its int8 copy, an fp16 tensor cast to fp32) goes back to the system. Mapped, the pages of the
+            # whole file stay resident while any tensor of it lives (T5 and EnCodec share MusicGen's file).
+            return load_file(str(path), backend="pread")
         except Exception as err:  # safetensors raises SafetensorError / OSError on truncated files
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
     try:

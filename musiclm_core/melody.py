@@ -178,13 +178,13 @@ def generate_codes(lm: MusicGenMelodyLM, chroma: Tensor, text_states: Tensor | N
                    text_mask: Tensor | None = None, *, num_frames: int | None = None,
                    max_new_tokens: int | None = None, guidance_scale: float | None = 3.0, temperature: float = 1.0,
                    top_k: int = 250, top_p: float = 0.0, do_sample: bool = True,
-                   generator: torch.Generator | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> Tensor:
+                   generator: torch.Generator | None = None, progress: Callable[[int, int], None] | None = None,
+                   cuda_graph: bool = False) -> Tensor:
     """Codes (B, K, T), delay undone, for B rows of chroma (B, F, 12) and optional text (see `prefix`).
 
     The length is `num_frames` or `max_new_tokens` (`generate.plan_frames`). Under CFG (guidance_scale > 1) the
     null rows get zero text states and the no-melody chroma (one-hot bin 0, as many frames), as transformers
-    builds them. Sampling arguments as `generate.logits_to_next`.
+    builds them. Sampling arguments as `generate.logits_to_next`; `cuda_graph` as `generate.decode_pattern`.
     """
     from musiclm_core import generate as gen
 
@@ -220,7 +220,7 @@ def generate_codes(lm: MusicGenMelodyLM, chroma: Tensor, text_states: Tensor | N
 
     frames = gen.decode_pattern(step, pattern, delays, guidance_scale=guidance_scale if cfg else None,
                                 temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                                generator=generator, progress=progress)
+                                generator=generator, progress=progress, cuda_graph=cuda_graph)
     return torch.cat(list(frames), dim=-1)
 
 
@@ -332,7 +332,7 @@ class MusicGenMelody(MusicGen):
                        max_new_tokens: int | None = None, guidance_scale: float = 3.0, top_k: int = 250,
                        top_p: float = 0.0, temperature: float = 1.0, do_sample: bool = True,
                        seed: int | None = None, num_samples: int | None = None, separate_stems: bool = False,
-                       progress: bool | Callable[[int, int], None] = False) -> Tensor:
+                       progress: bool | Callable[[int, int], None] = False, cuda_graph: bool = False) -> Tensor:
         """Codes (B, K, T), delay undone. See `generate` for the arguments."""
         from musiclm_core import generate as gen
 
@@ -358,14 +358,14 @@ class MusicGenMelody(MusicGen):
         callback = progress_printer() if progress is True else (progress or None)
         return generate_codes(self.lm, chroma, states, mask, num_frames=total, max_new_tokens=max_new_tokens,
                               guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                              do_sample=do_sample, generator=generator, progress=callback)
+                              do_sample=do_sample, generator=generator, progress=callback, cuda_graph=cuda_graph)
 
     def generate(self, prompts: Sequence[str] | None, *, melody: Melody | None = None,
                  melody_sample_rate: int | None = None, duration: float | None = None,
                  max_new_tokens: int | None = None, guidance_scale: float = 3.0, top_k: int = 250,
                  top_p: float = 0.0, temperature: float = 1.0, do_sample: bool = True, seed: int | None = None,
                  num_samples: int | None = None, separate_stems: bool = False,
-                 progress: bool | Callable[[int, int], None] = False) -> Tensor:
+                 progress: bool | Callable[[int, int], None] = False, cuda_graph: bool = False) -> Tensor:
         """Audio (B, C, N) at `sample_rate` following the melody (if any) and the text prompts.
 
         prompts: B texts, or None for no text (`num_samples` pieces, default one per melody).
@@ -374,13 +374,15 @@ class MusicGenMelody(MusicGen):
         separate_stems: drop drums and bass with Demucs before the chroma, as audiocraft does (needs
             `pip install demucs`).
         duration: seconds (int(duration * frame_rate) frames, at most max_duration); or max_new_tokens
-            (transformers' count of decoder steps). Sampling arguments and seed as `MusicGen.generate`.
+            (transformers' count of decoder steps). Sampling arguments, seed and cuda_graph as
+            `MusicGen.generate`.
         """
         codes = self.generate_codes(prompts, melody=melody, melody_sample_rate=melody_sample_rate,
                                     duration=duration, max_new_tokens=max_new_tokens,
                                     guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
                                     temperature=temperature, do_sample=do_sample, seed=seed,
-                                    num_samples=num_samples, separate_stems=separate_stems, progress=progress)
+                                    num_samples=num_samples, separate_stems=separate_stems, progress=progress,
+                                    cuda_graph=cuda_graph)
         return self.decode_codes(codes)
 
     def stream(self, *args, **kwargs):

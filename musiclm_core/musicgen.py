@@ -409,7 +409,8 @@ class MusicGen:
                        top_p: float = 0.0, temperature: float = 1.0, do_sample: bool = True,
                        seed: int | None = None, prompt_audio: Tensor | None = None,
                        prompt_sample_rate: int | None = None, num_samples: int | None = None,
-                       extend_stride: float = 18.0, progress: bool | Callable[[int, int], None] = False) -> Tensor:
+                       extend_stride: float = 18.0, progress: bool | Callable[[int, int], None] = False,
+                       cuda_graph: bool = False) -> Tensor:
         """Codes (B, K, T), delay undone, audio prompt included. See `generate` for the arguments."""
         from musiclm_core import generate as gen
 
@@ -431,7 +432,7 @@ class MusicGen:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         callback = progress_printer() if progress is True else (progress or None)
         settings = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                        do_sample=do_sample, generator=generator)
+                        do_sample=do_sample, generator=generator, cuda_graph=cuda_graph)
         if total is None:  # transformers' reckoning, one window
             return gen.generate_codes(self.lm, states, mask, batch_size=B, max_new_tokens=max_new_tokens,
                                       prompt_codes=prompt_codes, progress=callback, **settings)
@@ -475,7 +476,7 @@ class MusicGen:
                  top_p: float = 0.0, temperature: float = 1.0, do_sample: bool = True, seed: int | None = None,
                  prompt_audio: Tensor | None = None, prompt_sample_rate: int | None = None,
                  num_samples: int | None = None, extend_stride: float = 18.0,
-                 progress: bool | Callable[[int, int], None] = False) -> Tensor:
+                 progress: bool | Callable[[int, int], None] = False, cuda_graph: bool = False) -> Tensor:
         """Audio (B, C, N) at `sample_rate`, the audio prompt included.
 
         prompts: B texts, or None for unconditional generation of `num_samples` pieces (default: one per
@@ -488,19 +489,22 @@ class MusicGen:
         prompt_audio (B, C, N) at prompt_sample_rate (default: the model's): music to continue.
         progress: True prints the frame count; a callable gets (frames done, frames in all), or with
             max_new_tokens (decoder steps done, steps in all).
+        cuda_graph: on a CUDA device, replay every decode step from a CUDA graph (`generate.GraphedStep`): the
+            same computation with one launch per step instead of ~1,000.
         """
         codes = self.generate_codes(prompts, duration=duration, max_new_tokens=max_new_tokens,
                                     guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
                                     temperature=temperature, do_sample=do_sample, seed=seed,
                                     prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
-                                    num_samples=num_samples, extend_stride=extend_stride, progress=progress)
+                                    num_samples=num_samples, extend_stride=extend_stride, progress=progress,
+                                    cuda_graph=cuda_graph)
         return self.decode_codes(codes)
 
     def stream(self, prompts: Sequence[str] | None, *, duration: float = 10.0, chunk_duration: float = 1.0,
                context_duration: float = 2.0, guidance_scale: float = 3.0, top_k: int = 250, top_p: float = 0.0,
                temperature: float = 1.0, do_sample: bool = True, seed: int | None = None,
                prompt_audio: Tensor | None = None, prompt_sample_rate: int | None = None,
-               num_samples: int | None = None) -> Iterator[Tensor]:
+               num_samples: int | None = None, cuda_graph: bool = False) -> Iterator[Tensor]:
         """Yield audio chunks (B, C, n) while generating one window (duration <= max_duration).
 
         Every `chunk_duration` seconds of final frames are decoded together with the `context_duration`
@@ -533,7 +537,7 @@ class MusicGen:
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         frames = gen.iter_frames(self.lm, states, mask, batch_size=B, num_frames=total, prompt_codes=prompt_codes,
                                  guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 do_sample=do_sample, generator=generator)
+                                 do_sample=do_sample, generator=generator, cuda_graph=cuda_graph)
         hop = self.codec.hop_length
         codes = None
         emitted = 0  # frames whose samples have been yielded
@@ -552,7 +556,7 @@ class MusicGen:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                         revision: str | None = None, variant: str | None = None, layout: str | None = None,
-                        text_encoder: str | os.PathLike | None = None) -> "MusicGen":
+                        text_encoder: str | os.PathLike | None = None, quantize: str | None = None) -> "MusicGen":
         """A transformers MusicGen repo or folder (`facebook/musicgen-*`), an audiocraft folder (`state_dict.bin`
         + `compression_state_dict.bin`) or a native folder.
 
@@ -561,7 +565,23 @@ class MusicGen:
         layout: "audiocraft" to read the audiocraft files of a repo that holds both layouts.
         text_encoder: for the audiocraft layout, where to get T5 (default: the hub id its config names, e.g.
             "t5-base", as audiocraft does).
+        quantize: "int8" or "bf16" stores the LM's linear weights in that format (`kernels/quant.py`: weight-only,
+            for the memory-bound decode step on a CPU; parity in benchmarks/RESULTS.md); the loaded `dtype`
+            weights are freed. T5 and EnCodec stay in `dtype`.
         """
+        from musiclm_core.kernels import quant
+
+        if quantize is not None and quantize not in quant.MODES:  # before the long part
+            raise ValueError(f"quantize must be None or one of {quant.MODES}, got {quantize!r}")
+        pipeline = cls._load(name_or_path, dtype=dtype, revision=revision, variant=variant, layout=layout,
+                             text_encoder=text_encoder)
+        if quantize is not None:
+            quant.quantize_weights(pipeline.lm, quantize)
+        return pipeline
+
+    @classmethod
+    def _load(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype, revision: str | None,
+              variant: str | None, layout: str | None, text_encoder: str | os.PathLike | None) -> "MusicGen":
         from musiclm_core.convert import encodec as convert_encodec, keys, musicgen as convert, t5 as convert_t5
 
         folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout,

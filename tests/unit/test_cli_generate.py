@@ -7,7 +7,6 @@ LM: a 0.5 s piece is 25 frames. Loudness normalisation (the default) needs at le
 
 import io
 import json
-import random
 import shutil
 
 import pytest
@@ -15,39 +14,23 @@ import torch
 
 from musiclm_core.audio import load_audio, save_audio
 from musiclm_core.cli import Progress, main
+from musiclm_core.musicgen import MusicGen
+
+from fixtures import WORDS, tiny_musicgen, train_spm
 
 SR, HOP = 3200, 64  # 50 frames/s
-WORDS = ("the a of and with music song track drums bass guitar synth piano violin beat tempo loud soft calm "
-         "happy sad pop rock jazz electronic melody rhythm vocals ambient dark bright warm 80s 90s funk").split()
 PCM16 = 1 / 32768  # wav files hold 16-bit samples
 
 
 @pytest.fixture(scope="module")
 def spm_folder(tmp_path_factory):
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10))) for _ in range(500)]
-    folder = tmp_path_factory.mktemp("cli_spm")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
-                                   model_type="unigram", vocab_size=100, hard_vocab_limit=False, pad_id=0,
-                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    return folder
+    return train_spm(tmp_path_factory.mktemp("cli_spm"), lines=500, vocab_size=100)
 
 
 def _tiny_pipeline(spm_folder, channels=1):
-    from musiclm_core.encodec import EnCodec, EnCodecConfig
-    from musiclm_core.musicgen import MusicGen, MusicGenConfig, MusicGenLM
-    from musiclm_core.t5 import PRESETS as T5_PRESETS, T5Encoder, T5Tokenizer
+    from musiclm_core.t5 import T5Tokenizer
 
-    torch.manual_seed(0)
-    t5 = T5Encoder(T5_PRESETS["tiny"]).eval()
-    t5.tokenizer = T5Tokenizer.from_folder(spm_folder)
-    codec = EnCodec(EnCodecConfig(sample_rate=SR, num_filters=4, ratios=(8, 8), dimension=16, codebook_size=2048,
-                                  target_bandwidths=(2.2,), lstm_layers=1)).eval()
-    lm = MusicGenLM(MusicGenConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=256, num_codebooks=4 * channels,
-                                   audio_channels=channels, text_dim=32, max_positions=256)).eval()
-    return MusicGen(lm, codec, t5)
+    return tiny_musicgen(T5Tokenizer.from_folder(spm_folder), channels=channels, ratios=(8, 8), bandwidth=2.2)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +79,13 @@ def test_generate_one_prompt(model_folder, model, tmp_path, capsys):
     _same_audio(nucleus, model.generate(["calm piano"], duration=0.5, seed=1, top_k=0, top_p=0.9,
                                         temperature=0.7)[0])
     assert not torch.equal(load_audio(nucleus)[0], load_audio(greedy)[0])
+
+    # --quantize reaches the loader: the same as the pipeline loaded with quantize="int8"
+    int8 = tmp_path / "int8.wav"
+    assert _run(model_folder, "calm piano", "--duration", "0.5", "--greedy", "--quantize", "int8",
+                "-o", str(int8), "--normalize", "none") == 0
+    quantized = MusicGen.from_pretrained(model_folder, quantize="int8")
+    _same_audio(int8, quantized.generate(["calm piano"], duration=0.5, do_sample=False)[0])
 
 
 def test_seed_is_printed_when_not_given(model_folder, tmp_path, capsys):
@@ -230,6 +220,7 @@ def test_refuses_to_overwrite(model_folder, tmp_path, capsys):
     (["x", "--device", "cuda:0"] if not torch.cuda.is_available() else ["x", "--device", "nonsense"],
      "--device"),
     (["x", "--model", "./no_such_model_folder"], "no such folder: no_such_model_folder"),
+    (["x", "--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device, the model would run on cpu"),
 ])
 def test_errors(model_folder, tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

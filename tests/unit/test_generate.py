@@ -1,5 +1,6 @@
 """Generation pieces and the delay-pattern loop on the tiny MusicGen LM."""
 
+import copy
 import math
 
 import pytest
@@ -274,3 +275,24 @@ def test_decode_pattern_with_a_prefix():
     with pytest.raises(ValueError, match="nothing to generate"):
         next(G.decode_pattern(step, torch.full((1, 4, 5), 2048), (0, 1, 2, 3), guidance_scale=None,
                               temperature=1.0, top_k=0, top_p=1.0, do_sample=False))
+
+
+def test_cuda_graph_needs_cuda(lm):
+    text, mask = _text(1)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device, it is on cpu"):
+        G.generate_codes(lm, text, mask, max_new_tokens=8, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph must be True or False, got 'yes'"):
+        G.generate_codes(lm, text, mask, max_new_tokens=8, cuda_graph="yes")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run with -m cuda on a GPU)")
+@pytest.mark.parametrize("guidance_scale", [None, 3.0])
+def test_cuda_graph_equals_eager(lm, guidance_scale):
+    """fp32, greedy: the graph replays the eager step, so the tokens are identical (issue: same tokens as eager)."""
+    gpu = copy.deepcopy(lm).cuda()
+    text, mask = _text(2)
+    kwargs = dict(max_new_tokens=40, guidance_scale=guidance_scale, do_sample=False)
+    eager = G.generate_codes(gpu, text.cuda(), mask.cuda(), **kwargs)
+    graphed = G.generate_codes(gpu, text.cuda(), mask.cuda(), cuda_graph=True, **kwargs)
+    assert torch.equal(graphed, eager)

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+from torch import nn
 
 from musiclm_core.cache import KVCache
 from musiclm_core.convert import musicgen as convert
 from musiclm_core.hub import CheckpointError
 from musiclm_core.musicgen import PRESETS, MusicGenConfig, MusicGenLM, sinusoids
+
+from fixtures import tiny_musicgen, train_spm
 
 TEXT = PRESETS["tiny"].text_dim
 
@@ -345,51 +348,22 @@ def test_audiocraft_errors():
 # The pipeline (tiny T5 + tiny MusicGen LM + a tiny EnCodec with 4 codebooks of 2048 at 800 frames/s)
 
 
-WORDS = ("the a of and with music song track drums bass guitar synth piano violin beat tempo loud soft calm "
-         "happy sad pop rock jazz electronic melody rhythm vocals ambient dark bright warm 80s 90s funk").split()
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """A real sentencepiece model, trained in a blink on music words."""
-    import random
-
-    import sentencepiece as spm
-
     from musiclm_core.t5 import T5Tokenizer
 
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10))) for _ in range(500)]
-    folder = tmp_path_factory.mktemp("spm")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
-                                   model_type="unigram", vocab_size=100, hard_vocab_limit=False, pad_id=0,
-                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    return T5Tokenizer.from_folder(folder)
-
-
-def _pipeline(tokenizer, channels=1, max_duration=30.0):
-    from musiclm_core.encodec import EnCodec, EnCodecConfig
-    from musiclm_core.musicgen import MusicGen
-    from musiclm_core.t5 import PRESETS as T5_PRESETS, T5Encoder
-
-    torch.manual_seed(0)
-    t5 = T5Encoder(T5_PRESETS["tiny"]).eval()
-    t5.tokenizer = tokenizer
-    codec = EnCodec(EnCodecConfig(sample_rate=3200, num_filters=4, ratios=(2, 2), dimension=16, codebook_size=2048,
-                                  target_bandwidths=(35.2,), lstm_layers=1)).eval()
-    lm = MusicGenLM(MusicGenConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=256, num_codebooks=4 * channels,
-                                   audio_channels=channels, text_dim=32, max_positions=256)).eval()
-    return MusicGen(lm, codec, t5, max_duration=max_duration)
+    return T5Tokenizer.from_folder(train_spm(tmp_path_factory.mktemp("spm"), lines=500, vocab_size=100))
 
 
 @pytest.fixture(scope="module")
 def mg(tokenizer):
-    return _pipeline(tokenizer)
+    return tiny_musicgen(tokenizer)
 
 
 @pytest.fixture(scope="module")
 def mg_stereo(tokenizer):
-    return _pipeline(tokenizer, channels=2)
+    return tiny_musicgen(tokenizer, channels=2)
 
 
 def test_pipeline_generate(mg):
@@ -428,7 +402,7 @@ def test_pipeline_audio_prompt(mg, mg_stereo):
 
 def test_pipeline_long_form_windows(mg, tokenizer):
     # audiocraft's scheme: windows of max_duration, each continuing the last (max_duration - extend_stride).
-    long = _pipeline(tokenizer, max_duration=0.04)  # windows of 32 frames
+    long = tiny_musicgen(tokenizer, max_duration=0.04)  # windows of 32 frames
     long.lm.load_state_dict(mg.lm.state_dict())
     codes = long.generate_codes(["a calm piano"], duration=0.1, extend_stride=0.02, do_sample=False)
     assert codes.shape == (1, 4, 80)
@@ -505,6 +479,26 @@ def test_pipeline_audiocraft_layout(mg, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="768-wide text states, the text encoder gives 32"):
         mg.text_encoder.save_pretrained(tmp_path / "t5_tiny")
         MusicGen.from_pretrained(folder, text_encoder=tmp_path / "t5_tiny")
+
+
+def test_pipeline_quantize(mg, tmp_path):
+    from musiclm_core.kernels.quant import BF16Linear, Int8Linear
+    from musiclm_core.musicgen import MusicGen
+
+    mg.save_pretrained(tmp_path / "mg")
+    with pytest.raises(ValueError, match=r"quantize must be None or one of \('bf16', 'int8'\), got 'int4'"):
+        MusicGen.from_pretrained(tmp_path / "mg", quantize="int4")
+    kwargs = dict(duration=0.1, seed=4, do_sample=False)
+    reference = mg.generate_codes(["soft jazz"], **kwargs)
+    for mode, kind in (("int8", Int8Linear), ("bf16", BF16Linear)):
+        quantized = MusicGen.from_pretrained(tmp_path / "mg", quantize=mode)
+        linears = [m for m in quantized.lm.modules() if isinstance(m, (nn.Linear, kind))]
+        assert linears and all(isinstance(m, kind) for m in linears), mode  # every LM linear, none left in fp32
+        assert not any(isinstance(m, (Int8Linear, BF16Linear)) for m in quantized.text_encoder.modules())
+        codes = quantized.generate_codes(["soft jazz"], **kwargs)
+        # A random tiny LM has near-flat logits, so greedy tokens drift apart after a few frames (RESULTS.md):
+        # the first frames must agree, which a wrong scale or a transposed weight would not.
+        assert codes.shape == reference.shape and torch.equal(codes[:, :, :2], reference[:, :, :2]), mode
 
 
 def test_pipeline_parts_must_fit(mg):
