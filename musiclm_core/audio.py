@@ -4,7 +4,8 @@ Waveforms are float tensors shaped (C, N): C channels, N samples, nominally in [
 
 * `load_audio` / `save_audio`: wav, flac and ogg (Vorbis) through soundfile; writes are atomic (a temporary file
   in the target folder, then `os.replace`), so a failed or interrupted write never leaves a partial file.
-* `resample`: a Kaiser-windowed sinc resampler, polyphase, one `conv1d` (its accuracy is stated at `_SINC_ZEROS`).
+* `resample`: a windowed-sinc resampler, polyphase, one `conv1d`: by default Kaiser-windowed (its accuracy is
+  stated at `_SINC_ZEROS`); `window="hann"` gives torchaudio's Hann-windowed design instead.
 * `loudness`: integrated loudness in LUFS per ITU-R BS.1770-4 (K-weighting, 400 ms blocks, two gates), and
   `normalize_loudness` to a target (-14 LUFS by default, as audiocraft writes its outputs).
 """
@@ -327,43 +328,73 @@ def normalize_loudness(wav: torch.Tensor, sample_rate: int, target_lufs: float =
 _SINC_ZEROS = 32
 _SINC_ROLLOFF = 0.90
 _KAISER_BETA = 10.0
+_WINDOWS = ("kaiser", "hann")
 
 
 @functools.lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int) -> tuple[torch.Tensor, int]:
+def _sinc_kernel(orig: int, new: int, window: str = "kaiser", rolloff: float = _SINC_ROLLOFF,
+                 zeros: int = _SINC_ZEROS) -> tuple[torch.Tensor, int]:
     """Polyphase kernels (new, 1, K) float64 and the left padding, for a gcd-reduced ratio orig -> new.
 
     Output sample m sits at input time t = m * orig / new. Writing m = q * new + p, it is the input around sample
     q * orig plus the fixed fraction p * orig / new: so phase p is one output channel of a conv1d with stride
     `orig`, whose taps are the windowed sinc sampled at p * orig / new - (j - pad).
     """
-    cutoff = _SINC_ROLLOFF * min(1.0, new / orig)  # as a fraction of the input Nyquist frequency
-    # Half-width of the kernel in input samples: 32 zero crossings, rounded up to a multiple of 1 / new, so that
-    # the window ends on the grid of the rate orig * new. The kernel is then exactly the FIR that
-    # scipy.signal.firwin designs at that rate for the same cutoff and window (a test checks it).
-    half = math.ceil(new * _SINC_ZEROS / cutoff) / new
+    cutoff = rolloff * min(1.0, new / orig)  # as a fraction of the input Nyquist frequency
+    if window == "kaiser":
+        # Half-width of the kernel in input samples: `zeros` zero crossings, rounded up to a multiple of 1 / new,
+        # so that the window ends on the grid of the rate orig * new. The kernel is then exactly the FIR that
+        # scipy.signal.firwin designs at that rate for the same cutoff and window (a test checks it).
+        half = math.ceil(new * zeros / cutoff) / new
+    else:
+        # The Hann design is torchaudio's "sinc_interp_hann": its window ends exactly on the last zero crossing
+        # (not rounded to a grid), which is what its users (MusicGen Melody's chroma) were computed with.
+        half = zeros / cutoff
     pad = math.ceil(half)
     frac = torch.arange(new, dtype=torch.float64)[:, None] * orig / new  # (new, 1)
     taps = torch.arange(2 * pad + orig, dtype=torch.float64)[None, :] - pad  # (1, K): spans every phase's window
     t = frac - taps  # (new, K) distance from the output instant to each input sample
-    # Kaiser window I0(beta * sqrt(1 - (t / half)^2)) / I0(beta), zero outside |t| <= half.
-    beta = torch.tensor(_KAISER_BETA, dtype=torch.float64)
-    window = torch.special.i0(beta * (1 - (t / half).pow(2)).clamp(min=0).sqrt()) / torch.special.i0(beta)
-    window = torch.where(t.abs() <= half, window, 0.0)
+    if window == "kaiser":
+        # I0(beta * sqrt(1 - (t / half)^2)) / I0(beta)
+        beta = torch.tensor(_KAISER_BETA, dtype=torch.float64)
+        taper = torch.special.i0(beta * (1 - (t / half).pow(2)).clamp(min=0).sqrt()) / torch.special.i0(beta)
+    else:
+        # cos^2(pi/2 * t / half): one raised-cosine lobe, 1 at t = 0 and 0 at |t| = half
+        taper = torch.cos(0.5 * math.pi * t / half).pow(2)
+    taper = torch.where(t.abs() <= half, taper, 0.0)  # zero outside |t| <= half
     # cutoff * sinc(cutoff * t): the ideal low pass at that cutoff, with unit gain at DC.
-    kernel = cutoff * torch.sinc(cutoff * t) * window
+    kernel = cutoff * torch.sinc(cutoff * t) * taper
     return kernel[:, None, :], pad  # (new, 1, K)
 
 
-def resample(wav: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+def resample(wav: torch.Tensor, orig_sr: int, new_sr: int, *, window: str = "kaiser",
+             rolloff: float = _SINC_ROLLOFF, zeros: int = _SINC_ZEROS) -> torch.Tensor:
     """Resample (..., N) audio from `orig_sr` to `new_sr` Hz -> (..., ceil(N * new_sr / orig_sr)).
 
     Band-limited (windowed-sinc) interpolation computed in the dtype of `wav`; the signal is taken as zero
-    outside [0, N), as scipy's `resample_poly` does. Accuracy: see `_SINC_ZEROS` above. Equal rates return `wav`
-    itself.
+    outside [0, N), as scipy's `resample_poly` does. Equal rates return `wav` itself.
+
+    The filter is a sinc low pass with its cutoff (-6 dB) at `rolloff` times the lower of the two Nyquist
+    frequencies, `zeros` zero crossings long on each side, tapered by `window`:
+      * "kaiser" (the default, with rolloff 0.90 and 32 zeros): Kaiser beta 10; accuracy: see `_SINC_ZEROS`.
+      * "hann": a cos^2 taper ending on the last zero crossing: the filter of `torchaudio.functional.resample`
+        (its default method "sinc_interp_hann"; its `lowpass_filter_width` is our `zeros`, its `rolloff` ours).
+        The same settings give torchaudio's output to float64 round-off (tested; for float32 audio torchaudio
+        computes its kernel in float32, sample positions included, which moves outputs by up to ~4e-5 when the
+        reduced ratio is large, e.g. 441:320 for 44.1 -> 32 kHz). Use it to reproduce what was computed with
+        torchaudio, not for accuracy: with rolloff 0.945 and 24 zeros (MusicGen Melody's chroma) the transition
+        band reaches past the lower Nyquist frequency, which is attenuated by only 33 dB there and 54 dB from
+        1.05 times it on (measured; the default filter: 100 dB).
     """
     orig_sr = _check_sample_rate(orig_sr, "orig_sr")
     new_sr = _check_sample_rate(new_sr, "new_sr")
+    if window not in _WINDOWS:
+        raise ValueError(f"window must be one of {_WINDOWS}, got {window!r}")
+    if (isinstance(rolloff, bool) or not isinstance(rolloff, (int, float, np.floating))
+            or not 0 < rolloff <= 1):
+        raise ValueError(f"rolloff must be a fraction of the Nyquist frequency in (0, 1], got {rolloff!r}")
+    if isinstance(zeros, bool) or not isinstance(zeros, (int, np.integer)) or zeros <= 0:
+        raise ValueError(f"zeros (zero crossings on each side of the sinc) must be a positive integer, got {zeros!r}")
     wav = _as_float_tensor(wav)
     if wav.dim() == 0:
         raise ValueError("wav must have a time axis (..., N), got a scalar")
@@ -371,7 +402,7 @@ def resample(wav: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         return wav
     g = math.gcd(orig_sr, new_sr)
     orig, new = orig_sr // g, new_sr // g
-    kernel, pad = _sinc_kernel(orig, new)
+    kernel, pad = _sinc_kernel(orig, new, window, float(rolloff), int(zeros))
     kernel = kernel.to(device=wav.device, dtype=wav.dtype)
 
     *lead, N = wav.shape

@@ -4,7 +4,8 @@ The melody conditioning of MusicGen Melody is a sequence of one-hot pitch classe
 melody, the chroma bin (C, C#, ..., B) that holds the most energy. This module computes it the way transformers'
 `MusicgenMelodyFeatureExtractor` does (and audiocraft's `ChromaExtractor` with `argmax=True`, `norm=inf`):
 
-    wav (any rate, any channels) -> mono, 32 kHz, at most 30 s -> right-pad the batch with zeros
+    wav (any rate, any channels) -> mono, 32 kHz (torchaudio's resampling filter), at most 30 s
+    -> right-pad the batch with zeros
     -> power spectrogram (n_fft 16384, hop 4096, periodic Hann, centred with reflect padding, |X|^2 / sum(w^2))
     -> chroma filterbank (= librosa.filters.chroma(sr=32000, n_fft=16384, tuning=0), 12 x 8193, C first)
     -> divide each frame by its largest bin -> one-hot of the argmax (a silent frame gives bin 0)
@@ -117,11 +118,13 @@ def _as_mono_batch(wav: torch.Tensor | Sequence[torch.Tensor], sample_rate: int)
         if item.dim() == 2:
             item = item.mean(dim=0)  # (N,) downmix to mono
         if sample_rate != SAMPLE_RATE:
-            # Our resampler (Kaiser-windowed sinc, cutoff 0.90) is not torchaudio's (Hann-windowed sinc, rolloff
-            # 0.945, 24 zero crossings) that transformers uses. Measured (tests/parity/test_chroma_parity.py):
-            # tonal melodies give the same one-hot frames; white noise, a near-tie of all 12 bins whose 14.4-15.1
-            # kHz band only torchaudio keeps, agrees on 55-77 % of frames. At 32 kHz nothing is resampled.
-            item = resample(item, sample_rate, SAMPLE_RATE)
+            # The reference's filter, not our default Kaiser one: transformers calls torchaudio.functional.resample
+            # with rolloff=0.945, lowpass_filter_width=24 and its default Hann window. It matters for noisy
+            # melodies: white noise is a near-tie of all 12 chroma bins, and our default filter, which keeps
+            # 14.4 kHz of the 16 kHz band where this one keeps 15.1 kHz, changed the argmax in up to 45 % of
+            # its frames. With this filter every frame agrees (tests/parity/test_chroma_parity.py). The reference
+            # resamples before the downmix; both are linear, so the order only changes float round-off.
+            item = resample(item, sample_rate, SAMPLE_RATE, window="hann", rolloff=0.945, zeros=24)
         mono.append(item[:MAX_SAMPLES])
 
     # Right-pad with zeros to the longest item (padding_side "right"); the padded tail gives silent (bin 0) frames.
@@ -171,7 +174,7 @@ def chroma_features(wav: torch.Tensor | Sequence[torch.Tensor], sample_rate: int
         C channels, not a batch -- or a sequence of (C, N) / (N,) tensors of different lengths (a batch; shorter
         items are right-padded with zeros, whose frames come out as bin 0). Channels are averaged to mono.
     sample_rate: the rate of `wav` in Hz; other rates than 32000 are resampled to 32 kHz with `audio.resample`
-        (transformers uses torchaudio's resampler there, so resampled chroma can differ in near-tie frames).
+        using the reference's filter (torchaudio's Hann-windowed sinc, rolloff 0.945, 24 zero crossings).
 
     Melodies longer than 30 s are truncated to 30 s. frames = 1 + N // 4096 for N samples at 32 kHz (235 for 30 s);
     a melody shorter than 16384 samples is zero-padded on both sides to 16384 and gives 5 frames.

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -180,7 +180,20 @@ def generate_codes(lm: MusicGenMelodyLM, chroma: Tensor, text_states: Tensor | N
                    top_k: int = 250, top_p: float = 0.0, do_sample: bool = True,
                    generator: torch.Generator | None = None, progress: Callable[[int, int], None] | None = None,
                    cuda_graph: bool = False) -> Tensor:
-    """Codes (B, K, T), delay undone, for B rows of chroma (B, F, 12) and optional text (see `prefix`).
+    """Codes (B, K, T), delay undone, for B rows of chroma (B, F, 12) and optional text; see `iter_frames`."""
+    frames = iter_frames(lm, chroma, text_states, text_mask, num_frames=num_frames, max_new_tokens=max_new_tokens,
+                         guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                         do_sample=do_sample, generator=generator, progress=progress, cuda_graph=cuda_graph)
+    return torch.cat(list(frames), dim=-1)
+
+
+def iter_frames(lm: MusicGenMelodyLM, chroma: Tensor, text_states: Tensor | None = None,
+                text_mask: Tensor | None = None, *, num_frames: int | None = None, max_new_tokens: int | None = None,
+                guidance_scale: float | None = 3.0, temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
+                do_sample: bool = True, generator: torch.Generator | None = None,
+                progress: Callable[[int, int], None] | None = None, cuda_graph: bool = False) -> Iterator[Tensor]:
+    """Frames (B, K, n), delay undone, yielded as soon as final, for B rows of chroma (B, F, 12) and optional
+    text (see `prefix`).
 
     The length is `num_frames` or `max_new_tokens` (`generate.plan_frames`). Under CFG (guidance_scale > 1) the
     null rows get zero text states and the no-melody chroma (one-hot bin 0, as many frames), as transformers
@@ -218,10 +231,9 @@ def generate_codes(lm: MusicGenMelodyLM, chroma: Tensor, text_states: Tensor | N
             return lm(tokens, prefix=prefix, cache=cache, offset=0)[:, :, -1]
         return lm(tokens, cache=cache, offset=position + P)[:, :, -1]  # one column, after the prefix
 
-    frames = gen.decode_pattern(step, pattern, delays, guidance_scale=guidance_scale if cfg else None,
-                                temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                                generator=generator, progress=progress, cuda_graph=cuda_graph)
-    return torch.cat(list(frames), dim=-1)
+    yield from gen.decode_pattern(step, pattern, delays, guidance_scale=guidance_scale if cfg else None,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
+                                  generator=generator, progress=progress, cuda_graph=cuda_graph)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,7 +283,7 @@ class MusicGenMelody(MusicGen):
     >>> wav = mel.generate(["80s pop with synths"], melody=tune, melody_sample_rate=44100, duration=8.0)
 
     The MusicGen pipeline with the melody LM: `decode_codes`, `sample_rate` etc. are MusicGen's. One window only
-    (duration <= max_duration, 30 s), no audio prompt, no streaming.
+    (duration <= max_duration, 30 s), no audio prompt.
     """
 
     kind = PIPELINE_KIND  # MusicGen's from_pretrained / save_pretrained read these three
@@ -334,6 +346,19 @@ class MusicGenMelody(MusicGen):
                        seed: int | None = None, num_samples: int | None = None, separate_stems: bool = False,
                        progress: bool | Callable[[int, int], None] = False, cuda_graph: bool = False) -> Tensor:
         """Codes (B, K, T), delay undone. See `generate` for the arguments."""
+        frames = self._frames(prompts, melody=melody, melody_sample_rate=melody_sample_rate, duration=duration,
+                              max_new_tokens=max_new_tokens, guidance_scale=guidance_scale, top_k=top_k,
+                              top_p=top_p, temperature=temperature, do_sample=do_sample, seed=seed,
+                              num_samples=num_samples, separate_stems=separate_stems, progress=progress,
+                              cuda_graph=cuda_graph)
+        return torch.cat(list(frames), dim=-1)
+
+    def _frames(self, prompts: Sequence[str] | None, *, melody: Melody | None, melody_sample_rate: int | None,
+                duration: float | None, max_new_tokens: int | None, guidance_scale: float, top_k: int,
+                top_p: float, temperature: float, do_sample: bool, seed: int | None, num_samples: int | None,
+                separate_stems: bool, progress: bool | Callable[[int, int], None],
+                cuda_graph: bool) -> Iterator[Tensor]:
+        """`iter_frames` for the arguments of `generate_codes`, after checking them and making the chroma."""
         from musiclm_core import generate as gen
 
         gen.check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -356,9 +381,9 @@ class MusicGenMelody(MusicGen):
                 guidance_scale = None       # CFG would compare it with itself
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         callback = progress_printer() if progress is True else (progress or None)
-        return generate_codes(self.lm, chroma, states, mask, num_frames=total, max_new_tokens=max_new_tokens,
-                              guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                              do_sample=do_sample, generator=generator, progress=callback, cuda_graph=cuda_graph)
+        return iter_frames(self.lm, chroma, states, mask, num_frames=total, max_new_tokens=max_new_tokens,
+                           guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                           do_sample=do_sample, generator=generator, progress=callback, cuda_graph=cuda_graph)
 
     def generate(self, prompts: Sequence[str] | None, *, melody: Melody | None = None,
                  melody_sample_rate: int | None = None, duration: float | None = None,
@@ -385,8 +410,19 @@ class MusicGenMelody(MusicGen):
                                     cuda_graph=cuda_graph)
         return self.decode_codes(codes)
 
-    def stream(self, *args, **kwargs):
-        raise NotImplementedError("MusicGenMelody does not stream yet: use generate")
+    def stream(self, prompts: Sequence[str] | None, *, melody: Melody | None = None,
+               melody_sample_rate: int | None = None, duration: float = 10.0, chunk_duration: float = 1.0,
+               context_duration: float = 2.0, guidance_scale: float = 3.0, top_k: int = 250, top_p: float = 0.0,
+               temperature: float = 1.0, do_sample: bool = True, seed: int | None = None,
+               num_samples: int | None = None, separate_stems: bool = False,
+               cuda_graph: bool = False) -> Iterator[Tensor]:
+        """Yield audio chunks (B, C, n) while generating; chunks as `MusicGen.stream`, the rest as `generate`."""
+        chunk, context = self._stream_sizes(chunk_duration, context_duration)
+        frames = self._frames(prompts, melody=melody, melody_sample_rate=melody_sample_rate, duration=duration,
+                              max_new_tokens=None, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
+                              temperature=temperature, do_sample=do_sample, seed=seed, num_samples=num_samples,
+                              separate_stems=separate_stems, progress=False, cuda_graph=cuda_graph)
+        yield from self._decode_stream(frames, self.frame_count(duration, None), chunk, context)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     # `MusicGen.from_pretrained` reads a transformers MusicGen Melody repo or folder (`facebook/musicgen-melody`,

@@ -520,13 +520,7 @@ class MusicGen:
         if total > int(self.max_duration * self.frame_rate):
             raise ValueError(f"stream generates one window: duration must be <= {self.max_duration} s, "
                              f"got {duration}")
-        for name, value in (("chunk_duration", chunk_duration), ("context_duration", context_duration)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0 or (name == "chunk_duration" and value <= 0):
-                raise ValueError(f"{name} must be a finite number of seconds "
-                                 f"{'> 0' if name == 'chunk_duration' else '>= 0'}, got {value!r}")
-        chunk = max(1, int(chunk_duration * self.frame_rate))
-        context = int(context_duration * self.frame_rate)
+        chunk, context = self._stream_sizes(chunk_duration, context_duration)
         states, mask, B = self.encode_prompts(prompts, num_samples, prompt_audio)
         prompt_codes = None
         if prompt_audio is not None:
@@ -538,6 +532,19 @@ class MusicGen:
         frames = gen.iter_frames(self.lm, states, mask, batch_size=B, num_frames=total, prompt_codes=prompt_codes,
                                  guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                  do_sample=do_sample, generator=generator, cuda_graph=cuda_graph)
+        yield from self._decode_stream(frames, total, chunk, context)
+
+    def _stream_sizes(self, chunk_duration: float, context_duration: float) -> tuple[int, int]:
+        """(chunk, context) in frames for `stream`, after checking the durations."""
+        for name, value in (("chunk_duration", chunk_duration), ("context_duration", context_duration)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name == "chunk_duration" and value <= 0):
+                raise ValueError(f"{name} must be a finite number of seconds "
+                                 f"{'> 0' if name == 'chunk_duration' else '>= 0'}, got {value!r}")
+        return max(1, int(chunk_duration * self.frame_rate)), int(context_duration * self.frame_rate)
+
+    def _decode_stream(self, frames: Iterator[Tensor], total: int, chunk: int, context: int) -> Iterator[Tensor]:
+        """Audio chunks (B, C, n) of the frames (B, K, n') an `iter_frames` yields, `total` frames in all."""
         hop = self.codec.hop_length
         codes = None
         emitted = 0  # frames whose samples have been yielded

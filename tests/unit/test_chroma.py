@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from musiclm_core.audio import resample
 from musiclm_core.chroma import (
     MAX_FRAMES,
     N_FFT,
@@ -117,6 +118,16 @@ def test_resampled_input():
         assert out.shape == (1, 1 + math.ceil(int(1.5 * sr) * SR / sr) // 4096, 12)
         assert (out.argmax(-1) == 9).all(), sr
     assert torch.equal(chroma_features(tone(440.0), 32000.0), chroma_features(tone(440.0), SR))
+
+
+def test_resampling_uses_the_reference_filter():
+    # Other rates go through torchaudio's filter (Hann, rolloff 0.945, 24 zeros; tests/parity checks it against
+    # torchaudio), not audio.resample's default: white noise tells the two apart.
+    noise = 0.1 * torch.randn(3 * 44100 + 7, generator=torch.Generator().manual_seed(0))
+    got = normalized_chroma(noise, 44100)
+    at_32k = resample(noise, 44100, SR, window="hann", rolloff=0.945, zeros=24)
+    assert torch.equal(got, normalized_chroma(at_32k, SR))
+    assert (got - normalized_chroma(resample(noise, 44100, SR), SR)).abs().max().item() > 1e-2
 
 
 def test_null_chroma():
