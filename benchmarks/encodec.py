@@ -15,52 +15,21 @@ against the torch ops they replace.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
-import platform
 import shutil
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from t5 import write_section  # noqa: E402  (the shared RESULTS.md section writer)
+from _common import cpu_model, median_s, parse_args, report  # benchmarks/ (the script's folder is on sys.path)
 
 SECONDS = 10.0
 
 
-def median_s(ours, theirs, reps: int) -> tuple[float, float]:
-    """Median seconds of each; the calls alternate so that both see the same load on a shared machine."""
-    ours(), theirs()  # warm-up
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(reps):
-        for fn, out in ((ours, times[0]), (theirs, times[1])):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
+    args = parse_args(__doc__, reps=5)
 
     import transformers
     from transformers import EncodecConfig, EncodecModel
@@ -137,9 +106,7 @@ def main() -> None:
         "|---|---:|---:|---:|",
         *[f"| {what} | {a:.3f} | {b:.3f} | {b / a:.2f} |" for what, a, b in routes],
     ]
-    print("\n".join(lines))
-    if args.write:
-        write_section("## EnCodec", "\n".join(lines))
+    report("## EnCodec", lines, write=args.write)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,14 @@ and transformers alternate, so that both see the same load when the machine is s
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from _common import cpu_model, median_s, parse_args, report  # benchmarks/ (the script's folder is on sys.path)
 
 PROMPTS = [
     "80s pop track with bassy drums and synth",
@@ -40,19 +38,12 @@ PROMPTS = [
     "ambient soundscape with evolving pads and distant piano, calm and cinematic",
     "funky disco groove, slap bass, bright horns, 120 bpm",
 ]
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def median_ms(ours, theirs, reps: int) -> tuple[float, float]:
-    """Median milliseconds of each; calls alternate so that both see the same load on a shared machine."""
-    ours(), theirs()  # warm-up
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(reps):
-        for fn, out in ((ours, times[0]), (theirs, times[1])):
-            start = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+    """`median_s` in milliseconds."""
+    a, b = median_s(ours, theirs, reps)
+    return a * 1e3, b * 1e3
 
 
 def train_tokenizer(folder: Path) -> None:
@@ -66,10 +57,7 @@ def train_tokenizer(folder: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
-    parser.add_argument("--reps", type=int, default=15)
-    args = parser.parse_args()
+    args = parse_args(__doc__, reps=15)
 
     import transformers
 
@@ -113,7 +101,7 @@ def main() -> None:
         ]
 
     lines = [
-        f"t5-base config, random weights, fp32, CPU ({platform.machine()}, {os.cpu_count()} cores), torch "
+        f"t5-base config, random weights, fp32, CPU ({cpu_model()}, {os.cpu_count()} cores), torch "
         f"{torch.__version__} with 2 threads, transformers {transformers.__version__}. Median of {args.reps} runs "
         f"(tokenize: {args.reps * 10}, 8 x 128: {few}) after a warm-up, ours and transformers alternated; same "
         f"weights and ids in both (max abs difference of the padded-batch hidden states: {err:.1e}). "
@@ -123,30 +111,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|",
         *[f"| {what} | {batch} | {a:.2f} | {b:.2f} | {a / b:.2f} |" for what, batch, a, b in rows],
     ]
-    print("\n".join(lines))
-    if args.write:
-        write_section("## T5", "\n".join(lines))
-
-
-def write_section(heading: str, body: str) -> None:
-    """Replace our section of RESULTS.md (or append it at the end), leaving every other section as it is.
-
-    Re-reads the file just before writing and swaps the new one in with os.replace: another writer's sections
-    are kept, and a reader never sees half a file.
-    """
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{heading}\n\n{body}\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
+    report("## T5", lines, write=args.write)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ parity with melodies tests that the melody arrives.
 """
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -33,6 +32,8 @@ from musiclm_core import hub  # noqa: E402
 from musiclm_core.chroma import chroma_features, null_chroma  # noqa: E402
 from musiclm_core.convert import musicgen_melody as convert  # noqa: E402
 from musiclm_core.melody import MusicGenMelody, generate_codes  # noqa: E402
+
+from fixtures import ReferencePair, padded_prompts, save_reference, tiny_reference_config, train_spm  # noqa: E402
 
 LOGIT_TOL = 1e-4
 SR = 32000  # the chroma extractor's rate: no resampling on either side
@@ -52,95 +53,35 @@ def _make_it_listen(model):
 
 
 def _save_reference(folder, channels, seed, spm_model):
-    from transformers import (EncodecConfig, MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
-                              MusicgenMelodyForConditionalGeneration, T5Config)
+    from transformers import (MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
+                              MusicgenMelodyForConditionalGeneration)
 
     torch.manual_seed(seed)
-    t5 = T5Config(vocab_size=320, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                  relative_attention_num_buckets=8, feed_forward_proj="relu")
-    codec = EncodecConfig(sampling_rate=3200, audio_channels=1, hidden_size=16, num_filters=4,
-                          upsampling_ratios=[2, 2], codebook_size=2048, target_bandwidths=[35.2],
-                          num_lstm_layers=1, use_causal_conv=False, use_conv_shortcut=False, normalize=False)
-    decoder = MusicgenMelodyDecoderConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
-                                          num_codebooks=4 * channels, audio_channels=channels, vocab_size=2048,
-                                          max_position_embeddings=512)
-    config = MusicgenMelodyConfig(text_encoder=t5.to_dict(), audio_encoder=codec.to_dict(),
-                                  decoder=decoder.to_dict())
+    config = tiny_reference_config(MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, channels)
     model = MusicgenMelodyForConditionalGeneration(config).eval()
     _make_it_listen(model)
-    model.generation_config.update(decoder_start_token_id=2048, pad_token_id=2048, bos_token_id=2048,
-                                   do_sample=True, guidance_scale=3.0, max_length=1500)
-    model.save_pretrained(folder, max_shard_size="300KB")  # sharded, with an index (as facebook/musicgen-melody)
-    shutil.copy(spm_model, folder / "spiece.model")
-    return folder
+    # Sharded, with an index (as facebook/musicgen-melody).
+    return save_reference(model, folder, spm_model, max_shard_size="300KB")
 
 
-class Pair:
+def _pair(folder):
     """transformers' model and our LM, read from the same checkpoint folder."""
-
-    def __init__(self, folder):
-        from transformers import MusicgenMelodyForConditionalGeneration
-
-        self.folder = folder
-        self.hf = MusicgenMelodyForConditionalGeneration.from_pretrained(folder).eval()
-        self.lm = convert.load_transformers(hub.read_json(folder / "config.json"),
-                                            convert.lm_part(hub.load_state_dict(folder)), source=str(folder))
-        self.K = self.lm.config.num_codebooks
-
-    @torch.no_grad()
-    def text(self, ids, mask):
-        return self.hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-
-    @torch.no_grad()
-    def hf_codes(self, **kwargs):
-        """transformers' generate; the codes (B, K, T) it hands to the audio decoder."""
-        captured = []
-        decode = self.hf.audio_encoder.decode
-
-        def capture(codes, *args, **kw):
-            captured.append(codes.clone())
-            return decode(codes, *args, **kw)
-
-        self.hf.audio_encoder.decode = capture
-        try:
-            self.hf.generate(**kwargs)
-        finally:
-            del self.hf.audio_encoder.decode
-        if self.K == 4:
-            return captured[0][0]
-        left, right = captured  # stereo: rows ::2 decoded as the left channel, 1::2 as the right
-        out = torch.empty(left.shape[1], self.K, left.shape[-1], dtype=torch.long)
-        out[:, ::2], out[:, 1::2] = left[0], right[0]
-        return out
-
-
-WORDS = ("the a of and with music song track drums bass guitar synth piano violin beat tempo loud soft calm "
-         "happy sad pop rock jazz electronic melody rhythm vocals ambient dark bright warm 80s 90s funk").split()
+    return ReferencePair(folder, transformers.MusicgenMelodyForConditionalGeneration, convert)
 
 
 @pytest.fixture(scope="session")
 def melody_spm(tmp_path_factory):
-    import random
-
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10))) for _ in range(500)]
-    folder = tmp_path_factory.mktemp("melody_spm")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
-                                   model_type="unigram", vocab_size=200, hard_vocab_limit=False, pad_id=0,
-                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    return folder / "spiece.model"
+    return train_spm(tmp_path_factory.mktemp("melody_spm"), lines=500, vocab_size=200) / "spiece.model"
 
 
 @pytest.fixture(scope="session")
 def mono(tmp_path_factory, melody_spm):
-    return Pair(_save_reference(tmp_path_factory.mktemp("melody_mono"), 1, 0, melody_spm))
+    return _pair(_save_reference(tmp_path_factory.mktemp("melody_mono"), 1, 0, melody_spm))
 
 
 @pytest.fixture(scope="session")
 def stereo(tmp_path_factory, melody_spm):
-    return Pair(_save_reference(tmp_path_factory.mktemp("melody_stereo"), 2, 10, melody_spm))
+    return _pair(_save_reference(tmp_path_factory.mktemp("melody_stereo"), 2, 10, melody_spm))
 
 
 @pytest.fixture(scope="session")
@@ -171,15 +112,6 @@ def _chroma(fe, tunes):
     return ours
 
 
-def _prompts(seed, B=2, L=7):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 99, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[-1, 4:] = 0  # the last text is shorter: right padding, as the tokenizer does
-    ids[-1, 4:] = 0
-    return ids, mask
-
-
 def _diverse(codes, min_unique=30):
     for row in codes:
         assert row.unique().numel() >= min_unique, "the fixture generates near-constant tokens"
@@ -197,7 +129,7 @@ def test_checkpoint_is_sharded(mono):
 
 @pytest.mark.parametrize("with_melody", [True, False])
 def test_logits_padded_batch(mono, feature_extractor, with_melody):
-    ids, mask = _prompts(1)
+    ids, mask = padded_prompts(1)
     B, T = ids.shape[0], 9
     codes = torch.randint(0, 2049, (B, mono.K, T))
     chroma = _chroma(feature_extractor, [TUNE_A, TUNE_C]) if with_melody else None
@@ -215,7 +147,7 @@ def test_logits_padded_batch(mono, feature_extractor, with_melody):
 def test_logits_cfg_null_rows(mono, feature_extractor):
     # The CFG null row: zero text states after the projection and the one-hot bin-0 chroma. In transformers'
     # forward that is an all-zero text mask with the null chroma.
-    ids, mask = _prompts(2)
+    ids, mask = padded_prompts(2)
     B, T = ids.shape[0], 6
     chroma = _chroma(feature_extractor, [TUNE_A, TUNE_B])
     codes = torch.randint(0, 2049, (B, mono.K, T))
@@ -232,7 +164,7 @@ def test_logits_cfg_null_rows(mono, feature_extractor):
 
 
 def test_fixture_listens_to_the_melody(mono, feature_extractor):
-    ids, mask = _prompts(3)
+    ids, mask = padded_prompts(3)
     h = mono.text(ids, mask)
     runs = {}
     for name, tunes in (("A", [TUNE_A, TUNE_A]), ("A again", [TUNE_A, TUNE_A]), ("B", [TUNE_B, TUNE_B])):
@@ -248,7 +180,7 @@ def test_fixture_listens_to_the_melody(mono, feature_extractor):
 
 @pytest.mark.parametrize("tunes,steps", [((TUNE_A, TUNE_B), 64), (None, 32)])
 def test_greedy_text_cfg(mono, feature_extractor, tunes, steps):
-    ids, mask = _prompts(4)
+    ids, mask = padded_prompts(4)
     chroma = None if tunes is None else _chroma(feature_extractor, tunes)
     ref = mono.hf_codes(input_ids=ids, attention_mask=mask, input_features=chroma, do_sample=False,
                         guidance_scale=3.0, max_new_tokens=steps)
@@ -276,7 +208,7 @@ def test_greedy_melody_without_text(mono, feature_extractor):
 
 
 def test_sampling_same_draws(mono, feature_extractor):
-    ids, mask = _prompts(5)
+    ids, mask = padded_prompts(5)
     chroma = _chroma(feature_extractor, [TUNE_A, TUNE_B])
     torch.manual_seed(123)
     ref = mono.hf_codes(input_ids=ids, attention_mask=mask, input_features=chroma, do_sample=True,
@@ -289,7 +221,7 @@ def test_sampling_same_draws(mono, feature_extractor):
 
 
 def test_greedy_stereo(stereo, feature_extractor):
-    ids, mask = _prompts(6)
+    ids, mask = padded_prompts(6)
     chroma = _chroma(feature_extractor, [TUNE_A, TUNE_B])
     ref = stereo.hf_codes(input_ids=ids, attention_mask=mask, input_features=chroma, do_sample=False,
                           guidance_scale=3.0, max_new_tokens=32)

@@ -43,6 +43,8 @@ transformers = pytest.importorskip("transformers")
 from musiclm_core import generate as G  # noqa: E402
 from musiclm_core.musicgen import MusicGenLM  # noqa: E402
 
+from fixtures import train_spm  # noqa: E402
+
 LOGIT_TOL = 1e-4
 # Code embeddings larger than the sinusoids (norm ~ sqrt(dim / 2)): with the 0.2 of the other weights the random
 # LM barely sees its past codes and greedy decoding falls into short loops.
@@ -200,24 +202,12 @@ conditioners:
       normalize_text: false
 """
 
-WORDS = ("the a of and with music song track drums bass guitar synth piano violin beat tempo loud soft calm "
-         "happy sad pop rock jazz electronic melody rhythm vocals ambient dark bright warm 80s 90s funk").split()
-
 
 @pytest.fixture(scope="module")
 def text_encoder(tmp_path_factory):
     """A tiny T5 at t5-base's width (audiocraft fixes 768 for "t5-base") and a small sentencepiece tokenizer:
     they stand in for the hub download audiocraft's T5Conditioner makes."""
-    import random
-
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10))) for _ in range(500)]
-    folder = tmp_path_factory.mktemp("ac_spm")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
-                                   model_type="unigram", vocab_size=100, hard_vocab_limit=False, pad_id=0,
-                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    folder = train_spm(tmp_path_factory.mktemp("ac_spm"), lines=500, vocab_size=100)
     tokenizer = transformers.T5Tokenizer.from_pretrained(str(folder))
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=128, d_model=768, d_kv=16, d_ff=64, num_layers=1, num_heads=4,

@@ -21,8 +21,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from musiclm_core import generate as G  # noqa: E402
-from musiclm_core import hub  # noqa: E402
 from musiclm_core.convert import musicgen as convert  # noqa: E402
+
+from fixtures import (ReferencePair, decoded_codes, padded_prompts, save_reference,  # noqa: E402
+                      tiny_reference_config, train_spm)
 
 HOP = 4  # EnCodec hop of the fixture (upsampling ratios [2, 2])
 LOGIT_TOL = 1e-4
@@ -53,68 +55,21 @@ def _make_it_listen(model, scale=4.0):
 
 
 def _save_reference(folder, channels, seed, spm_model):
-    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
-                              MusicgenForConditionalGeneration, T5Config)
+    from transformers import MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
 
     torch.manual_seed(seed)
-    t5 = T5Config(vocab_size=320, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                  relative_attention_num_buckets=8, feed_forward_proj="relu")
-    # 2048-entry codebooks as the official codec; 35.2 kbps at 800 frames/s = 4 codebooks of 11 bits.
-    codec = EncodecConfig(sampling_rate=3200, audio_channels=1, hidden_size=16, num_filters=4,
-                          upsampling_ratios=[2, 2], codebook_size=2048, target_bandwidths=[35.2],
-                          num_lstm_layers=1, use_causal_conv=False, use_conv_shortcut=False, normalize=False)
-    decoder = MusicgenDecoderConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
-                                    num_codebooks=4 * channels, audio_channels=channels, vocab_size=2048,
-                                    max_position_embeddings=512)
-    config = MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=codec.to_dict(), decoder=decoder.to_dict())
-    model = MusicgenForConditionalGeneration(config).eval()
+    model = MusicgenForConditionalGeneration(tiny_reference_config(MusicgenConfig, MusicgenDecoderConfig,
+                                                                   channels)).eval()
     _fill_codebooks(model, seed + 1)
     _make_it_listen(model)
-    # The official generation_config.json (specs/musicgen.md 1.6).
-    model.generation_config.update(decoder_start_token_id=2048, pad_token_id=2048, bos_token_id=2048,
-                                   do_sample=True, guidance_scale=3.0, max_length=1500)
-    model.save_pretrained(folder)
-    shutil.copy(spm_model, folder / "spiece.model")  # MusicGen repos keep the T5 tokenizer at their root
-    return folder
+    return save_reference(model, folder, spm_model)
 
 
-class Pair:
+class Pair(ReferencePair):
     """transformers' model and ours, read from the same checkpoint folder."""
 
     def __init__(self, folder):
-        from transformers import MusicgenForConditionalGeneration
-
-        self.folder = folder
-        self.hf = MusicgenForConditionalGeneration.from_pretrained(folder).eval()
-        self.lm = convert.load_transformers(hub.read_json(folder / "config.json"),
-                                            convert.lm_part(hub.load_state_dict(folder)), source=str(folder))
-        self.K = self.lm.config.num_codebooks
-
-    @torch.no_grad()
-    def text(self, ids, mask):
-        return self.hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-
-    @torch.no_grad()
-    def hf_codes(self, **kwargs):
-        """Run transformers' generate and return the codes it hands to the audio decoder (B, K, T)."""
-        captured = []
-        decode = self.hf.audio_encoder.decode
-
-        def capture(codes, *args, **kw):
-            captured.append(codes.clone())
-            return decode(codes, *args, **kw)
-
-        self.hf.audio_encoder.decode = capture
-        try:
-            self.hf.generate(**kwargs)
-        finally:
-            del self.hf.audio_encoder.decode
-        if self.K == 4:
-            return captured[0][0]
-        left, right = captured  # stereo: rows ::2 decoded as the left channel, 1::2 as the right
-        out = torch.empty(left.shape[1], self.K, left.shape[-1], dtype=torch.long)
-        out[:, ::2], out[:, 1::2] = left[0], right[0]
-        return out
+        super().__init__(folder, transformers.MusicgenForConditionalGeneration, convert)
 
     @torch.no_grad()
     def prompt_codes(self, wav):
@@ -123,23 +78,9 @@ class Pair:
         return torch.stack(codes, dim=2).flatten(1, 2)  # (B, K, F): L0 R0 L1 R1 ... for stereo
 
 
-WORDS = ("the a of and with music song track drums bass guitar synth piano violin beat tempo loud soft calm "
-         "happy sad pop rock jazz electronic melody rhythm vocals ambient dark bright warm 80s 90s funk").split()
-
-
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory):
-    import random
-
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10))) for _ in range(2000)]
-    folder = tmp_path_factory.mktemp("musicgen_spm")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
-                                   model_type="unigram", vocab_size=200, hard_vocab_limit=False, pad_id=0,
-                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    return folder / "spiece.model"
+    return train_spm(tmp_path_factory.mktemp("musicgen_spm"), lines=2000, vocab_size=200) / "spiece.model"
 
 
 @pytest.fixture(scope="session")
@@ -150,15 +91,6 @@ def mono(tmp_path_factory, spm_model):
 @pytest.fixture(scope="session")
 def stereo(tmp_path_factory, spm_model):
     return Pair(_save_reference(tmp_path_factory.mktemp("musicgen_stereo"), 2, 10, spm_model))
-
-
-def _prompts(seed, B=2, L=7):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 99, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[-1, 4:] = 0  # the last text is shorter: right padding, as the tokenizer does
-    ids[-1, 4:] = 0
-    return ids, mask
 
 
 def _audio(seed, B, C, N):
@@ -200,7 +132,7 @@ def test_delay_pattern_matches_transformers(mono, stereo, channels, prompt_frame
 
 
 def test_logits_padded_batch(mono):
-    ids, mask = _prompts(1)
+    ids, mask = padded_prompts(1)
     B, T = ids.shape[0], 9
     codes = torch.randint(0, 2049, (B, mono.K, T))
     with torch.no_grad():
@@ -212,7 +144,7 @@ def test_logits_padded_batch(mono):
 
 
 def test_logits_cfg_rows(mono):
-    ids, mask = _prompts(2)
+    ids, mask = padded_prompts(2)
     B, T = ids.shape[0], 6
     h = mono.text(ids, mask)
     states, masks = torch.cat([h, torch.zeros_like(h)]), torch.cat([mask, torch.zeros_like(mask)])
@@ -233,7 +165,7 @@ def _check_diverse(codes, min_unique=100):
 
 
 def test_greedy_text_cfg(mono):
-    ids, mask = _prompts(3)
+    ids, mask = padded_prompts(3)
     ref = mono.hf_codes(input_ids=ids, attention_mask=mask, do_sample=False, guidance_scale=3.0,
                         max_new_tokens=256)
     ours = G.generate_codes(mono.lm, mono.text(ids, mask), mask, max_new_tokens=256, guidance_scale=3.0,
@@ -256,7 +188,7 @@ def test_greedy_unconditional(mono):
 
 def test_greedy_audio_prompt(mono):
     # 60 steps here; test_pipeline_audio_prompt runs 250 through the whole pipeline.
-    ids, mask = _prompts(4)
+    ids, mask = padded_prompts(4)
     wav = _audio(5, 2, 1, 30 * HOP)
     prompt = mono.prompt_codes(wav)
     assert prompt.shape == (2, 4, 30)
@@ -273,7 +205,7 @@ def test_greedy_audio_prompt(mono):
 
 
 def test_greedy_stereo_audio_prompt(stereo):
-    ids, mask = _prompts(6)
+    ids, mask = padded_prompts(6)
     wav = _audio(7, 2, 2, 20 * HOP)
     prompt = stereo.prompt_codes(wav)
     assert prompt.shape == (2, 8, 20) and not torch.equal(prompt[:, ::2], prompt[:, 1::2])
@@ -288,7 +220,7 @@ def test_greedy_stereo_audio_prompt(stereo):
 
 def test_sampling_same_draws(mono):
     # Same RNG calls in the same order: seeded sampling gives transformers' tokens.
-    ids, mask = _prompts(8)
+    ids, mask = padded_prompts(8)
     torch.manual_seed(123)
     ref = mono.hf_codes(input_ids=ids, attention_mask=mask, do_sample=True, guidance_scale=3.0, top_k=50,
                         temperature=0.9, max_new_tokens=64)
@@ -332,19 +264,8 @@ def tokenizer(mono):
 def _hf_generate(pair, tokenizer, **kwargs):
     """transformers' audio and the codes it decoded, for TEXTS tokenized as its processor does."""
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    captured = []
-    decode = pair.hf.audio_encoder.decode
-
-    def capture(codes, *args, **kw):
-        captured.append(codes.clone())
-        return decode(codes, *args, **kw)
-
-    pair.hf.audio_encoder.decode = capture
-    try:
-        with torch.no_grad():
-            audio = pair.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
-    finally:
-        del pair.hf.audio_encoder.decode
+    with decoded_codes(pair.hf) as captured, torch.no_grad():
+        audio = pair.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
     codes = torch.cat([c[0] for c in captured], dim=1)  # stereo: left rows then right rows
     if len(captured) == 2:
         codes = torch.stack(codes.chunk(2, dim=1), dim=2).flatten(1, 2)  # back to L0 R0 L1 R1 ...

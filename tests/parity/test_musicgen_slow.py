@@ -31,6 +31,8 @@ from musiclm_core.convert import musicgen as convert  # noqa: E402
 from musiclm_core.convert import t5 as convert_t5  # noqa: E402
 from musiclm_core.musicgen import PRESETS, MusicGenLM  # noqa: E402
 
+from fixtures import hf_generated_codes  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 LOGIT_TOL = 1e-4
@@ -95,29 +97,6 @@ def _prompts(seed, B, L, padded):
         ids[-1, L // 2 - 1] = 1
         mask[-1, L // 2:] = 0
     return ids, mask
-
-
-@torch.no_grad()
-def _hf_codes(hf, K, **kwargs):
-    """The codes (B, K, T) transformers' generate hands to the audio decoder (the delay already undone)."""
-    captured = []
-    decode = hf.audio_encoder.decode
-
-    def capture(codes, *args, **kw):
-        captured.append(codes.clone())
-        return decode(codes, *args, **kw)
-
-    hf.audio_encoder.decode = capture
-    try:
-        hf.generate(**kwargs)
-    finally:
-        del hf.audio_encoder.decode
-    if K == 4:
-        return captured[0][0]
-    left, right = captured  # stereo: rows ::2 are decoded as the left channel, 1::2 as the right
-    out = torch.empty(left.shape[1], K, left.shape[-1], dtype=torch.long)
-    out[:, ::2], out[:, 1::2] = left[0], right[0]
-    return out
 
 
 def _report_tokens(codes):
@@ -190,8 +169,8 @@ class TestSmall:
         ids, mask = _prompts(4, B=1, L=12, padded=False)
         steps = 250
         start = time.perf_counter()
-        ref = _hf_codes(hf, 4, input_ids=ids, attention_mask=mask, do_sample=False, guidance_scale=3.0,
-                        max_new_tokens=steps)
+        ref = hf_generated_codes(hf, 4, input_ids=ids, attention_mask=mask, do_sample=False, guidance_scale=3.0,
+                                 max_new_tokens=steps)
         hf_time = time.perf_counter() - start
         with torch.no_grad():
             h = hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -257,7 +236,7 @@ class TestStereoSmall:
         hf, ours, _ = stereo
         ids, mask = _prompts(5, B=1, L=10, padded=False)
         steps = 50
-        ref = _timed("transformers stereo greedy", lambda: _hf_codes(
+        ref = _timed("transformers stereo greedy", lambda: hf_generated_codes(
             hf, 8, input_ids=ids, attention_mask=mask, do_sample=False, guidance_scale=3.0, max_new_tokens=steps))
         with torch.no_grad():
             h = hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -14,6 +14,8 @@ from musiclm_core.hub import CheckpointError
 from musiclm_core.melody import PRESETS, MusicGenMelody, MusicGenMelodyConfig, MusicGenMelodyLM, generate_codes
 from musiclm_core.musicgen import MusicGenConfig
 
+from fixtures import tiny_t5_and_codec, train_spm
+
 SR = 32000
 
 
@@ -368,24 +370,10 @@ WORDS = "the a of and with music song drums bass guitar synth piano calm loud po
 
 @pytest.fixture(scope="module")
 def mel(tmp_path_factory):
-    import random
+    from musiclm_core.t5 import T5Tokenizer
 
-    import sentencepiece as spm
-
-    from musiclm_core.encodec import EnCodec, EnCodecConfig
-    from musiclm_core.t5 import PRESETS as T5_PRESETS, T5Encoder, T5Tokenizer
-
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for _ in range(300)]
-    folder = tmp_path_factory.mktemp("melody_spm")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"),
-                                   model_type="unigram", vocab_size=80, hard_vocab_limit=False, pad_id=0,
-                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-    torch.manual_seed(0)
-    t5 = T5Encoder(T5_PRESETS["tiny"]).eval()
-    t5.tokenizer = T5Tokenizer.from_folder(folder)
-    codec = EnCodec(EnCodecConfig(sample_rate=3200, num_filters=4, ratios=(2, 2), dimension=16, codebook_size=2048,
-                                  target_bandwidths=(35.2,), lstm_layers=1)).eval()
+    folder = train_spm(tmp_path_factory.mktemp("melody_spm"), lines=300, vocab_size=80, words=WORDS, max_words=8)
+    t5, codec = tiny_t5_and_codec(T5Tokenizer.from_folder(folder))
     return MusicGenMelody(MusicGenMelodyLM(PRESETS["tiny"]), codec, t5)
 
 
@@ -449,9 +437,21 @@ def test_pipeline_errors(mel, kwargs, match):
         mel.generate(["a prompt"], **kwargs)
 
 
+def test_pipeline_stream(mel):
+    kwargs = dict(melody=[_tone(440), _tone(330, 1.2)], melody_sample_rate=SR, duration=0.04, do_sample=False)
+    chunks = list(mel.stream(["calm piano", "loud drums"], chunk_duration=0.005, context_duration=1.0, **kwargs))
+    whole = mel.decode_codes(mel.generate_codes(["calm piano", "loud drums"], **kwargs))
+    streamed = torch.cat(chunks, dim=-1)
+    assert streamed.shape == whole.shape == (2, 1, 32 * 4)  # int(0.04 * 800) = 32 frames
+    assert len(chunks) > 3
+    assert (streamed - whole).abs().max() <= 1e-5  # the context covers everything: one decode, in pieces
+    with pytest.raises(ValueError, match="chunk_duration must be a finite number of seconds > 0, got 0"):
+        next(mel.stream(["a"], duration=0.01, chunk_duration=0))
+    with pytest.raises(ValueError, match="duration must be <= 30.0 s"):
+        next(mel.stream(["a"], duration=31.0))
+
+
 def test_pipeline_refuses_what_it_does_not_do(mel):
-    with pytest.raises(NotImplementedError, match="use generate"):
-        mel.stream(["a"], duration=0.01)
     with pytest.raises(ValueError, match="needs a MusicGenMelodyLM"):
         from musiclm_core.musicgen import MusicGenLM
 
