@@ -167,6 +167,7 @@ class MusicGenMelodyLM(MusicGenLM):
         return convert.load_audiocraft_file(folder / "state_dict.bin", dtype=dtype)
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
+        musicgen.refuse_quantized(self)
         hub.save_native(folder, LM_KIND, self.melody_config.to_dict(), self.state_dict(), overwrite=overwrite)
 
 

@@ -279,7 +279,19 @@ class MusicGenLM(nn.Module):
         return convert.load_audiocraft_file(folder / "state_dict.bin", dtype=dtype)
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
+        refuse_quantized(self)
         hub.save_native(folder, LM_KIND, self.config.to_dict(), self.state_dict(), overwrite=overwrite)
+
+
+def refuse_quantized(lm: nn.Module) -> None:
+    """ValueError when `lm` holds weight-only int8 / bf16 layers (`kernels/quant.py`): a native folder keeps the
+    weights in the layout its loader builds, and quantising again from the loaded weights is cheap."""
+    from musiclm_core.kernels.quant import BF16Linear, Int8Linear
+
+    names = [name for name, module in lm.named_modules() if isinstance(module, (Int8Linear, BF16Linear))]
+    if names:
+        raise ValueError(f"cannot save an LM with quantised layers ({len(names)}, e.g. {names[0]}): save the "
+                         f"unquantised model and pass quantize= when loading it")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -451,6 +451,17 @@ def test_pipeline_stream(mel):
         next(mel.stream(["a"], duration=31.0))
 
 
+def test_quantized_lm_is_not_saved(mel, tmp_path):
+    import copy
+
+    from musiclm_core.kernels.quant import quantize_weights
+
+    lm = quantize_weights(copy.deepcopy(mel.lm), "int8")
+    with pytest.raises(ValueError, match=r"cannot save an LM with quantised layers \(\d+, e.g. "):
+        lm.save_pretrained(tmp_path / "lm")
+    assert not (tmp_path / "lm").exists()
+
+
 def test_pipeline_refuses_what_it_does_not_do(mel):
     with pytest.raises(ValueError, match="needs a MusicGenMelodyLM"):
         from musiclm_core.musicgen import MusicGenLM

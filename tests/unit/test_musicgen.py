@@ -495,6 +495,9 @@ def test_pipeline_quantize(mg, tmp_path):
         linears = [m for m in quantized.lm.modules() if isinstance(m, (nn.Linear, kind))]
         assert linears and all(isinstance(m, kind) for m in linears), mode  # every LM linear, none left in fp32
         assert not any(isinstance(m, (Int8Linear, BF16Linear)) for m in quantized.text_encoder.modules())
+        with pytest.raises(ValueError, match="cannot save an LM with quantised layers"):
+            quantized.save_pretrained(tmp_path / f"saved_{mode}")
+        assert not (tmp_path / f"saved_{mode}").exists() and len(list(tmp_path.iterdir())) == 1  # nothing left
         codes = quantized.generate_codes(["soft jazz"], **kwargs)
         # A random tiny LM has near-flat logits, so greedy tokens drift apart after a few frames (RESULTS.md):
         # the first frames must agree, which a wrong scale or a transposed weight would not.
