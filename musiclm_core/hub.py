@@ -83,8 +83,15 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of one weight file (.safetensors or a pickled .bin/.pt/.pth), on the CPU, in its stored dtype."""
+def load_tensors(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of one weight file (.safetensors or a pickled .bin/.pt/.pth), on the CPU, in its stored dtype.
+
+    mmap (safetensors): True maps the file: nothing is read until used, and the pages are the kernel's page cache
+    (reclaimable, e.g. while an fp16 file is cast to fp32). But one mapping backs every tensor of the file, so
+    its touched pages stay resident while any of them lives. False reads each tensor into memory of its own
+    (`pread`), so that one dropped after loading goes back to the system: what a quantised load needs, where the
+    LM's fp32 weights are dropped while T5's and EnCodec's, from the same file, live on.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing weight file {path}")
@@ -92,10 +99,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            # pread, not mmap: every tensor then owns its memory, so one dropped after loading (a weight replaced
-            # by its int8 copy, an fp16 tensor cast to fp32) goes back to the system. Mapped, the pages of the
-            # whole file stay resident while any tensor of it lives (T5 and EnCodec share MusicGen's file).
-            return load_file(str(path), backend="pread")
+            return load_file(str(path), backend="mmap" if mmap else "pread")
         except Exception as err:  # safetensors raises SafetensorError / OSError on truncated files
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
     try:
@@ -135,11 +139,13 @@ def weight_files(folder: str | os.PathLike, *, variant: str | None = None) -> li
     raise CheckpointError(f"no weight file in {folder}: expected one of {expected}; found {present}")
 
 
-def load_state_dict(folder: str | os.PathLike, *, variant: str | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, merged across shards. A key found in two shards is an error."""
+def load_state_dict(folder: str | os.PathLike, *, variant: str | None = None,
+                    mmap: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, merged across shards (`mmap` as `load_tensors`). A key found in two
+    shards is an error."""
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder, variant=variant):
-        tensors = load_tensors(path)
+        tensors = load_tensors(path, mmap=mmap)
         clash = state.keys() & tensors.keys()
         if clash:
             raise CheckpointError(f"keys present in more than one shard ({path.name}): {sorted(clash)[:10]}")

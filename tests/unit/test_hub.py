@@ -84,6 +84,11 @@ def test_sharded_safetensors(tmp_path):
         safetensors.torch.save_file(part, tmp_path / name)
     write_index(tmp_path, "model.safetensors.index.json", shards)
     assert same(hub.load_state_dict(tmp_path), {**tensors(0, "x."), **tensors(1, "y.")})
+    # read into memory instead of mapped (a quantised load frees the weights it replaces): the same tensors,
+    # each in a storage of its own
+    read = hub.load_state_dict(tmp_path, mmap=False)
+    assert same(read, {**tensors(0, "x."), **tensors(1, "y.")})
+    assert len({t.untyped_storage().data_ptr() for t in read.values()}) == len(read)
 
 
 def test_single_bin(tmp_path):
