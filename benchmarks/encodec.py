@@ -68,11 +68,10 @@ def main() -> None:
     # largest layers (the claims in their docstrings).
     import torch.nn.functional as F
 
-    from musiclm_core.encodec import conv1d_by_taps, conv_transpose1d_by_matmul, lstm_inference_cpu, pad1d
+    from musiclm_core.encodec import conv1d_by_taps, conv_transpose1d_by_matmul, pad1d
 
     x64, w_res, b_res = torch.randn(1, 64, 320_000), 0.1 * torch.randn(32, 64, 3), torch.randn(32)
     x128, w_up, b_up = torch.randn(1, 128, 80_000), 0.02 * torch.randn(128, 64, 8), torch.randn(64)
-    lstm, seq = ours.decoder.lstm, torch.randn(500, 1, 1024)
     with torch.inference_mode():
         routes = [
             ("conv1d 64 -> 32, k3, 320k samples (reflect pad)",
@@ -81,8 +80,6 @@ def main() -> None:
             ("conv_transpose1d 128 -> 64, stride 4, 80k frames",
              *median_s(lambda: conv_transpose1d_by_matmul(x128, w_up, b_up, 4),
                        lambda: F.conv_transpose1d(x128, w_up, b_up, 4), args.reps)),
-            ("LSTM 2 x 1024, 500 steps", *median_s(lambda: lstm_inference_cpu(lstm, seq), lambda: lstm(seq),
-                                                   args.reps)),
         ]
 
     lines = [

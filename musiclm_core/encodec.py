@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -181,9 +180,9 @@ def pad1d(x: Tensor, left: int, right: int, mode: str) -> Tensor:
     return x[..., : x.shape[-1] - extra] if extra else x
 
 
-# CPU inference takes three faster routes to the same maths: `conv1d_by_taps`, `conv_transpose1d_by_matmul` and
-# `lstm_inference_cpu` (their docstrings say why; tests/unit/test_encodec.py checks them against torch's ops).
-# With gradients on, or on a GPU, the layers call torch's own ops.
+# CPU inference takes two faster routes to the same maths: `conv1d_by_taps` and `conv_transpose1d_by_matmul`
+# (their docstrings say why; tests/unit/test_encodec.py checks them against torch's ops). With gradients on, or
+# on a GPU, the layers call torch's own ops.
 def inference_on_cpu(x: Tensor) -> bool:
     return x.device.type == "cpu" and not torch.is_grad_enabled()
 
@@ -314,50 +313,7 @@ class ResidualBlock(nn.Module):
 def lstm_with_skip(lstm: nn.LSTM, x: Tensor) -> Tensor:
     """(B, C, T) -> (B, C, T): an LSTM over time plus its input (the skip is part of the model, G14)."""
     seq = x.permute(2, 0, 1)  # (T, B, C)
-    if inference_on_cpu(seq) and seq.shape[1] <= 8 and torch.get_num_threads() <= 2:
-        out = lstm_inference_cpu(lstm, seq)
-    else:
-        out = lstm(seq)[0]
-    return (out + seq).permute(1, 2, 0)  # (B, C, T)
-
-
-@contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def lstm_inference_cpu(lstm: nn.LSTM, seq: Tensor) -> Tensor:
-    """nn.LSTM's output for (T, B, C) input from zero state, with the recurrence on one CPU thread.
-
-    Why: the input projections of all T steps are one matrix product per layer, but what remains is T dependent
-    steps, each a (B, C) x (C, 4C) product that reads all of W_hh (16 MB at C = 1024) for little arithmetic at
-    small B. Split across threads, each step pays a synchronisation; on the shared 2-core machines this project
-    runs on, that made torch's LSTM 2-3x slower than one thread doing the same reads (benchmarks/RESULTS.md).
-    `lstm_with_skip` takes this route only with at most 2 threads and 8 sequences: with many cores, splitting
-    each step's read of W_hh is worth its synchronisation (not measured here), and a large batch makes the steps
-    compute-bound. Gates in torch's order (input, forget, cell, output), both biases; same maths as `lstm(seq)[0]`.
-    """
-    T, B, C = seq.shape
-    out = seq
-    for layer in range(lstm.num_layers):
-        w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
-        bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
-        gates_in = torch.addmm(bias, out.reshape(T * B, C), w_ih.t()).view(T, B, 4 * C)  # every step at once
-        h, c = seq.new_zeros(B, C), seq.new_zeros(B, C)
-        out = seq.new_empty(T, B, C)
-        with _one_thread():
-            for t in range(T):
-                gates = torch.addmm(gates_in[t], h, w_hh.t())  # (B, 4C)
-                sig = torch.sigmoid(gates)
-                c = sig[:, C: 2 * C] * c + sig[:, :C] * torch.tanh(gates[:, 2 * C: 3 * C])
-                h = sig[:, 3 * C:] * torch.tanh(c)
-                out[t] = h
-    return out
+    return (lstm(seq)[0] + seq).permute(1, 2, 0)  # (B, C, T)
 
 
 class EncoderStage(nn.Module):
