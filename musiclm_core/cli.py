@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from musiclm_core import hub
+from musiclm_core.kernels.quant import MODES as QUANT_MODES
 
 CODES_FORMAT = "musiclm_core.codes"
 CODES_VERSION = "1"
@@ -266,7 +267,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="float32", help="model weights dtype (default float32)")
-    p.add_argument("--quantize", choices=["int8", "bf16"], default=None,
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="store the LM's linear weights in int8 or bf16 (weight-only; close to, not identical "
                         "with, the float32 results: see benchmarks/RESULTS.md). int8 decodes faster on a CPU; bf16 "
                         "halves the weight memory and is faster only on CPUs with native bf16 arithmetic")

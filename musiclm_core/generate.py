@@ -127,8 +127,8 @@ def decode_one_step(lm: MusicGenLM, column: Tensor, offset: Tensor, *, memory: C
 class GraphedStep:
     """A `step(tokens, position)` whose one-column calls replay a CUDA graph (DESIGN.md: static decode step).
 
-    transformers' decode step is ~1,000 small kernel launches at batch 1, each a few microseconds of CPU work for
-    microseconds of GPU work; a graph launches them all at once. The static `KVCache` and `CrossMemory` and the
+    At batch 1 every op of a decode step is a small kernel whose launch costs about as much CPU time as the
+    kernel takes on the GPU; a graph launches them all at once. The static `KVCache` and `CrossMemory` and the
     position passed as a 0-dim tensor (read on the device by the attention kernels) are what make one capture valid
     for every later step. The prefill (an int position, a chunk of columns) runs eagerly. The first decode call
     runs the step twice on a side stream (Triton compiles, cuBLAS picks its kernels; both runs write the same
@@ -147,9 +147,9 @@ class GraphedStep:
     def __call__(self, tokens: Tensor, position: int | Tensor) -> Tensor:
         if isinstance(position, int):
             return self.step(tokens, position)
-        if not tokens.is_cuda:
-            raise ValueError(f"CUDA graphs need the model on a CUDA device, the tokens are on {tokens.device}")
         if self.graph is None:
+            if not tokens.is_cuda:
+                raise ValueError(f"CUDA graphs need the model on a CUDA device, the tokens are on {tokens.device}")
             self.tokens, self.position = tokens.clone(), position.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from musiclm_core import hub
 from musiclm_core.cache import CrossMemory, KVCache
 from musiclm_core.encodec import EnCodec
-from musiclm_core.kernels import attention
+from musiclm_core.kernels import attention, quant
 from musiclm_core.t5 import T5Encoder, T5Tokenizer
 
 LM_KIND = "musicgen_lm"  # model names in native config.json files
@@ -286,9 +286,7 @@ class MusicGenLM(nn.Module):
 def refuse_quantized(lm: nn.Module) -> None:
     """ValueError when `lm` holds weight-only int8 / bf16 layers (`kernels/quant.py`): a native folder keeps the
     weights in the layout its loader builds, and quantising again from the loaded weights is cheap."""
-    from musiclm_core.kernels.quant import BF16Linear, Int8Linear
-
-    names = [name for name, module in lm.named_modules() if isinstance(module, (Int8Linear, BF16Linear))]
+    names = [name for name, module in lm.named_modules() if isinstance(module, (quant.Int8Linear, quant.BF16Linear))]
     if names:
         raise ValueError(f"cannot save an LM with quantised layers ({len(names)}, e.g. {names[0]}): save the "
                          f"unquantised model and pass quantize= when loading it")
@@ -502,7 +500,7 @@ class MusicGen:
         progress: True prints the frame count; a callable gets (frames done, frames in all), or with
             max_new_tokens (decoder steps done, steps in all).
         cuda_graph: on a CUDA device, replay every decode step from a CUDA graph (`generate.GraphedStep`): the
-            same computation with one launch per step instead of ~1,000.
+            same computation with one launch per step instead of one per op.
         """
         codes = self.generate_codes(prompts, duration=duration, max_new_tokens=max_new_tokens,
                                     guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
@@ -588,8 +586,6 @@ class MusicGen:
             for the memory-bound decode step on a CPU; parity in benchmarks/RESULTS.md); the loaded `dtype`
             weights are freed. T5 and EnCodec stay in `dtype`.
         """
-        from musiclm_core.kernels import quant
-
         if quantize is not None and quantize not in quant.MODES:  # before the long part
             raise ValueError(f"quantize must be None or one of {quant.MODES}, got {quantize!r}")
         # Quantising drops the LM's loaded weights: read them into memory of their own so that they can go
