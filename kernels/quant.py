@@ -7,6 +7,8 @@ fewer bytes raises that ceiling:
     quantize_weights(lm, "bf16")   every nn.Linear -> BF16Linear: bf16 weights (2 B/param)
     quantize_weights(lm, "int8")   every nn.Linear -> Int8Linear: int8 weights (1 B/param) with one symmetric
                                    scale per output channel, dequantised inside the matmul
+    quantize_weights(lm, "int4")   every nn.Linear -> Int4Linear: 4-bit weights (0.5 B/param + 4 B per group of
+                                   32) with a scale and an offset per group of 32 inputs; CPU only
 
 It is weight-only: LayerNorms, embeddings, the KV cache and the sampling stay in the model's dtype, and the
 layers keep the interface of `nn.Linear` (any leading dims, optional bias). It is an inference path: do it
@@ -24,6 +26,11 @@ Each layer has two ways to compute, with one signature (`int8_linear` / `bf16_li
     `F.linear` (memory-bound). Measured against the alternatives: fp32 upcast of the int8 weights per matmul (in
     blocks or whole), torch.compile'd dequantise-and-reduce and `torch._int_mm` were all slower; fbgemm's
     dynamic int8 linear is about as fast but also quantises the activations and its API is deprecated.
+  - int4: `torch.ops.aten._weight_int4pack_mm_for_cpu` (the CPU "tinygemm" kernel, bf16 activations and
+    output, like int8's). It runs at 14-19 G weights/s on 2 threads: int8's kernel reaches that only at
+    K = 4096, and spends about half its time per output row at K = 1024 (measured on MusicGen small's shapes:
+    all linears 23 ms int4 against 36 ms int8 and 75 ms fp32 per step). Coarser: see RESULTS.md for what it
+    does to the tokens.
   - bf16: oneDNN's bf16 matmul (`F.linear` on bf16 activations and weights, fp32 accumulation, bf16 out).
     Without AVX512-BF16/AMX it emulates bf16 arithmetic and is compute-bound: see RESULTS.md for whether it
     beats fp32 on a given machine.
@@ -42,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODES = ("bf16", "int8")
+MODES = ("bf16", "int8", "int4")
 BACKENDS = ("cpu", "reference")
 ENV = "MUSICLM_QUANT"
 
@@ -146,6 +153,103 @@ class Int8Linear(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# int4
+
+INT4_GROUP = 32  # inputs sharing one scale and offset
+
+
+def quantize_int4(weight: Tensor, group_size: int = INT4_GROUP) -> tuple[Tensor, Tensor]:
+    """(N, K) float weight -> (codes uint8 (N, K) in 0..15, bf16 scales_and_zeros (K / group_size, N, 2)).
+
+    Asymmetric, per group of `group_size` consecutive inputs of a row: weight ~= (code - 8) * scale + zero, the
+    convention of the CPU kernel, with scale = (max - min) / 15 and zero = min + 8 * scale, both rounded to bf16
+    first (the kernel reads them as bf16) and the codes computed from the rounded values. A constant group gets
+    a span of its own magnitude (all codes 0), so it comes back to within bf16 rounding, zeros as zeros.
+    """
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_int4 takes a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
+    N, K = weight.shape
+    if group_size <= 0 or K % group_size:
+        raise ValueError(f"int4 quantisation groups {group_size} inputs: the weight's {K} inputs are not a multiple")
+    groups = weight.detach().float().view(N, K // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (N, K/G)
+    span = torch.where(high > low, high - low, low.abs().clamp(min=1e-6))  # constant group: a span of its size
+    scale = (span / 15).to(torch.bfloat16).float()
+    zero = (low + 8 * scale).to(torch.bfloat16).float()
+    codes = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8)
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+    return codes.view(N, K), scales_and_zeros
+
+
+def dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """codes (N, K) in 0..15 and scales_and_zeros (K / G, N, 2) -> the (N, K) weight they stand for."""
+    N, K = codes.shape
+    scale, zero = scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # (N, K/G) each
+    G = K // scale.shape[1]
+    return ((codes.view(N, K // G, G).to(dtype) - 8) * scale[..., None] + zero[..., None]).view(N, K)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 `nn.Linear` for the CPU: buffers `weight` (packed), `scales_and_zeros`, optional `bias`.
+
+    `weight` is the (N, K / 2) uint8 tensor the kernel packs for itself (`_convert_weight_to_int4pack_for_cpu`;
+    its layout is the kernel's and may change with the CPU or the torch version, so nothing here decodes it by
+    hand). `codes()` reads the codes back through the kernel: with unit scales and zero offsets, multiplying by
+    the identity returns code - 8, a small integer, exactly. The reference path dequantises those codes.
+    """
+
+    def __init__(self, codes: Tensor, scales_and_zeros: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        N, K = codes.shape
+        groups = scales_and_zeros.shape[0]
+        if (codes.dtype != torch.uint8 or tuple(scales_and_zeros.shape) != (groups, N, 2) or groups == 0
+                or K % groups or scales_and_zeros.dtype != torch.bfloat16):
+            raise ValueError(f"Int4Linear needs uint8 codes (N, K) and bf16 scales_and_zeros (K / G, N, 2), got "
+                             f"{codes.dtype} {tuple(codes.shape)} and {scales_and_zeros.dtype} "
+                             f"{tuple(scales_and_zeros.shape)}")
+        if N % 64 or (K // groups) % 32 or codes.device.type != "cpu":
+            raise ValueError(f"Int4Linear runs on the CPU kernel, which takes N a multiple of 64 and groups of 32k "
+                             f"inputs: got N={N}, K={K}, group {K // groups}, on {codes.device}")
+        self.in_features, self.out_features, self.group_size = K, N, K // groups
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.backend: str | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+        codes, scales_and_zeros = quantize_int4(linear.weight)
+        return cls(codes, scales_and_zeros, linear.bias)
+
+    def codes(self) -> Tensor:
+        K, N = self.in_features, self.out_features
+        unit = torch.zeros(K // self.group_size, N, 2, dtype=torch.bfloat16)
+        unit[..., 0] = 1
+        eye = torch.eye(K, dtype=torch.bfloat16)
+        return (torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, unit).T + 8).to(
+            torch.uint8)  # (N, K)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_int4(self.codes(), self.scales_and_zeros, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            raise ValueError(f"Int4Linear runs on the CPU only, got activations on {x.device} (use int8 or bf16)")
+        if _backend(x, self.backend) == "reference":
+            y = F.linear(x, self.dequantized_weight(x.dtype))
+        else:
+            *lead, K = x.shape
+            rows = x.reshape(-1, K).to(torch.bfloat16, memory_format=torch.contiguous_format)  # as in int8
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size,
+                                                           self.scales_and_zeros).to(x.dtype).view(*lead, -1)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # bf16
 
 
@@ -197,11 +301,13 @@ class BF16Linear(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------------
 
+LAYERS = (BF16Linear, Int8Linear, Int4Linear)  # what quantize_weights puts in place of nn.Linear
+
 
 def quantize_weights(module: nn.Module, mode: str = "int8") -> nn.Module:
     """Replace every `nn.Linear` inside `module` (in place) by its weight-only `mode` variant; returns `module`.
 
-    mode: "bf16" or "int8". E.g. `quantize_weights(mg.lm, "int8")` for the MusicGen LM (its layers, heads and
+    mode: "bf16", "int8" or "int4". E.g. `quantize_weights(mg.lm, "int8")` for the MusicGen LM (its layers, heads and
     text projection). Other modules (norms, embeddings) and buffers are left as they are.
     """
     if mode not in MODES:
@@ -211,7 +317,7 @@ def quantize_weights(module: nn.Module, mode: str = "int8") -> nn.Module:
     if isinstance(module, nn.Linear):
         raise ValueError("quantize_weights replaces the nn.Linear layers *inside* a module; wrap a lone "
                          "nn.Linear (Int8Linear.from_linear / BF16Linear.from_linear)")
-    make = Int8Linear.from_linear if mode == "int8" else BF16Linear.from_linear
+    make = {"bf16": BF16Linear, "int8": Int8Linear, "int4": Int4Linear}[mode].from_linear
     targets = [(name, child) for name, child in module.named_modules() if isinstance(child, nn.Linear)]
     if not targets:
         raise ValueError(f"{type(module).__name__} holds no nn.Linear to quantise")

@@ -268,9 +268,10 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="float32", help="model weights dtype (default float32)")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None,
-                   help="store the LM's linear weights in int8 or bf16 (weight-only; close to, not identical "
-                        "with, the float32 results: see benchmarks/RESULTS.md). int8 decodes faster on a CPU; bf16 "
-                        "halves the weight memory and is faster only on CPUs with native bf16 arithmetic")
+                   help="store the LM's linear weights in int8, int4 or bf16 (weight-only; close to, not "
+                        "identical with, the float32 results: see benchmarks/RESULTS.md). int8 decodes faster on a "
+                        "CPU; int4 (CPU only) faster still and coarser; bf16 halves the weight memory and is faster "
+                        "only on CPUs with native bf16 arithmetic")
     p.add_argument("--cuda-graph", action="store_true",
                    help="CUDA devices: replay each decoding step from a CUDA graph (much faster at small batches)")
     p.set_defaults(run=_generate)

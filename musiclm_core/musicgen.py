@@ -284,9 +284,9 @@ class MusicGenLM(nn.Module):
 
 
 def refuse_quantized(lm: nn.Module) -> None:
-    """ValueError when `lm` holds weight-only int8 / bf16 layers (`kernels/quant.py`): a native folder keeps the
+    """ValueError when `lm` holds weight-only quantised layers (`kernels/quant.py`): a native folder keeps the
     weights in the layout its loader builds, and quantising again from the loaded weights is cheap."""
-    names = [name for name, module in lm.named_modules() if isinstance(module, (quant.Int8Linear, quant.BF16Linear))]
+    names = [name for name, module in lm.named_modules() if isinstance(module, quant.LAYERS)]
     if names:
         raise ValueError(f"cannot save an LM with quantised layers ({len(names)}, e.g. {names[0]}): save the "
                          f"unquantised model and pass quantize= when loading it")
@@ -582,9 +582,9 @@ class MusicGen:
         layout: "audiocraft" to read the audiocraft files of a repo that holds both layouts.
         text_encoder: for the audiocraft layout, where to get T5 (default: the hub id its config names, e.g.
             "t5-base", as audiocraft does).
-        quantize: "int8" or "bf16" stores the LM's linear weights in that format (`kernels/quant.py`: weight-only,
-            for the memory-bound decode step on a CPU; parity in benchmarks/RESULTS.md); the loaded `dtype`
-            weights are freed. T5 and EnCodec stay in `dtype`.
+        quantize: "int8", "int4" or "bf16" stores the LM's linear weights in that format (`kernels/quant.py`:
+            weight-only, for the memory-bound decode step on a CPU; int4 runs on the CPU only; parity in
+            benchmarks/RESULTS.md); the loaded `dtype` weights are freed. T5 and EnCodec stay in `dtype`.
         """
         if quantize is not None and quantize not in quant.MODES:  # before the long part
             raise ValueError(f"quantize must be None or one of {quant.MODES}, got {quantize!r}")

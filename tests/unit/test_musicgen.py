@@ -482,19 +482,20 @@ def test_pipeline_audiocraft_layout(mg, tokenizer, tmp_path):
 
 
 def test_pipeline_quantize(mg, tmp_path):
-    from musiclm_core.kernels.quant import BF16Linear, Int8Linear
+    from musiclm_core.kernels.quant import LAYERS, BF16Linear, Int4Linear, Int8Linear
     from musiclm_core.musicgen import MusicGen
 
     mg.save_pretrained(tmp_path / "mg")
-    with pytest.raises(ValueError, match=r"quantize must be None or one of \('bf16', 'int8'\), got 'int4'"):
-        MusicGen.from_pretrained(tmp_path / "mg", quantize="int4")
+    bad = r"quantize must be None or one of \('bf16', 'int8', 'int4'\), got 'int2'"
+    with pytest.raises(ValueError, match=bad):
+        MusicGen.from_pretrained(tmp_path / "mg", quantize="int2")
     kwargs = dict(duration=0.1, seed=4, do_sample=False)
     reference = mg.generate_codes(["soft jazz"], **kwargs)
-    for mode, kind in (("int8", Int8Linear), ("bf16", BF16Linear)):
+    for mode, kind in (("int8", Int8Linear), ("bf16", BF16Linear), ("int4", Int4Linear)):
         quantized = MusicGen.from_pretrained(tmp_path / "mg", quantize=mode)
         linears = [m for m in quantized.lm.modules() if isinstance(m, (nn.Linear, kind))]
         assert linears and all(isinstance(m, kind) for m in linears), mode  # every LM linear, none left in fp32
-        assert not any(isinstance(m, (Int8Linear, BF16Linear)) for m in quantized.text_encoder.modules())
+        assert not any(isinstance(m, LAYERS) for m in quantized.text_encoder.modules())
         with pytest.raises(ValueError, match="cannot save an LM with quantised layers"):
             quantized.save_pretrained(tmp_path / f"saved_{mode}")
         assert not (tmp_path / f"saved_{mode}").exists() and len(list(tmp_path.iterdir())) == 1  # nothing left

@@ -1,4 +1,4 @@
-"""Weight-only bf16 / int8 linears (kernels/quant.py): the fast CPU path against the dequantised reference, and the
+"""Weight-only bf16 / int8 / int4 linears (kernels/quant.py): the fast CPU path against the dequantised reference, and the
 MusicGen LM with quantised weights.
 
 Tolerances:
@@ -6,8 +6,10 @@ Tolerances:
 * CPU paths vs the reference on the same rounded inputs (activations rounded to bf16, as the kernels do), computed
   in float64: |y - ref| <= 2^-8 |ref| + 1e-5 * (|x| @ |W|^T), i.e. one bf16 rounding of the output plus fp32
   accumulation-order noise.
-* Tiny MusicGen LM, logits vs fp32: max abs error <= 1% (bf16) / 2% (int8) of the largest fp32 logit (measured:
-  0.37% / 0.53%), and > 0 (the weights really changed).
+* int4: codes within half a step of the weight (scale / 2, plus bf16 rounding of the offset); the kernel against the
+  dequantised reference with the same bound as int8.
+* Tiny MusicGen LM, logits vs fp32: max abs error <= 1% (bf16) / 2% (int8) / 10% (int4) of the largest fp32 logit
+  (measured: 0.37% / 0.53% / 6.7%), and > 0 (the weights really changed).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 
 from musiclm_core import generate as G
 from musiclm_core.kernels import quant
-from musiclm_core.kernels.quant import BF16Linear, Int8Linear, quantize_int8, quantize_weights
+from musiclm_core.kernels.quant import (BF16Linear, Int4Linear, Int8Linear, quantize_int4, quantize_int8,
+                                        quantize_weights)
 from musiclm_core.musicgen import PRESETS, MusicGenLM
 
 
@@ -121,7 +124,7 @@ def test_backend_switch(monkeypatch):
 
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="mode"):
-        quantize_weights(nn.Sequential(nn.Linear(4, 4)), "int4")
+        quantize_weights(nn.Sequential(nn.Linear(4, 4)), "int2")
     with pytest.raises(ValueError, match="inside"):
         quantize_weights(nn.Linear(4, 4), "int8")
     with pytest.raises(ValueError, match="no nn.Linear"):
@@ -135,6 +138,54 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="activations on meta"):
         quant.int8_linear(torch.zeros(2, 4, device="meta"), torch.zeros(4, 4, dtype=torch.int8),
                           torch.ones(4, dtype=torch.bfloat16), backend="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# int4
+
+
+def test_quantize_int4_groups_and_rounding():
+    w = _linear(96, 64, False, 6).weight.detach().clone()
+    w[7, 32:64] = 0.25  # a constant group
+    codes, sz = quantize_int4(w)
+    assert codes.dtype == torch.uint8 and codes.shape == (64, 96) and int(codes.max()) == 15
+    assert sz.dtype == torch.bfloat16 and sz.shape == (3, 64, 2)  # (K / 32 groups, N, scale and zero)
+    scale = sz[..., 0].float().T.repeat_interleave(32, dim=1)  # (N, K)
+    back = quant.dequantize_int4(codes, sz)
+    assert bool(((back - w).abs() <= scale / 2 * 1.02 + 1e-6).all())  # nearest code (bf16 scale and zero)
+    assert bool((back[7, 32:64] == back[7, 32]).all()) and abs(float(back[7, 32]) - 0.25) <= 0.25 * 2 ** -7
+    assert not back[5].any()  # an all-zero row comes back as zeros
+    assert sz[0, 3, 0] > 10 * sz[0, 0, 0]  # per group: the scaled-up row has its own scales
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_kernel_matches_reference(bias):
+    lin = _linear(128, 192, bias, 7)
+    layer = Int4Linear.from_linear(lin)
+    assert torch.equal(layer.codes(), quantize_int4(lin.weight)[0])  # read back through the kernel, exactly
+    w = layer.dequantized_weight().double()
+    x = torch.randn(2, 5, 128)[:, ::2]  # non-contiguous rows
+    xr = x.to(torch.bfloat16).double()
+    product = xr @ w.T
+    ref = product + (0 if lin.bias is None else lin.bias.detach().double())
+    out = layer(x)
+    assert out.shape == (2, 3, 192) and out.dtype == torch.float32
+    assert bool(((out.double() - ref).abs() <= _bound(xr, w, product) + 1e-6).all())
+    layer.backend = "reference"
+    exact = torch.nn.functional.linear(x.double(), w, None if lin.bias is None else lin.bias.detach().double())
+    assert (layer(x).double() - exact).abs().max() <= 1e-4
+
+
+def test_int4_bad_inputs_raise():
+    with pytest.raises(ValueError, match="not a multiple"):
+        quantize_int4(torch.zeros(64, 48))
+    with pytest.raises(ValueError, match="N a multiple of 64"):
+        Int4Linear.from_linear(nn.Linear(64, 96))
+    with pytest.raises(ValueError, match="uint8 codes"):
+        Int4Linear(torch.zeros(64, 64, dtype=torch.int8), torch.ones(2, 64, 2, dtype=torch.bfloat16))
+    layer = Int4Linear.from_linear(nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="CPU only"):
+        layer(torch.zeros(2, 64, device="meta"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,11 +204,11 @@ def tiny():
     return lm, states, mask, codes
 
 
-@pytest.mark.parametrize("mode,bound", [("bf16", 0.01), ("int8", 0.02)])
+@pytest.mark.parametrize("mode,bound", [("bf16", 0.01), ("int8", 0.02), ("int4", 0.1)])
 def test_quantised_tiny_lm_logits_close_to_fp32(tiny, mode, bound):
     lm, states, mask, codes = tiny
     q = quantize_weights(copy.deepcopy(lm), mode)
-    kind = BF16Linear if mode == "bf16" else Int8Linear
+    kind = {"bf16": BF16Linear, "int8": Int8Linear, "int4": Int4Linear}[mode]
     assert not any(isinstance(m, nn.Linear) for m in q.modules())
     assert sum(isinstance(m, kind) for m in q.modules()) == sum(isinstance(m, nn.Linear) for m in lm.modules())
     with torch.no_grad():
@@ -167,7 +218,7 @@ def test_quantised_tiny_lm_logits_close_to_fp32(tiny, mode, bound):
     assert 0 < error <= bound
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 def test_quantised_lm_runs_the_generate_loop(tiny, mode):
     lm, states, mask, _ = tiny
     q = quantize_weights(copy.deepcopy(lm), mode)
