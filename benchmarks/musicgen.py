@@ -9,7 +9,7 @@ its `from_pretrained`, ours with `MusicGen.from_pretrained` (the whole loader at
 (batch 1), classifier-free guidance 3.0 (2 rows per step), sampling with top_k 250, fp32, `--threads` threads:
 
 * transformers: `generate(max_new_tokens=N)`; ours: `MusicGen.generate_codes(max_new_tokens=N)`, fp32, and with
-  its LM's weights in bf16 and int8 (`kernels/quant.py`).
+  its LM's weights in bf16, int8 and int4 (`kernels/quant.py`).
 * steps/s of the decode loop only: a timestamp is taken each time a column of tokens has been sampled (a logits
   processor appended to transformers' list; our `progress` callback), and steps/s = (n - 1) / (t_n - t_1). That
   leaves out the text encoder, the prefill and the audio decoding, and times the same thing on both sides: one
@@ -23,7 +23,7 @@ its `from_pretrained`, ours with `MusicGen.from_pretrained` (the whole loader at
   and values) over the memory read bandwidth measured with torch (sum over a 1 GiB fp32 tensor, best of 7) =
   the fastest a step can be. "% roofline" = measured steps/s over that bound. The quantised paths read fewer
   weight bytes, so their bound is higher: they are reported against their own bound and against fp32's.
-* parity (`--parity-steps`, 0 = skip): bf16 / int8 against fp32 on the tiny preset (random init) and on the
+* parity (`--parity-steps`, 0 = skip): bf16 / int8 / int4 against fp32 on the tiny preset (random init) and on the
   small model from the folder: logits max abs error over a teacher-forced pass, top-1 agreement of those logits,
   and the share of identical tokens over a free-running greedy (CFG) generation of that many steps.
 
@@ -277,7 +277,7 @@ def _release_freed_memory() -> None:
 
 @torch.no_grad()
 def _parity(lm, states, mask, steps: int) -> dict:
-    """bf16 / int8 copies of `lm` against it: teacher-forced logits on its own greedy codes, and greedy agreement."""
+    """bf16 / int8 / int4 copies of `lm` against it: teacher-forced logits on its own greedy codes, and greedy agreement."""
     import copy
 
     from musiclm_core import generate as G
@@ -287,7 +287,7 @@ def _parity(lm, states, mask, steps: int) -> dict:
     memory = lm.cross_memory(states, mask)
     ref = lm(greedy, memory=memory)  # (B, K, T, card), teacher-forced on the fp32 greedy frames
     out = {}
-    for mode in ("bf16", "int8"):
+    for mode in ("bf16", "int8", "int4"):
         q = quantize_weights(copy.deepcopy(lm), mode)
         logits = q(greedy, memory=q.cross_memory(states, mask))
         err = (logits - ref).abs().max().item()
@@ -521,7 +521,8 @@ def main() -> None:
     parser.add_argument("--parity-steps", type=int, default=100, help="CPU: greedy steps of the parity check, 0=off")
     parser.add_argument("--omp-passive", action="store_true",
                         help="CPU: run the workers with OMP_WAIT_POLICY=PASSIVE (matters on a busy machine)")
-    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"],
+    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8", "int4"],
+                        choices=["fp32", "bf16", "int8", "int4"],
                         help="CPU: which of our weight formats to time")
     parser.add_argument("--sizes", nargs="+", default=["small", "medium", "large"], help="CUDA: model sizes")
     # internal: one measurement in a subprocess

@@ -135,7 +135,10 @@ class SelfAttention(Attention):
 class CrossAttention(Attention):
     def forward(self, x: Tensor, *, index: int, memory: CrossMemory) -> Tensor:
         q = self.heads(self.q(x))  # (B, H, T, Dh)
-        return self.merge(attention(q, memory.k[index], memory.v[index], key_mask=memory.mask))
+        # The mask as precomputed scores, and rows without text (CFG's null rows) zeroed: what key_mask=
+        # does, without rebuilding both from the mask at every step.
+        out = attention(q, memory.k[index], memory.v[index], bias=memory.scores) * memory.attends
+        return self.merge(out)
 
 
 class DecoderLayer(nn.Module):
