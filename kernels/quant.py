@@ -14,10 +14,12 @@ It is weight-only: LayerNorms, embeddings, the KV cache and the sampling stay in
 layers keep the interface of `nn.Linear` (any leading dims, optional bias). It is an inference path: do it
 after loading, do not train or `save_pretrained` the result.
 
-Each layer has two ways to compute, with one signature (`int8_linear` / `bf16_linear`, `backend=`):
+Each layer has two ways to compute (`int8_linear` / `bf16_linear` with `backend=`; every layer's `backend`
+attribute):
 
-* "reference": plain PyTorch in the activation dtype, `x @ W^T` with W upcast (int8: `(x @ Q^T) * scale`). Exact
-  with respect to the dequantised weights; it is what the tests hold the fast path to, and what runs off the CPU.
+* "reference": plain PyTorch in the activation dtype, `x @ W^T` with W upcast (int8: `(x @ Q^T) * scale`; int4:
+  the dequantised weight). Exact with respect to the dequantised weights; it is what the tests hold the fast path
+  to, and what runs off the CPU (int8, bf16: int4 weights are packed for the CPU kernel and stay on the CPU).
 * "cpu": the fastest path measured on a 2-core AVX-512 Xeon without native bf16 (benchmarks/RESULTS.md):
   - int8: `torch.ops.aten._weight_int8pack_mm`, whose vectorised kernel takes bf16 activations (with fp32
     activations the same op runs a slow generic loop, ~20x slower). Activations are rounded to bf16 and the
@@ -29,8 +31,8 @@ Each layer has two ways to compute, with one signature (`int8_linear` / `bf16_li
   - int4: `torch.ops.aten._weight_int4pack_mm_for_cpu` (the CPU "tinygemm" kernel, bf16 activations and
     output, like int8's). It runs at 14-19 G weights/s on 2 threads: int8's kernel reaches that only at
     K = 4096, and spends about half its time per output row at K = 1024 (measured on MusicGen small's shapes:
-    all linears 23 ms int4 against 36 ms int8 and 75 ms fp32 per step). Coarser: see RESULTS.md for what it
-    does to the tokens.
+    all linears 23 ms int4 against 36 ms int8 and 75 ms fp32 per step). 16 levels per group instead of 255 per
+    row: a coarser approximation of the weights (RESULTS.md: what it does to the logits and tokens).
   - bf16: oneDNN's bf16 matmul (`F.linear` on bf16 activations and weights, fp32 accumulation, bf16 out).
     Without AVX512-BF16/AMX it emulates bf16 arithmetic and is compute-bound: see RESULTS.md for whether it
     beats fp32 on a given machine.
@@ -143,7 +145,7 @@ class Int8Linear(nn.Module):
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]  # (N, K)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.backend is None and x.device.type == "cpu" and ENV not in os.environ:
+        if self.backend is None and x.is_cpu and ENV not in os.environ:
             # The common case without the dispatch: it runs ~200 times per decode step (-20 us a call).
             return _int8_linear_cpu(x, self.weight, self.scale, self.bias)
         return int8_linear(x, self.weight, self.scale, self.bias, backend=self.backend)
@@ -233,11 +235,11 @@ class Int4Linear(nn.Module):
         return dequantize_int4(self.codes(), self.scales_and_zeros, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise ValueError(f"Int4Linear runs on the CPU only, got activations on {x.device} (use int8 or bf16)")
-        if _backend(x, self.backend) == "reference":
+        if (self.backend is not None or ENV in os.environ) and _backend(x, self.backend) == "reference":
             y = F.linear(x, self.dequantized_weight(x.dtype))
-        else:
+        else:  # as Int8Linear: the common case without the dispatch
             *lead, K = x.shape
             rows = x.reshape(-1, K).to(torch.bfloat16, memory_format=torch.contiguous_format)  # as in int8
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size,
@@ -291,7 +293,7 @@ class BF16Linear(nn.Module):
         return self.weight.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.backend is None and x.device.type == "cpu" and ENV not in os.environ:
+        if self.backend is None and x.is_cpu and ENV not in os.environ:
             return _bf16_linear_cpu(x, self.weight, self.bias)  # as in Int8Linear.forward
         return bf16_linear(x, self.weight, self.bias, backend=self.backend)
 
