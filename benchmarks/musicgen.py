@@ -277,7 +277,8 @@ def _release_freed_memory() -> None:
 
 @torch.no_grad()
 def _parity(lm, states, mask, steps: int) -> dict:
-    """bf16 / int8 / int4 copies of `lm` against it: teacher-forced logits on its own greedy codes, and greedy agreement."""
+    """bf16 / int8 / int4 copies of `lm` against it: teacher-forced logits on its own greedy codes, and greedy
+    agreement."""
     import copy
 
     from musiclm_core import generate as G

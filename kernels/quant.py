@@ -209,7 +209,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"Int4Linear needs uint8 codes (N, K) and bf16 scales_and_zeros (K / G, N, 2), got "
                              f"{codes.dtype} {tuple(codes.shape)} and {scales_and_zeros.dtype} "
                              f"{tuple(scales_and_zeros.shape)}")
-        if N % 64 or (K // groups) % 32 or codes.device.type != "cpu":
+        if not self.fits(N, K, K // groups) or codes.device.type != "cpu":
             raise ValueError(f"Int4Linear runs on the CPU kernel, which takes N a multiple of 64 and groups of 32k "
                              f"inputs: got N={N}, K={K}, group {K // groups}, on {codes.device}")
         self.in_features, self.out_features, self.group_size = K, N, K // groups
@@ -217,6 +217,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.backend: str | None = None
+
+    @staticmethod
+    def fits(out_features: int, in_features: int, group_size: int = INT4_GROUP) -> bool:
+        """Whether the CPU kernel takes this shape: N a multiple of 64, groups of a multiple of 32 inputs."""
+        return out_features % 64 == 0 and group_size % 32 == 0 and in_features % group_size == 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
@@ -309,8 +314,10 @@ LAYERS = (BF16Linear, Int8Linear, Int4Linear)  # what quantize_weights puts in p
 def quantize_weights(module: nn.Module, mode: str = "int8") -> nn.Module:
     """Replace every `nn.Linear` inside `module` (in place) by its weight-only `mode` variant; returns `module`.
 
-    mode: "bf16", "int8" or "int4". E.g. `quantize_weights(mg.lm, "int8")` for the MusicGen LM (its layers, heads and
-    text projection). Other modules (norms, embeddings) and buffers are left as they are.
+    mode: "bf16", "int8" or "int4". E.g. `quantize_weights(mg.lm, "int8")` for the MusicGen LM (its layers, heads
+    and text projection). Other modules (norms, embeddings) and buffers are left as they are. int4: a linear whose
+    shape the CPU kernel cannot take (`Int4Linear.fits`; e.g. MusicGen Melody's 12-bin chroma projection, which
+    runs once per generation) keeps its weights.
     """
     if mode not in MODES:
         raise ValueError(f"quantize_weights mode must be one of {MODES}, got {mode!r}")
@@ -323,6 +330,12 @@ def quantize_weights(module: nn.Module, mode: str = "int8") -> nn.Module:
     targets = [(name, child) for name, child in module.named_modules() if isinstance(child, nn.Linear)]
     if not targets:
         raise ValueError(f"{type(module).__name__} holds no nn.Linear to quantise")
+    if mode == "int4":
+        fitting = [(name, linear) for name, linear in targets if Int4Linear.fits(*linear.weight.shape)]
+        if not fitting:
+            raise ValueError(f"none of the {len(targets)} nn.Linear of {type(module).__name__} fits the int4 "
+                             f"kernel (out_features a multiple of 64, in_features of {INT4_GROUP})")
+        targets = fitting
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module

@@ -462,6 +462,26 @@ def test_quantized_lm_is_not_saved(mel, tmp_path):
     assert not (tmp_path / "lm").exists()
 
 
+def test_int4_keeps_the_chroma_projection(mel):
+    import copy
+
+    from torch import nn
+
+    from musiclm_core.kernels.quant import Int4Linear, quantize_weights
+
+    # The 12-bin chroma projection is no shape for the int4 kernel (in_features 12): it keeps its fp32 weights,
+    # every other linear of the LM is quantised, and the LM still generates.
+    lm = quantize_weights(copy.deepcopy(mel.lm), "int4")
+    assert isinstance(lm.chroma_proj, nn.Linear)
+    others = [m for name, m in lm.named_modules()
+              if isinstance(m, (nn.Linear, Int4Linear)) and name != "chroma_proj"]
+    assert others and all(isinstance(m, Int4Linear) for m in others)
+    quantized = MusicGenMelody(lm, mel.codec, mel.text_encoder)
+    codes = quantized.generate_codes(["calm piano"], melody=[_tone(440)], melody_sample_rate=SR, duration=0.02,
+                                     do_sample=False)
+    assert codes.shape[:2] == (1, mel.lm.config.num_codebooks)
+
+
 def test_pipeline_refuses_what_it_does_not_do(mel):
     with pytest.raises(ValueError, match="needs a MusicGenMelodyLM"):
         from musiclm_core.musicgen import MusicGenLM

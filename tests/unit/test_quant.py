@@ -1,5 +1,5 @@
-"""Weight-only bf16 / int8 / int4 linears (kernels/quant.py): the fast CPU path against the dequantised reference, and the
-MusicGen LM with quantised weights.
+"""Weight-only bf16 / int8 / int4 linears (kernels/quant.py): the fast CPU path against the dequantised reference,
+and the MusicGen LM with quantised weights.
 
 Tolerances:
 * int8 reference path vs F.linear with the dequantised fp32 weight: max abs error <= 1e-5 (same maths, fp32).
@@ -183,6 +183,8 @@ def test_int4_bad_inputs_raise():
         Int4Linear.from_linear(nn.Linear(64, 96))
     with pytest.raises(ValueError, match="uint8 codes"):
         Int4Linear(torch.zeros(64, 64, dtype=torch.int8), torch.ones(2, 64, 2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="none of the 1 nn.Linear of Sequential fits the int4 kernel"):
+        quantize_weights(nn.Sequential(nn.Linear(12, 64)), "int4")
     layer = Int4Linear.from_linear(nn.Linear(64, 64))
     with pytest.raises(ValueError, match="CPU only"):
         layer(torch.zeros(2, 64, device="meta"))
