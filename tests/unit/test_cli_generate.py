@@ -80,12 +80,13 @@ def test_generate_one_prompt(model_folder, model, tmp_path, capsys):
                                         temperature=0.7)[0])
     assert not torch.equal(load_audio(nucleus)[0], load_audio(greedy)[0])
 
-    # --quantize reaches the loader: the same as the pipeline loaded with quantize="int8"
-    int8 = tmp_path / "int8.wav"
-    assert _run(model_folder, "calm piano", "--duration", "0.5", "--greedy", "--quantize", "int8",
-                "-o", str(int8), "--normalize", "none") == 0
-    quantized = MusicGen.from_pretrained(model_folder, quantize="int8")
-    _same_audio(int8, quantized.generate(["calm piano"], duration=0.5, do_sample=False)[0])
+    # --quantize reaches the loader: the same as the pipeline loaded with quantize=mode
+    for mode in ("int8", "int4"):
+        out = tmp_path / f"{mode}.wav"
+        assert _run(model_folder, "calm piano", "--duration", "0.5", "--greedy", "--quantize", mode,
+                    "-o", str(out), "--normalize", "none") == 0
+        quantized = MusicGen.from_pretrained(model_folder, quantize=mode)
+        _same_audio(out, quantized.generate(["calm piano"], duration=0.5, do_sample=False)[0])
 
 
 def test_seed_is_printed_when_not_given(model_folder, tmp_path, capsys):
