@@ -210,8 +210,8 @@ class Int4Linear(nn.Module):
                              f"{codes.dtype} {tuple(codes.shape)} and {scales_and_zeros.dtype} "
                              f"{tuple(scales_and_zeros.shape)}")
         if not self.fits(N, K, K // groups) or codes.device.type != "cpu":
-            raise ValueError(f"Int4Linear runs on the CPU kernel, which takes N a multiple of 64 and groups of 32k "
-                             f"inputs: got N={N}, K={K}, group {K // groups}, on {codes.device}")
+            raise ValueError(f"Int4Linear runs on the CPU kernel, which takes N a multiple of 64 and groups of a "
+                             f"multiple of 32 inputs: got N={N}, K={K}, group {K // groups}, on {codes.device}")
         self.in_features, self.out_features, self.group_size = K, N, K // groups
         self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
         self.register_buffer("scales_and_zeros", scales_and_zeros)
