@@ -58,9 +58,14 @@ TRANSFORMERS_DROPPED = [
 OTHER_PARTS = ("text_encoder.", "audio_encoder.")
 
 
+def is_lm_key(key: str) -> bool:
+    """Whether a key of a composite transformers state dict is the LM's: everything but the two encoders'."""
+    return not key.startswith(OTHER_PARTS)
+
+
 def lm_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The LM's share of a composite transformers state dict: everything but the text and audio encoders."""
-    return {k: v for k, v in state.items() if not k.startswith(OTHER_PARTS)}
+    """The LM's share of a composite transformers state dict."""
+    return {k: v for k, v in state.items() if is_lm_key(k)}
 
 
 def config_from_transformers(config: dict[str, Any], *, model_type: str = "musicgen",

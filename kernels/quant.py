@@ -173,14 +173,20 @@ def quantize_int4(weight: Tensor, group_size: int = INT4_GROUP) -> tuple[Tensor,
     N, K = weight.shape
     if group_size <= 0 or K % group_size:
         raise ValueError(f"int4 quantisation groups {group_size} inputs: the weight's {K} inputs are not a multiple")
-    groups = weight.detach().float().view(N, K // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (N, K/G)
-    span = torch.where(high > low, high - low, low.abs().clamp(min=1e-6))  # constant group: a span of its size
-    scale = (span / 15).to(torch.bfloat16).float()
-    zero = (low + 8 * scale).to(torch.bfloat16).float()
-    codes = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8)
-    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
-    return codes.view(N, K), scales_and_zeros
+    codes = torch.empty(N, K, dtype=torch.uint8, device=weight.device)
+    scales, zeros = [], []
+    for start in range(0, N, 256):  # in blocks of rows, as quantize_int8 and for the same reason
+        groups = weight[start:start + 256].detach().float().view(-1, K // group_size, group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (rows, K/G)
+        span = torch.where(high > low, high - low, low.abs().clamp(min=1e-6))  # constant group: its own size
+        scale = (span / 15).to(torch.bfloat16).float()
+        zero = (low + 8 * scale).to(torch.bfloat16).float()
+        block = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15)
+        codes[start:start + 256] = block.view(-1, K)
+        scales.append(scale)
+        zeros.append(zero)
+    scales_and_zeros = torch.stack([torch.cat(scales), torch.cat(zeros)], dim=-1).transpose(0, 1)
+    return codes, scales_and_zeros.to(torch.bfloat16).contiguous()
 
 
 def dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -336,9 +342,11 @@ def quantize_weights(module: nn.Module, mode: str = "int8") -> nn.Module:
             raise ValueError(f"none of the {len(targets)} nn.Linear of {type(module).__name__} fits the int4 "
                              f"kernel (out_features a multiple of 64, in_features of {INT4_GROUP})")
         targets = fitting
-    for name, linear in targets:
+    while targets:  # popped, so that each fp32 layer is freed as soon as its replacement is in place
+        name, linear = targets.pop()
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         with torch.no_grad():
             setattr(parent, attr, make(linear))
+        del linear
     return module

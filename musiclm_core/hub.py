@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -83,23 +83,26 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
 
 
-def load_tensors(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike, *, mmap: bool = True,
+                 select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of one weight file (.safetensors or a pickled .bin/.pt/.pth), on the CPU, in its stored dtype.
 
     mmap (safetensors): True maps the file: nothing is read until used, and the pages are the kernel's page cache
     (reclaimable, e.g. while an fp16 file is cast to fp32). But one mapping backs every tensor of the file, so
     its touched pages stay resident while any of them lives. False reads each tensor into memory of its own
-    (`pread`), so that one dropped after loading goes back to the system: what a quantised load needs, where the
-    LM's fp32 weights are dropped while T5's and EnCodec's, from the same file, live on.
+    (`pread`), so that one dropped after loading goes back to the system: what a quantised load needs for the
+    LM's fp32 weights, dropped one by one while T5's and EnCodec's, from the same file, live on.
+    select: only the keys it accepts (a safetensors file reads nothing else; a pickle is read whole).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing weight file {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            return load_file(str(path), backend="mmap" if mmap else "pread")
+            with safe_open(str(path), framework="pt", backend="mmap" if mmap else "pread") as file:
+                return {key: file.get_tensor(key) for key in file.keys() if select is None or select(key)}
         except Exception as err:  # safetensors raises SafetensorError / OSError on truncated files
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
     try:
@@ -109,7 +112,7 @@ def load_tensors(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, tor
         raise CheckpointError(f"{path} could not be read as a weights-only torch pickle: {err}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
-    return obj
+    return obj if select is None else {key: value for key, value in obj.items() if select(key)}
 
 
 def weight_files(folder: str | os.PathLike, *, variant: str | None = None) -> list[Path]:
@@ -139,13 +142,13 @@ def weight_files(folder: str | os.PathLike, *, variant: str | None = None) -> li
     raise CheckpointError(f"no weight file in {folder}: expected one of {expected}; found {present}")
 
 
-def load_state_dict(folder: str | os.PathLike, *, variant: str | None = None,
-                    mmap: bool = True) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, merged across shards (`mmap` as `load_tensors`). A key found in two
-    shards is an error."""
+def load_state_dict(folder: str | os.PathLike, *, variant: str | None = None, mmap: bool = True,
+                    select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, merged across shards (`mmap` and `select` as `load_tensors`). A key
+    found in two shards is an error."""
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder, variant=variant):
-        tensors = load_tensors(path, mmap=mmap)
+        tensors = load_tensors(path, mmap=mmap, select=select)
         clash = state.keys() & tensors.keys()
         if clash:
             raise CheckpointError(f"keys present in more than one shard ({path.name}): {sorted(clash)[:10]}")

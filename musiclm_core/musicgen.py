@@ -591,10 +591,8 @@ class MusicGen:
         """
         if quantize is not None and quantize not in quant.MODES:  # before the long part
             raise ValueError(f"quantize must be None or one of {quant.MODES}, got {quantize!r}")
-        # Quantising drops the LM's loaded weights: read them into memory of their own so that they can go
-        # (hub.load_tensors); otherwise map the file.
         pipeline = cls._load(name_or_path, dtype=dtype, revision=revision, variant=variant, layout=layout,
-                             text_encoder=text_encoder, mmap=quantize is None)
+                             text_encoder=text_encoder, lm_in_memory=quantize is not None)
         if quantize is not None:
             quant.quantize_weights(pipeline.lm, quantize)
         return pipeline
@@ -602,7 +600,10 @@ class MusicGen:
     @classmethod
     def _load(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype, revision: str | None,
               variant: str | None, layout: str | None, text_encoder: str | os.PathLike | None,
-              mmap: bool) -> "MusicGen":
+              lm_in_memory: bool = False) -> "MusicGen":
+        """The pipeline from any layout. A transformers file is mapped; with `lm_in_memory`, the LM's tensors are
+        read into memory of their own instead (`hub.load_tensors`), so that each fp32 weight goes back to the
+        system as soon as a quantised copy replaces it, while T5 and EnCodec stay mapped."""
         from musiclm_core.convert import encodec as convert_encodec, keys, musicgen as convert, t5 as convert_t5
 
         folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout,
@@ -618,7 +619,9 @@ class MusicGen:
                        max_duration=meta["config"].get("max_duration", MAX_DURATION))
         if found == "transformers":
             config = hub.read_json(folder / "config.json")
-            state = hub.load_state_dict(folder, variant=variant, mmap=mmap)
+            state = hub.load_state_dict(folder, variant=variant)
+            if lm_in_memory:
+                state.update(hub.load_state_dict(folder, variant=variant, mmap=False, select=convert.is_lm_key))
             lm = cls.lm_converter().load_transformers(config, convert.lm_part(state), source=str(folder),
                                                      dtype=dtype)
             codec = convert_encodec.load_transformers(config["audio_encoder"],

@@ -89,11 +89,18 @@ def test_sharded_safetensors(tmp_path):
     read = hub.load_state_dict(tmp_path, mmap=False)
     assert same(read, {**tensors(0, "x."), **tensors(1, "y.")})
     assert len({t.untyped_storage().data_ptr() for t in read.values()}) == len(read)
+    # only the keys asked for, across the shards, mapped or read
+    for mmap in (True, False):
+        picked = hub.load_state_dict(tmp_path, mmap=mmap, select=lambda key: key.endswith(".weight"))
+        wanted = ("x.a.weight", "y.a.weight")
+        assert picked.keys() == set(wanted) and same(picked, {k: read[k] for k in wanted})
 
 
 def test_single_bin(tmp_path):
     torch.save(tensors(), tmp_path / "pytorch_model.bin")
     assert same(hub.load_state_dict(tmp_path), tensors())
+    picked = hub.load_state_dict(tmp_path, select=lambda key: key == "steps")
+    assert same(picked, {"steps": tensors()["steps"]})
 
 
 def test_sharded_bin(tmp_path):
