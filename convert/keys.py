@@ -168,6 +168,25 @@ def split_fused_qkv(state: dict[str, torch.Tensor], fused_suffix: str, names: Se
     return out
 
 
+def concat_rows(state: dict[str, torch.Tensor], parts: Sequence[str], fused: str) -> dict[str, torch.Tensor]:
+    """Join every group of tensors `*{parts[i]}` row-wise into one `*{fused}` (e.g. q, k, v -> qkv), in the
+    order of `parts`. A group with a part missing is reported, by key, in one `CheckpointError`."""
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        part = next((p for p in parts if key.endswith(p)), None)
+        if part is None:
+            out[key] = tensor
+        else:
+            groups.setdefault(key[: -len(part)], {})[part] = tensor
+    incomplete = [base + p for base, found in groups.items() for p in parts if p not in found]
+    if incomplete:
+        raise CheckpointError(f"cannot make the {fused} tensors: missing\n    " + "\n    ".join(incomplete))
+    for base, found in groups.items():
+        out[base + fused] = torch.cat([found[p] for p in parts], dim=0)
+    return out
+
+
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under `prefix` (e.g. "audio_encoder." in a MusicGen checkpoint), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -27,6 +27,7 @@ from musiclm_core.musicgen import MusicGenConfig, MusicGenLM
 
 TRANSFORMERS_TABLE = [
     ("decoder.model.decoder.embed_tokens.{k}.weight", "embeddings.{k}.weight"),
+    # q/k/v land on parts that fuse_self_attention then joins into our one `qkv` weight
     ("decoder.model.decoder.layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q.weight"),
     ("decoder.model.decoder.layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k.weight"),
     ("decoder.model.decoder.layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v.weight"),
@@ -56,6 +57,20 @@ TRANSFORMERS_DROPPED = [
 ]
 # The other parts of the composite checkpoint, loaded by their own converters.
 OTHER_PARTS = ("text_encoder.", "audio_encoder.")
+
+
+SELF_ATTENTION_PARTS = ("self_attn.q.weight", "self_attn.k.weight", "self_attn.v.weight")
+
+
+def fuse_self_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renamed transformers tensors -> ours: each layer's self-attention q, k, v joined into `self_attn.qkv`."""
+    return keys.concat_rows(state, SELF_ATTENTION_PARTS, "self_attn.qkv.weight")
+
+
+def is_copied_key(key: str) -> bool:
+    """Whether loading copies this tensor (the self-attention q/k/v that `fuse_self_attention` joins): better read
+    into memory of its own than mapped, whose pages would stay resident next to the copy."""
+    return bool(re.fullmatch(r"decoder\.model\.decoder\.layers\.\d+\.self_attn\.[qkv]_proj\.weight", key))
 
 
 def is_lm_key(key: str) -> bool:
@@ -126,7 +141,7 @@ def load_transformers(config: dict[str, Any], state: dict[str, torch.Tensor], *,
     """MusicGenLM from a transformers MusicGen config dict and the LM part of its state dict (`lm_part`)."""
     ours = config_from_transformers(config)
     renamed = keys.rename(state, TRANSFORMERS_TABLE, dropped=TRANSFORMERS_DROPPED, source=source)
-    return keys.build(lambda: MusicGenLM(ours), renamed, source=source, dtype=dtype)
+    return keys.build(lambda: MusicGenLM(ours), fuse_self_attention(renamed), source=source, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,13 +149,11 @@ def load_transformers(config: dict[str, Any], state: dict[str, torch.Tensor], *,
 
 AUDIOCRAFT_TABLE = [
     ("emb.{k}.weight", "embeddings.{k}.weight"),
-    # q/k/v come from splitting `in_proj_weight` (split_fused_qkv below)
-    ("transformer.layers.{i}.self_attn.q.weight", "layers.{i}.self_attn.q.weight"),
-    ("transformer.layers.{i}.self_attn.k.weight", "layers.{i}.self_attn.k.weight"),
-    ("transformer.layers.{i}.self_attn.v.weight", "layers.{i}.self_attn.v.weight"),
+    ("transformer.layers.{i}.self_attn.in_proj_weight", "layers.{i}.self_attn.qkv.weight"),  # rows [q; k; v]
     ("transformer.layers.{i}.self_attn.out_proj.weight", "layers.{i}.self_attn.out.weight"),
     ("transformer.layers.{i}.norm1.weight", "layers.{i}.self_norm.weight"),
     ("transformer.layers.{i}.norm1.bias", "layers.{i}.self_norm.bias"),
+    # the cross-attention's q/k/v come from splitting its `in_proj_weight` (load_audiocraft)
     ("transformer.layers.{i}.cross_attention.q.weight", "layers.{i}.cross_attn.q.weight"),
     ("transformer.layers.{i}.cross_attention.k.weight", "layers.{i}.cross_attn.k.weight"),
     ("transformer.layers.{i}.cross_attention.v.weight", "layers.{i}.cross_attn.v.weight"),
@@ -277,8 +290,9 @@ def load_audiocraft(package: dict[str, Any], *, source: str, dtype: torch.dtype 
             raise CheckpointError(f"{source} has no '{entry}' entry (found {sorted(package)}): not an audiocraft "
                                   f"LM checkpoint")
     config = read_config(package["xp.cfg"])
-    state = keys.split_fused_qkv(dict(package["best_state"]), "in_proj_weight",
-                                 ("q.weight", "k.weight", "v.weight"))
+    # Our cross-attention keeps q apart from k and v (those run once, on the text); the self-attention is fused.
+    state = keys.split_fused_qkv(dict(package["best_state"]), "cross_attention.in_proj_weight",
+                                 ("cross_attention.q.weight", "cross_attention.k.weight", "cross_attention.v.weight"))
     renamed = keys.rename(state, table, dropped=dropped, source=source)
     # The stored tensors are fp16; transformers' fp32 weights are these values upcast (exact).
     return keys.build(lambda: lm_class(config), renamed, source=source, dtype=dtype)

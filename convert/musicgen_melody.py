@@ -55,7 +55,8 @@ def load_transformers(config: dict[str, Any], state: dict[str, torch.Tensor], *,
     """MusicGenMelodyLM from a transformers MusicGen Melody config dict and the LM part of its state dict."""
     ours = config_from_transformers(config)
     renamed = keys.rename(state, TRANSFORMERS_TABLE, dropped=TRANSFORMERS_DROPPED, source=source)
-    return keys.build(lambda: MusicGenMelodyLM(ours), renamed, source=source, dtype=dtype)
+    return keys.build(lambda: MusicGenMelodyLM(ours), musicgen.fuse_self_attention(renamed), source=source,
+                      dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

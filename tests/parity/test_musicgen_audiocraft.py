@@ -305,12 +305,13 @@ TEXTS = ["calm piano with soft violin", "loud rock drums and bass"]
 
 
 def test_every_key_accounted_for(ref):
-    # Our loader is strict (keys.build); here every audiocraft tensor (with the fused q/k/v split in three) must
-    # equal exactly one of ours, in the same layer: a bijection between the two state dicts.
+    # Our loader is strict (keys.build); here every audiocraft tensor (with the cross-attention's fused q/k/v split
+    # in three; our self-attention keeps them fused) must equal exactly one of ours, in the same layer: a
+    # bijection between the two state dicts.
     assert set(ref.best_state) == set(ref.ac.state_dict())  # what audiocraft's module defines is what is stored
     pieces = {}
     for key, value in ref.best_state.items():
-        if key.endswith("in_proj_weight"):
+        if key.endswith("cross_attention.in_proj_weight"):
             for name, part in zip("qkv", value.float().chunk(3)):
                 pieces[f"{key}[{name}]"] = part
         else:

@@ -216,10 +216,10 @@ class TestStereoSmall:
         assert (folder / "model.safetensors.index.json").is_file()
         assert (folder / "model.safetensors.index.fp32.json").is_file()
         assert ours.config == PRESETS["stereo-small"]
-        # Their weights under our names (views, no copy): the fp32 variant is read exactly, the default files are
-        # the fp16 rounding of the same weights.
-        theirs = keys.rename(convert.lm_part(hf.state_dict()), convert.TRANSFORMERS_TABLE,
-                             dropped=convert.TRANSFORMERS_DROPPED, source="reference")
+        # Their weights under our names (views, but the joined q/k/v): the fp32 variant is read exactly, the
+        # default files are the fp16 rounding of the same weights.
+        theirs = convert.fuse_self_attention(keys.rename(convert.lm_part(hf.state_dict()), convert.TRANSFORMERS_TABLE,
+                                                         dropped=convert.TRANSFORMERS_DROPPED, source="reference"))
         mine = ours.state_dict()
         assert sorted(theirs) == sorted(mine)
         assert all(torch.equal(mine[k], v) for k, v in theirs.items())

@@ -240,6 +240,16 @@ def test_split_fused_qkv():
         keys.split_fused_qkv({"attn.in_proj_weight": t(10, 4)}, "in_proj_weight", ["q", "k", "v"])
 
 
+def test_concat_rows():
+    state = {"l.0.q": t(2, 3), "l.0.k": t(2, 3) + 1, "l.0.v": t(2, 3) + 2, "l.0.out": t(3, 3)}
+    out = keys.concat_rows(state, ("q", "k", "v"), "qkv")
+    assert sorted(out) == ["l.0.out", "l.0.qkv"]
+    assert torch.equal(out["l.0.qkv"], torch.cat([state["l.0.q"], state["l.0.k"], state["l.0.v"]]))
+    del state["l.0.k"]
+    with pytest.raises(CheckpointError, match=r"cannot make the qkv tensors: missing\n    l\.0\.k"):
+        keys.concat_rows(state, ("q", "k", "v"), "qkv")
+
+
 def test_strip_prefix():
     state = {"audio_encoder.a": t(1), "audio_encoder.b.c": t(1), "text_encoder.a": t(1)}
     assert list(keys.strip_prefix(state, "audio_encoder.")) == ["a", "b.c"]

@@ -176,15 +176,18 @@ def _hf_config(**top):
 
 
 def _hf_state(model: MusicGenMelodyLM):
-    """Our weights under transformers' names: the converter's table read backwards."""
+    """Our weights under transformers' names: the converter's table read backwards (our qkv split first)."""
     import re
+
+    from musiclm_core.convert import keys
 
     rows = []
     for theirs, ours in convert.TRANSFORMERS_TABLE:
         regex = re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{k\}", r"(?P<k>\d+)")
         rows.append((re.compile(regex + r"\Z"), theirs))
     out = {}
-    for key, value in model.state_dict().items():
+    parts = [p.removeprefix("self_attn.") for p in convert.musicgen.SELF_ATTENTION_PARTS]
+    for key, value in keys.split_fused_qkv(model.state_dict(), "qkv.weight", parts).items():
         theirs = next(t.format(**m.groupdict()) for r, t in rows if (m := r.match(key)))
         out[theirs] = value
     return out
@@ -299,7 +302,7 @@ def _audiocraft_package(model: MusicGenMelodyLM):
         best[f"linears.{k}.weight"] = sd[f"heads.{k}.weight"]
     for i in range(model.config.num_layers):
         ours, theirs = f"layers.{i}.", f"transformer.layers.{i}."
-        best[theirs + "self_attn.in_proj_weight"] = torch.cat([sd[ours + f"self_attn.{p}.weight"] for p in "qkv"])
+        best[theirs + "self_attn.in_proj_weight"] = sd[ours + "self_attn.qkv.weight"]
         best[theirs + "self_attn.out_proj.weight"] = sd[ours + "self_attn.out.weight"]
         for a, b in (("self_norm", "norm1"), ("ffn_norm", "norm2")):
             best[theirs + b + ".weight"], best[theirs + b + ".bias"] = sd[ours + a + ".weight"], sd[ours + a + ".bias"]
