@@ -78,6 +78,18 @@ def is_lm_key(key: str) -> bool:
     return not key.startswith(OTHER_PARTS)
 
 
+def read_state(folder: str | os.PathLike, *, variant: str | None, lm_in_memory: bool = False
+               ) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers MusicGen folder, mapped, but for those that loading copies (`is_copied_key`):
+    these are read into memory of their own, so that their mapped pages are never touched (they would stay
+    resident next to the copy). With `lm_in_memory`, all of the LM's tensors are read: a quantised load then frees
+    each fp32 weight as soon as its quantised copy replaces it, while T5 and EnCodec stay mapped."""
+    state = hub.load_state_dict(folder, variant=variant)
+    state.update(hub.load_state_dict(folder, variant=variant, mmap=False,
+                                     select=is_lm_key if lm_in_memory else is_copied_key))
+    return state
+
+
 def lm_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The LM's share of a composite transformers state dict."""
     return {k: v for k, v in state.items() if is_lm_key(k)}

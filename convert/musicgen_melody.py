@@ -33,6 +33,7 @@ TRANSFORMERS_TABLE = [
 ]
 TRANSFORMERS_DROPPED = musicgen.TRANSFORMERS_DROPPED
 lm_part = musicgen.lm_part  # everything but text_encoder.* and audio_encoder.*
+read_state = musicgen.read_state  # the same file layout
 
 
 def config_from_transformers(config: dict[str, Any]) -> MusicGenMelodyConfig:

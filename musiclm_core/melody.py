@@ -161,7 +161,7 @@ class MusicGenMelodyLM(MusicGenLM):
             return keys.build(lambda: cls(MusicGenMelodyConfig.from_dict(config)), state, source=str(folder),
                               dtype=dtype)
         if found == "transformers":
-            state = hub.load_state_dict(folder, variant=variant)
+            state = convert.read_state(folder, variant=variant)
             return convert.load_transformers(hub.read_json(folder / "config.json"), convert.lm_part(state),
                                              source=str(folder), dtype=dtype)
         return convert.load_audiocraft_file(folder / "state_dict.bin", dtype=dtype)

@@ -287,7 +287,7 @@ class MusicGenLM(nn.Module):
             return keys.build(lambda: cls(MusicGenConfig(**config)), state, source=str(folder), dtype=dtype)
         if found == "transformers":
             config = hub.read_json(folder / "config.json")
-            state = hub.load_state_dict(folder, variant=variant)
+            state = convert.read_state(folder, variant=variant)
             return convert.load_transformers(config, convert.lm_part(state), source=str(folder), dtype=dtype)
         return convert.load_audiocraft_file(folder / "state_dict.bin", dtype=dtype)
 
@@ -611,10 +611,7 @@ class MusicGen:
     def _load(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype, revision: str | None,
               variant: str | None, layout: str | None, text_encoder: str | os.PathLike | None,
               lm_in_memory: bool = False) -> "MusicGen":
-        """The pipeline from any layout. A transformers file is mapped, but for the tensors that loading copies
-        (`is_copied_key`: joined q/k/v), which are read into memory of their own (`hub.load_tensors`) so that
-        their mapped pages are never touched. With `lm_in_memory`, all of the LM's are read, so that each fp32
-        weight goes back to the system as soon as a quantised copy replaces it, while T5 and EnCodec stay mapped."""
+        """The pipeline from any layout; `lm_in_memory` as `convert.musicgen.read_state` (for a quantised load)."""
         from musiclm_core.convert import encodec as convert_encodec, keys, musicgen as convert, t5 as convert_t5
 
         folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout,
@@ -630,9 +627,7 @@ class MusicGen:
                        max_duration=meta["config"].get("max_duration", MAX_DURATION))
         if found == "transformers":
             config = hub.read_json(folder / "config.json")
-            state = hub.load_state_dict(folder, variant=variant)
-            copied = convert.is_lm_key if lm_in_memory else convert.is_copied_key
-            state.update(hub.load_state_dict(folder, variant=variant, mmap=False, select=copied))
+            state = convert.read_state(folder, variant=variant, lm_in_memory=lm_in_memory)
             lm = cls.lm_converter().load_transformers(config, convert.lm_part(state), source=str(folder),
                                                      dtype=dtype)
             codec = convert_encodec.load_transformers(config["audio_encoder"],
