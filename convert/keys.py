@@ -168,6 +168,13 @@ def split_fused_qkv(state: dict[str, torch.Tensor], fused_suffix: str, names: Se
     return out
 
 
+def renamed_onto(table: Table, ours: Callable[[str], bool]) -> Callable[[str], bool]:
+    """A test for the source keys that `table` renames onto keys of ours accepted by `ours` (e.g. to find, before
+    loading, the checkpoint tensors that a surgery step after `rename` will copy)."""
+    rows = [_compile(theirs) for theirs, our in table if ours(our)]
+    return lambda key: any(row.match(key) for row in rows)
+
+
 def concat_rows(state: dict[str, torch.Tensor], parts: Sequence[str], fused: str) -> dict[str, torch.Tensor]:
     """Join every group of tensors `*{parts[i]}` row-wise into one `*{fused}` (e.g. q, k, v -> qkv), in the
     order of `parts`. A group with a part missing is reported, by key, in one `CheckpointError`."""

@@ -67,10 +67,9 @@ def fuse_self_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return keys.concat_rows(state, SELF_ATTENTION_PARTS, "self_attn.qkv.weight")
 
 
-def is_copied_key(key: str) -> bool:
-    """Whether loading copies this tensor (the self-attention q/k/v that `fuse_self_attention` joins): better read
-    into memory of its own than mapped, whose pages would stay resident next to the copy."""
-    return bool(re.fullmatch(r"decoder\.model\.decoder\.layers\.\d+\.self_attn\.[qkv]_proj\.weight", key))
+# Whether loading copies this tensor of the checkpoint (the self-attention q/k/v that `fuse_self_attention`
+# joins): better read into memory of its own than mapped, whose pages would stay resident next to the copy.
+is_copied_key = keys.renamed_onto(TRANSFORMERS_TABLE, lambda ours: ours.endswith(SELF_ATTENTION_PARTS))
 
 
 def is_lm_key(key: str) -> bool:
@@ -84,10 +83,8 @@ def read_state(folder: str | os.PathLike, *, variant: str | None, lm_in_memory: 
     these are read into memory of their own, so that their mapped pages are never touched (they would stay
     resident next to the copy). With `lm_in_memory`, all of the LM's tensors are read: a quantised load then frees
     each fp32 weight as soon as its quantised copy replaces it, while T5 and EnCodec stay mapped."""
-    state = hub.load_state_dict(folder, variant=variant)
-    state.update(hub.load_state_dict(folder, variant=variant, mmap=False,
-                                     select=is_lm_key if lm_in_memory else is_copied_key))
-    return state
+    read = is_lm_key if lm_in_memory else is_copied_key
+    return hub.load_state_dict(folder, variant=variant, mmap=lambda key: not read(key))
 
 
 def lm_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

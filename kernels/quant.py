@@ -235,6 +235,7 @@ class Int4Linear(nn.Module):
         return cls(codes, scales_and_zeros, linear.bias)
 
     def codes(self) -> Tensor:
+        """(N, K) uint8 codes, read back through the kernel (a (K, K) product: for tests and debugging)."""
         K, N = self.in_features, self.out_features
         unit = torch.zeros(K // self.group_size, N, 2, dtype=torch.bfloat16)
         unit[..., 0] = 1

@@ -83,7 +83,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
 
 
-def load_tensors(path: str | os.PathLike, *, mmap: bool = True,
+def load_tensors(path: str | os.PathLike, *, mmap: bool | Callable[[str], bool] = True,
                  select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of one weight file (.safetensors or a pickled .bin/.pt/.pth), on the CPU, in its stored dtype.
 
@@ -91,7 +91,8 @@ def load_tensors(path: str | os.PathLike, *, mmap: bool = True,
     (reclaimable, e.g. while an fp16 file is cast to fp32). But one mapping backs every tensor of the file, so
     its touched pages stay resident while any of them lives. False reads each tensor into memory of its own
     (`pread`), so that one dropped after loading goes back to the system: what a quantised load needs for the
-    LM's fp32 weights, dropped one by one while T5's and EnCodec's, from the same file, live on.
+    LM's fp32 weights, dropped one by one while T5's and EnCodec's, from the same file, live on. A predicate maps
+    the keys it accepts and reads the others, in one pass. A pickle is always read.
     select: only the keys it accepts (a safetensors file reads nothing else; a pickle is read whole).
     """
     path = Path(path)
@@ -100,9 +101,12 @@ def load_tensors(path: str | os.PathLike, *, mmap: bool = True,
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
+        mapped = mmap if callable(mmap) else (lambda key: mmap)
         try:
-            with safe_open(str(path), framework="pt", backend="mmap" if mmap else "pread") as file:
-                return {key: file.get_tensor(key) for key in file.keys() if select is None or select(key)}
+            with safe_open(str(path), framework="pt", backend="mmap") as by_map, \
+                    safe_open(str(path), framework="pt", backend="pread") as by_read:
+                return {key: (by_map if mapped(key) else by_read).get_tensor(key) for key in by_map.keys()
+                        if select is None or select(key)}
         except Exception as err:  # safetensors raises SafetensorError / OSError on truncated files
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
     try:
@@ -142,7 +146,8 @@ def weight_files(folder: str | os.PathLike, *, variant: str | None = None) -> li
     raise CheckpointError(f"no weight file in {folder}: expected one of {expected}; found {present}")
 
 
-def load_state_dict(folder: str | os.PathLike, *, variant: str | None = None, mmap: bool = True,
+def load_state_dict(folder: str | os.PathLike, *, variant: str | None = None,
+                    mmap: bool | Callable[[str], bool] = True,
                     select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, merged across shards (`mmap` and `select` as `load_tensors`). A key
     found in two shards is an error."""
