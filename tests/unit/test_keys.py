@@ -240,6 +240,14 @@ def test_split_fused_qkv():
         keys.split_fused_qkv({"attn.in_proj_weight": t(10, 4)}, "in_proj_weight", ["q", "k", "v"])
 
 
+def test_renamed_onto():
+    table = [("dec.layers.{i}.q_proj.weight", "layers.{i}.q.weight"),
+             ("dec.layers.{i}.fc.weight", "layers.{i}.fc.weight")]
+    copied = keys.renamed_onto(table, lambda ours: ours.endswith(".q.weight"))
+    assert copied("dec.layers.12.q_proj.weight") and not copied("dec.layers.1.fc.weight")
+    assert not copied("dec.layers.x.q_proj.weight") and not copied("other.dec.layers.1.q_proj.weight")
+
+
 def test_concat_rows():
     state = {"l.0.q": t(2, 3), "l.0.k": t(2, 3) + 1, "l.0.v": t(2, 3) + 2, "l.0.out": t(3, 3)}
     out = keys.concat_rows(state, ("q", "k", "v"), "qkv")
