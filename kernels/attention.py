@@ -57,7 +57,7 @@ def mask_scores(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, q_offset: int | Tensor = 0,
                         key_mask: Tensor | None = None, bias: Tensor | None = None,
                         scale: float | None = None) -> Tensor:
-    if causal and q.device.type == "cpu" and (offset := int(q_offset)) >= 0:
+    if causal and q.is_cpu and (offset := int(q_offset)) >= 0:
         # Keys past the last query's position are masked anyway. On the CPU (nothing is captured, and reading
         # q_offset costs no sync) leave them out: a decode step into a static cache then reads only the slots
         # written so far (MusicGen small, 1500-slot cache, 100 visible: 0.2 ms instead of 6 ms per layer), and a

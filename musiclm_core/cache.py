@@ -4,6 +4,10 @@
   by position. Its shapes never change, so one decode step has static shapes (the step can be captured as a
   CUDA graph or `torch.compile`d with the position passed as a tensor).
 * `CrossMemory`: the cross-attention keys and values of the (projected) text, computed once per generation.
+
+Each holds one tensor over all layers and, in `layers`, each layer's part of it (`LayerCache`, `LayerMemory`:
+views, made once), which is what a decoder layer is given: a decode step then does not index the whole tensor
+twice per layer (on a CPU that is ~100 small calls a step) and a layer needs no idea of which one it is.
 """
 
 from __future__ import annotations
@@ -14,6 +18,23 @@ import torch
 from torch import Tensor
 
 from musiclm_core.kernels.attention import mask_scores
+
+
+@dataclass
+class LayerCache:
+    """One layer's self-attention keys and values, (B, H, max_len, D) views into the `KVCache`."""
+
+    k: Tensor
+    v: Tensor
+
+    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, T, D) at `positions` (T,); return the layer's whole (B, H, max_len, D) cache.
+
+        Slots past the last written position hold stale or zero values: the causal mask hides them.
+        """
+        self.k.index_copy_(2, positions, k.to(self.k.dtype))
+        self.v.index_copy_(2, positions, v.to(self.v.dtype))
+        return self.k, self.v
 
 
 class KVCache:
@@ -27,6 +48,7 @@ class KVCache:
         shape = (num_layers, batch_size, num_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.layers = [LayerCache(k, v) for k, v in zip(self.k.unbind(0), self.v.unbind(0))]
 
     @property
     def max_len(self) -> int:
@@ -36,20 +58,23 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, T, D) at `positions` (T,) of `layer`; return the layer's whole (B, H, max_len, D) cache.
-
-        Slots past the last written position hold stale or zero values: the causal mask hides them.
-        """
-        self.k[layer].index_copy_(2, positions, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, positions, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
-
     def to(self, *args, **kwargs) -> "KVCache":
         """Move/cast in place, with the arguments of `Tensor.to`; returns self."""
         self.k = self.k.to(*args, **kwargs)
         self.v = self.v.to(*args, **kwargs)
+        self.layers = [LayerCache(k, v) for k, v in zip(self.k.unbind(0), self.v.unbind(0))]
         return self
+
+
+@dataclass
+class LayerMemory:
+    """One layer's cross-attention keys and values (B, H, Lt, D), with the text mask in the form the attention
+    takes: `scores` (B, 1, 1, Lt), 0 or finfo.min, and `attends` (B, 1, 1, 1), False for rows with no key."""
+
+    k: Tensor
+    v: Tensor
+    scores: Tensor
+    attends: Tensor
 
 
 @dataclass
@@ -59,8 +84,7 @@ class CrossMemory:
     Rows whose mask is all False (the null condition of classifier-free guidance) attend to nothing: their
     cross-attention output is exactly zero. The mask is also kept in the form the attention uses, made once per
     generation rather than in each of the 24-48 cross-attentions of every decode step (on a CPU that costs about
-    as much as the attention itself): `scores` (B, 1, 1, Lt), 0 or finfo.min, and `attends` (B, 1, 1, 1), False
-    for the rows with no key.
+    as much as the attention itself): `scores` and `attends`, shared by every layer's `LayerMemory`.
     """
 
     k: Tensor
@@ -72,6 +96,8 @@ class CrossMemory:
         self.mask = keys[:, 0, 0]
         self.scores = mask_scores(keys, self.k.dtype)
         self.attends = keys.any(dim=-1, keepdim=True)
+        self.layers = [LayerMemory(k, v, self.scores, self.attends)
+                       for k, v in zip(self.k.unbind(0), self.v.unbind(0))]
 
     @property
     def batch_size(self) -> int:

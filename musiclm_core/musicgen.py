@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from musiclm_core import hub
-from musiclm_core.cache import CrossMemory, KVCache
+from musiclm_core.cache import CrossMemory, KVCache, LayerCache, LayerMemory
 from musiclm_core.encodec import EnCodec
 from musiclm_core.kernels import attention, quant
 from musiclm_core.t5 import T5Encoder, T5Tokenizer
@@ -126,13 +126,12 @@ class SelfAttention(Attention):
         # transformers' three): a CPU decode step is ~2,000 small calls, and this saves 300 of them.
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
 
-    def forward(self, x: Tensor, *, index: int, positions: Tensor, offset: int | Tensor,
-                cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, *, positions: Tensor, offset: int | Tensor, cache: LayerCache | None) -> Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
         if cache is None:
             return self.merge(attention(q, k, v, causal=True))
-        k, v = cache.update(index, positions, k, v)  # (B, H, max_len, Dh): slots past the query are masked
+        k, v = cache.update(positions, k, v)  # (B, H, max_len, Dh): slots past the query are masked
         return self.merge(attention(q, k, v, causal=True, q_offset=offset))
 
 
@@ -143,18 +142,17 @@ class CrossAttention(Attention):
         self.k = nn.Linear(dim, dim, bias=False)  # k and v run once per generation, on the text (cross_memory)
         self.v = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, *, index: int, memory: CrossMemory) -> Tensor:
+    def forward(self, x: Tensor, *, memory: LayerMemory) -> Tensor:
         q = self.heads(self.q(x))  # (B, H, T, Dh)
         # The mask as precomputed scores, and rows without text (CFG's null rows) zeroed: what key_mask=
         # does, without rebuilding both from the mask at every step.
-        out = attention(q, memory.k[index], memory.v[index], bias=memory.scores) * memory.attends
+        out = attention(q, memory.k, memory.v, bias=memory.scores) * memory.attends
         return self.merge(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: MusicGenConfig, index: int):
+    def __init__(self, config: MusicGenConfig):
         super().__init__()
-        self.index = index  # which layer of the caches this one reads and writes
         D = config.dim
         self.self_norm = nn.LayerNorm(D, eps=config.norm_eps)
         self.self_attn = SelfAttention(D, config.num_heads)
@@ -165,12 +163,11 @@ class DecoderLayer(nn.Module):
         self.ffn_in = nn.Linear(D, config.ffn_dim, bias=False)
         self.ffn_out = nn.Linear(config.ffn_dim, D, bias=False)
 
-    def forward(self, x: Tensor, *, positions: Tensor, offset: int | Tensor, memory: CrossMemory | None,
-                cache: KVCache | None) -> Tensor:
-        x = x + self.self_attn(self.self_norm(x), index=self.index, positions=positions, offset=offset,
-                               cache=cache)
+    def forward(self, x: Tensor, *, positions: Tensor, offset: int | Tensor, memory: LayerMemory | None,
+                cache: LayerCache | None) -> Tensor:
+        x = x + self.self_attn(self.self_norm(x), positions=positions, offset=offset, cache=cache)
         if memory is not None:
-            x = x + self.cross_attn(self.cross_norm(x), index=self.index, memory=memory)
+            x = x + self.cross_attn(self.cross_norm(x), memory=memory)
         return x + self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x))))  # exact (erf) GELU
 
 
@@ -182,7 +179,7 @@ class MusicGenLM(nn.Module):
         self.config = config
         D, K = config.dim, config.num_codebooks
         self.embeddings = nn.ModuleList([nn.Embedding(config.card + 1, D) for _ in range(K)])  # + special id
-        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_layers)])
         self.norm = nn.LayerNorm(D, eps=config.norm_eps)
         self.heads = nn.ModuleList([nn.Linear(D, config.card, bias=False) for _ in range(K)])
         self.text_proj = nn.Linear(config.text_dim, D)  # with bias: hence the mask after it (G7)
@@ -264,8 +261,11 @@ class MusicGenLM(nn.Module):
             self.ensure_positions(offset + T)
         positions = torch.arange(T, device=x.device) + offset  # (T,)
         x = x + self.sinusoids.index_select(0, positions).to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, positions=positions, offset=offset, memory=memory, cache=cache)
+        no_parts = [None] * len(self.layers)
+        caches = no_parts if cache is None else cache.layers  # each layer reads and writes its own part
+        memories = no_parts if memory is None else memory.layers
+        for layer, layer_cache, layer_memory in zip(self.layers, caches, memories):
+            x = layer(x, positions=positions, offset=offset, memory=layer_memory, cache=layer_cache)
         x = self.norm(x)
         return torch.stack([head(x) for head in self.heads], dim=1)  # (B, K, T, card)
 
