@@ -9,7 +9,10 @@ its `from_pretrained`, ours with `MusicGen.from_pretrained` (the whole loader at
 (batch 1), classifier-free guidance 3.0 (2 rows per step), sampling with top_k 250, fp32, `--threads` threads:
 
 * transformers: `generate(max_new_tokens=N)`; ours: `MusicGen.generate_codes(max_new_tokens=N)`, fp32, and with
-  its LM's weights in bf16, int8 and int4 (`kernels/quant.py`).
+  its LM's weights in bf16, int8 and int4 (`kernels/quant.py`). `--variants int4+compile` (any format +compile):
+  with `lm.compile_decode()`, compiled during a 4-step generation before the timed one; that time is the column
+  "compile s" (inductor's on-disk cache shortens it after the first run), its memory counts in "gen peak", and
+  "(+x GB)" after it is the summed peak RSS of the compile worker processes still alive then, if any.
 * steps/s of the decode loop only: a timestamp is taken each time a column of tokens has been sampled (a logits
   processor appended to transformers' list; our `progress` callback), and steps/s = (n - 1) / (t_n - t_1). That
   leaves out the text encoder, the prefill and the audio decoding, and times the same thing on both sides: one
@@ -130,12 +133,35 @@ def worker_build(args) -> dict:
 # Measuring
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status size field (VmRSS, VmHWM) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _status(field: str, pid: int | str = "self") -> int:
+    """A /proc/<pid>/status size field (VmRSS, VmHWM) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return -1
+
+
+def _descendants_peak() -> int:
+    """Summed VmHWM of this process's live descendants in bytes: torch.compile's compile workers, whose memory
+    the generation needs too but which the worker's own VmHWM leaves out."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):  # not a process, or one that just ended
+            continue
+    family, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in family} - family
+        family |= more
+        grew = bool(more)
+    total = 0
+    for pid in family - {os.getpid()}:
+        try:
+            total += max(_status("VmHWM", pid), 0)
+        except OSError:
+            continue
+    return total
 
 
 def _reset_peak() -> bool:
@@ -221,7 +247,8 @@ def worker_ours(args) -> dict:
 
     folder = Path(args.folder)
     t = time.perf_counter()
-    mg = MusicGen.from_pretrained(folder, quantize=None if args.quant == "fp32" else args.quant)
+    quant, _, compiled = args.quant.partition("+")
+    mg = MusicGen.from_pretrained(folder, quantize=None if quant == "fp32" else quant)
     load_s = time.perf_counter() - t
     load_peak = _status("VmHWM")
     _release_freed_memory()
@@ -230,7 +257,14 @@ def worker_ours(args) -> dict:
     stamps: list[tuple[float, float]] = []
 
     rss_loaded = _status("VmRSS")
-    reset = _reset_peak()
+    reset = _reset_peak()  # the compiler's memory counts in the generation's peak
+    compile_s = None
+    if compiled:
+        t = time.perf_counter()
+        mg.lm.compile_decode()
+        mg.generate_codes([PROMPT], max_new_tokens=4, guidance_scale=GUIDANCE, top_k=TOP_K, seed=0)
+        compile_s = time.perf_counter() - t
+    workers_peak = _descendants_peak()
     t = time.perf_counter()
     mg.generate_codes([PROMPT], max_new_tokens=args.steps, guidance_scale=GUIDANCE, top_k=TOP_K, do_sample=True,
                       seed=0, progress=lambda done, total: stamps.append(_stamp()))
@@ -238,8 +272,9 @@ def worker_ours(args) -> dict:
     # The timed intervals are the decode steps at offsets 1 .. steps - 1: offset p sees p + 1 keys.
     visible = statistics.mean(range(2, args.steps + 1))
     gen_peak = _status("VmHWM") if reset else None
-    return {**_rate(stamps), "total_s": total_s, "load_s": load_s, "rss_loaded": rss_loaded,
-            "rss_anon": _status("RssAnon"), "rss_file": _status("RssFile"),
+    return {**_rate(stamps), "total_s": total_s, "load_s": load_s, "compile_s": compile_s,
+            "workers_peak": workers_peak,
+            "rss_loaded": rss_loaded, "rss_anon": _status("RssAnon"), "rss_file": _status("RssFile"),
             "gen_peak": gen_peak, "load_peak": load_peak, "bytes_per_step": step_bytes(mg.lm, rows, visible, text_len),
             "text_len": text_len, "bandwidth": measure_bandwidth(5)}
 
@@ -396,7 +431,7 @@ def main_cpu(args) -> None:
     print()
     head = (f"| {'variant':<17} | run | steps/s | ms/step (median) | GB/step | bw GB/s | % own roofline | "
             f"% fp32 roofline |" + (" CPU-time steps/s | CPU-time bw GB/s | % own (CPU time) |" if one else "")
-            + " gen peak RSS GB | of which file-backed GB | load peak GB | load s |")
+            + " gen peak RSS GB | of which file-backed GB | load peak GB | load s | compile s |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for name, rep, r in rows:
@@ -408,8 +443,11 @@ def main_cpu(args) -> None:
         if one:
             line += (f" {r['cpu_steps_per_s']:16.2f} | {rcpu / 1e9:16.2f} | "
                      f"{100 * r['cpu_steps_per_s'] * nbytes / rcpu:15.0f}% |")
+        compile_s = "" if r.get("compile_s") is None else f"{r['compile_s']:.1f}"
+        if r.get("workers_peak"):
+            compile_s += f" (+{gb(r['workers_peak'])} GB)"
         print(line + f" {gb(r['gen_peak']):>15} | {gb(r['rss_file']):>23} | {gb(r['load_peak']):>12} | "
-              f"{r['load_s']:6.1f} |")
+              f"{r['load_s']:6.1f} | {compile_s:>9} |")
     if parity:
         print(f"\nparity against fp32 ({args.parity_steps} greedy CFG steps; random weights: near-flat logits, "
               f"so greedy argmaxes flip easily):")
@@ -522,9 +560,11 @@ def main() -> None:
     parser.add_argument("--parity-steps", type=int, default=100, help="CPU: greedy steps of the parity check, 0=off")
     parser.add_argument("--omp-passive", action="store_true",
                         help="CPU: run the workers with OMP_WAIT_POLICY=PASSIVE (matters on a busy machine)")
-    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8", "int4"],
-                        choices=["fp32", "bf16", "int8", "int4"],
-                        help="CPU: which of our weight formats to time")
+    formats = ["fp32", "bf16", "int8", "int4"]
+    parser.add_argument("--variants", nargs="+", default=formats,
+                        choices=formats + [f"{f}+compile" for f in formats],
+                        help="CPU: which of our weight formats to time; +compile: with `lm.compile_decode()`, "
+                             "compiled during a 4-step warm-up generation (column 'compile s') before the timed one")
     parser.add_argument("--sizes", nargs="+", default=["small", "medium", "large"], help="CUDA: model sizes")
     # internal: one measurement in a subprocess
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)

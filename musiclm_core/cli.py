@@ -274,6 +274,10 @@ def _add_generate(subparsers) -> None:
                         "only on CPUs with native bf16 arithmetic")
     p.add_argument("--cuda-graph", action="store_true",
                    help="CUDA devices: replay each decoding step from a CUDA graph (much faster at small batches)")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: run the decoding steps through torch.compile'd decoder layers (needs a C++ compiler; "
+                        "compiling takes 10-30 s once; int8 / int4 steps are then ~20%% faster, fp32 ones, bound by "
+                        "memory, are not)")
     p.set_defaults(run=_generate)
 
 
@@ -382,6 +386,8 @@ def _generate(args: argparse.Namespace) -> int:
     device, dtype = _device(args.device), _DTYPES[args.dtype]
     if args.cuda_graph and device.type != "cuda":
         raise CLIError(f"--cuda-graph needs a CUDA device, the model would run on {device}")
+    if args.compile and device.type != "cpu":
+        raise CLIError(f"--compile is for CPU decoding, the model would run on {device} (on CUDA: --cuda-graph)")
 
     pipeline = MusicGen
     if _checkpoint_kind(args.model)[1] == "musicgen_melody":  # the same generate, plus melody=
@@ -393,6 +399,8 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.melody is not None:
         raise CLIError(f"--melody needs a MusicGen Melody checkpoint; {args.model} is not one")
     model = pipeline.from_pretrained(args.model, dtype=dtype, quantize=args.quantize).to(device)
+    if args.compile:
+        model.lm.compile_decode()
     conditioning = {}  # inputs besides the text, the same for every prompt: (C, N) audio at the model's rate
     if args.melody is not None:
         melody, melody_rate = load_audio(args.melody)  # as it is: the chroma mixes it down and resamples it

@@ -184,6 +184,7 @@ class MusicGenLM(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(D, config.card, bias=False) for _ in range(K)])
         self.text_proj = nn.Linear(config.text_dim, D)  # with bias: hence the mask after it (G7)
         self.register_buffer("sinusoids", sinusoids(config.max_positions, D), persistent=False)
+        self.compiled_layer: Callable[..., Tensor] | None = None  # `compile_decode`
 
     def reset_buffers(self, num_positions: int | None = None) -> None:
         """(Re)make the sinusoid table, e.g. after loading on the meta device or for longer sequences."""
@@ -197,6 +198,24 @@ class MusicGenLM(nn.Module):
         if num_positions > self.sinusoids.shape[0]:
             self.reset_buffers(num_positions)
 
+    def compile_decode(self) -> "MusicGenLM":
+        """Run the one-column steps (T = 1) through a `torch.compile`d decoder layer, on the CPU; returns self.
+
+        A CPU decode step is ~2,000 small eager calls, and on a slow core their Python and dispatch overhead
+        costs as much as the matmuls (RESULTS.md: where a step goes). Inductor fuses the norms, casts, GELU and
+        residual adds around the matmuls and calls them from generated code: MusicGen small int4 went from ~61 to
+        ~50 ms a step here. All layers share one compiled function (a layer's weights and its part of the caches
+        are inputs, the position is dynamic), compiled at the first one-column step: 15-30 s on a 2-core machine
+        the first time, faster from inductor's on-disk cache after that. Chunks of several columns (the prefill)
+        stay eager. Environment switches (MUSICLM_ATTENTION, MUSICLM_QUANT) are read when it compiles. On CUDA,
+        use `cuda_graph=True` instead.
+        """
+        if self.device.type != "cpu":
+            raise ValueError(f"compile_decode is for CPU decoding, the LM is on {self.device} (on CUDA, generate "
+                             "with cuda_graph=True)")
+        self.compiled_layer = torch.compile(DecoderLayer.forward, dynamic=True)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
@@ -206,9 +225,13 @@ class MusicGenLM(nn.Module):
         return self.norm.weight.device
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty self-attention cache for `batch_size` rows (2B under CFG) and `max_len` positions."""
+        """An empty self-attention cache for `batch_size` rows (2B under CFG) and `max_len` positions.
+
+        It has one slot to spare: the part a step attends to (positions 0 .. p) is then never the whole cache,
+        whose view would be contiguous where the others are not, a case `compile_decode` would compile again.
+        """
         c = self.config
-        return KVCache(c.num_layers, batch_size, c.num_heads, max_len, c.head_dim, dtype=self.dtype,
+        return KVCache(c.num_layers, batch_size, c.num_heads, max_len + 1, c.head_dim, dtype=self.dtype,
                        device=self.device)
 
     def cross_memory(self, text: Tensor, mask: Tensor) -> CrossMemory:
@@ -261,11 +284,19 @@ class MusicGenLM(nn.Module):
             self.ensure_positions(offset + T)
         positions = torch.arange(T, device=x.device) + offset  # (T,)
         x = x + self.sinusoids.index_select(0, positions).to(x.dtype)
+        run_layer = DecoderLayer.__call__
+        if T == 1 and self.compiled_layer is not None:
+            if not x.is_cpu:
+                raise ValueError(f"compile_decode is for CPU decoding, the input is on {x.device}")
+            # An int position (a 0-dim tensor would be read inside the compiled code: a graph break). Positions
+            # 0 and 1 stay eager: the compiler would give each of those two ints a graph of its own.
+            if int(offset) >= 2:
+                run_layer, offset = self.compiled_layer, int(offset)
         no_parts = [None] * len(self.layers)
         caches = no_parts if cache is None else cache.layers  # each layer reads and writes its own part
         memories = no_parts if memory is None else memory.layers
         for layer, layer_cache, layer_memory in zip(self.layers, caches, memories):
-            x = layer(x, positions=positions, offset=offset, memory=layer_memory, cache=layer_cache)
+            x = run_layer(layer, x, positions=positions, offset=offset, memory=layer_memory, cache=layer_cache)
         x = self.norm(x)
         return torch.stack([head(x) for head in self.heads], dim=1)  # (B, K, T, card)
 

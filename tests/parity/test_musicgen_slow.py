@@ -184,6 +184,15 @@ class TestSmall:
         print(f"{mismatch} of {ref.numel()} tokens differ")
         _report_tokens(out)
         assert torch.equal(out, ref)
+        # The same with the decode steps through compile_decode (fp32): token-identical too.
+        ours.compile_decode()
+        try:
+            start = time.perf_counter()
+            compiled = G.generate_codes(ours, h, mask, max_new_tokens=steps, guidance_scale=3.0, do_sample=False)
+            print(f"compile_decode: {time.perf_counter() - start:.0f} s, compiling included")
+        finally:
+            ours.compiled_layer = None  # the fixture's LM is shared by the class
+        assert torch.equal(compiled, ref)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -88,6 +88,12 @@ def test_generate_one_prompt(model_folder, model, tmp_path, capsys):
         quantized = MusicGen.from_pretrained(model_folder, quantize=mode)
         _same_audio(out, quantized.generate(["calm piano"], duration=0.5, do_sample=False)[0])
 
+    # --compile: the compiled decode steps give the eager model's greedy output (fp32)
+    out = tmp_path / "compiled.wav"
+    assert _run(model_folder, "calm piano", "--duration", "0.5", "--greedy", "--compile", "-o", str(out),
+                "--normalize", "none") == 0
+    _same_audio(out, model.generate(["calm piano"], duration=0.5, do_sample=False)[0])
+
 
 def test_seed_is_printed_when_not_given(model_folder, tmp_path, capsys):
     assert _run(model_folder, "warm synth", "--duration", "0.4", "-o", str(tmp_path / "a.wav")) == 0
@@ -222,6 +228,7 @@ def test_refuses_to_overwrite(model_folder, tmp_path, capsys):
      "--device"),
     (["x", "--model", "./no_such_model_folder"], "no such folder: no_such_model_folder"),
     (["x", "--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device, the model would run on cpu"),
+    (["x", "--compile", "--device", "meta"], "--compile is for CPU decoding, the model would run on meta"),
 ])
 def test_errors(model_folder, tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

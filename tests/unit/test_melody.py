@@ -145,6 +145,21 @@ def test_generation_equals_uncached_loop(lm, guidance_scale):
     assert ours.shape == (B, 4, 5) and torch.equal(ours, ref)
 
 
+def test_compile_decode_gives_the_eager_tokens():
+    # The melody LM has no cross-attention (its conditioning is a prefix): the compiled layer without it, fp32.
+    torch.manual_seed(0)
+    lm = MusicGenMelodyLM(PRESETS["tiny"]).eval()  # its own: compile_decode changes the LM
+    chroma = chroma_features([_tone(440), _tone(330)], SR)
+    text, mask = torch.randn(2, 3, 32), torch.tensor([[1, 1, 1], [1, 0, 0]])
+    eager = generate_codes(lm, chroma, text, mask, max_new_tokens=12, guidance_scale=3.0, do_sample=False)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = generate_codes(lm.compile_decode(), chroma, text, mask, max_new_tokens=12, guidance_scale=3.0,
+                              do_sample=False)
+    assert counters["stats"]["unique_graphs"] == 1  # the compiled layer ran
+    assert torch.equal(compiled, eager)
+
+
 def test_generate_codes_errors(lm):
     with pytest.raises(ValueError, match="chroma must be"):
         generate_codes(lm, torch.zeros(2, 12), max_new_tokens=5)

@@ -115,6 +115,42 @@ def test_decode_step_is_one_static_graph(lm):
     assert (torch.cat(steps, dim=2) - full[:, :, 3:]).abs().max() <= 1e-5
 
 
+def test_compile_decode_matches_eager():
+    # One-column steps through the compiled layer equal the full eager forward (fp32, max abs error <= 1e-5);
+    # positions 0 and 1 run eager, and every later step of every layer reuses the one graph compiled first.
+    from musiclm_core import generate as G
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    torch.manual_seed(0)
+    lm = MusicGenLM(PRESETS["tiny"]).eval()  # its own: compile_decode changes the LM
+    text, mask = _text(2)
+    codes = _codes(2, 12)
+    with torch.inference_mode():  # as generate_codes: a grad mode of its own would be a graph of its own
+        memory = lm.cross_memory(text, mask)
+        full = lm(codes, memory=memory)
+        greedy = G.generate_codes(lm, text, mask, max_new_tokens=12, do_sample=False)
+        assert lm.compile_decode() is lm
+        cache = lm.new_cache(2, 12)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            steps = [lm(codes[:, :, t:t + 1], memory=memory, cache=cache, offset=torch.tensor(t)) for t in range(12)]
+            compiled = G.generate_codes(lm, text, mask, max_new_tokens=12, do_sample=False)
+    assert counters["stats"]["unique_graphs"] == 1  # the compiled layer ran (once compiled, never again)
+    assert (torch.cat(steps, dim=2) - full).abs().max() <= 1e-5
+    assert torch.equal(compiled, greedy)
+
+
+def test_compile_decode_is_for_the_cpu():
+    with torch.device("meta"):
+        lm = MusicGenLM(PRESETS["tiny"])
+    with pytest.raises(ValueError, match="compile_decode is for CPU decoding, the LM is on meta"):
+        lm.compile_decode()
+    lm = MusicGenLM(PRESETS["tiny"]).compile_decode().to("meta")
+    with pytest.raises(ValueError, match="compile_decode is for CPU decoding, the input is on meta"):
+        lm(_codes(1, 1).to("meta"))
+
+
 def test_text_mask_and_null_rows(lm):
     B = 2
     codes = _codes(B, 5)
