@@ -48,7 +48,10 @@ class KVCache:
         shape = (num_layers, batch_size, num_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.layers = [LayerCache(k, v) for k, v in zip(self.k.unbind(0), self.v.unbind(0))]
+        self.layers = self._layer_views()
+
+    def _layer_views(self) -> list[LayerCache]:
+        return [LayerCache(k, v) for k, v in zip(self.k.unbind(0), self.v.unbind(0))]
 
     @property
     def max_len(self) -> int:
@@ -62,7 +65,7 @@ class KVCache:
         """Move/cast in place, with the arguments of `Tensor.to`; returns self."""
         self.k = self.k.to(*args, **kwargs)
         self.v = self.v.to(*args, **kwargs)
-        self.layers = [LayerCache(k, v) for k, v in zip(self.k.unbind(0), self.v.unbind(0))]
+        self.layers = self._layer_views()
         return self
 
 

@@ -204,6 +204,11 @@ def test_bad_input(lm):
 def test_cache_to():
     cache = KVCache(2, 1, 2, 4, 8)
     assert cache.to(torch.float16).k.dtype == torch.float16 and cache.v.dtype == torch.float16
+    # each layer's part follows: views of the new tensors, written through by update
+    part = cache.layers[1]
+    part.update(torch.tensor([2]), torch.ones(1, 2, 1, 8), torch.full((1, 2, 1, 8), 2.0))
+    assert part.k.dtype == torch.float16 and part.k.data_ptr() == cache.k[1].data_ptr()
+    assert cache.k[1, :, :, 2].eq(1).all() and cache.v[1, :, :, 2].eq(2).all() and cache.k[0].eq(0).all()
 
 
 def test_native_round_trip(lm, tmp_path):
