@@ -8,6 +8,10 @@
 Each holds one tensor over all layers and, in `layers`, each layer's part of it (`LayerCache`, `LayerMemory`:
 views, made once), which is what a decoder layer is given: a decode step then does not index the whole tensor
 twice per layer (on a CPU that is ~100 small calls a step) and a layer needs no idea of which one it is.
+
+The caches are for inference. Writing keys that carry gradients into views made in advance is something
+autograd refuses, so `LayerCache.update` raises a clear error for them: decode under `torch.inference_mode()`
+or `torch.no_grad()`, as `generate` does. Training runs the full forward, without a cache.
 """
 
 from __future__ import annotations
@@ -22,40 +26,51 @@ from musiclm_core.kernels.attention import mask_scores
 
 @dataclass
 class LayerCache:
-    """One layer's self-attention keys and values, (B, H, max_len, D) views into the `KVCache`."""
+    """One layer's self-attention keys and values, (B, H, max_len + 1, D) views into the `KVCache`."""
 
     k: Tensor
     v: Tensor
 
     def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, T, D) at `positions` (T,); return the layer's whole (B, H, max_len, D) cache.
+        """Write k, v (B, H, T, D) at `positions` (T,); return the layer's whole (B, H, max_len + 1, D) cache.
 
         Slots past the last written position hold stale or zero values: the causal mask hides them.
         """
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise ValueError("the KV cache takes no keys or values that require grad: decode under "
+                             "torch.inference_mode() or torch.no_grad() (training runs without a cache)")
         self.k.index_copy_(2, positions, k.to(self.k.dtype))
         self.v.index_copy_(2, positions, v.to(self.v.dtype))
         return self.k, self.v
 
 
 class KVCache:
-    """Keys and values of L layers: two (L, B, H, max_len, D) tensors, slot p holding position p."""
+    """Keys and values of L layers for `max_len` positions: two (L, B, H, max_len + 1, D) tensors, slot p
+    holding position p.
+
+    The last slot is never written. It keeps the part a step attends to (slots 0 .. p) from ever being the whole
+    tensor: that view would be contiguous where all the others are not, and `MusicGenLM.compile_decode` would
+    compile a second graph for the last step of every generation.
+    """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int, head_dim: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         if min(num_layers, batch_size, num_heads, max_len, head_dim) <= 0:
             raise ValueError(f"KVCache sizes must be positive, got layers={num_layers} batch={batch_size} "
                              f"heads={num_heads} max_len={max_len} head_dim={head_dim}")
-        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
+        shape = (num_layers, batch_size, num_heads, max_len + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.layers = self._layer_views()
 
     def _layer_views(self) -> list[LayerCache]:
-        return [LayerCache(k, v) for k, v in zip(self.k.unbind(0), self.v.unbind(0))]
+        # Indexing, not unbind: autograd refuses in-place writes into views that one call made together, even
+        # of tensors that need no grad (a decode step outside no_grad / inference_mode).
+        return [LayerCache(self.k[i], self.v[i]) for i in range(self.k.shape[0])]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k.shape[3] - 1  # the spare slot is not a position
 
     @property
     def batch_size(self) -> int:

@@ -131,7 +131,7 @@ class SelfAttention(Attention):
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
         if cache is None:
             return self.merge(attention(q, k, v, causal=True))
-        k, v = cache.update(positions, k, v)  # (B, H, max_len, Dh): slots past the query are masked
+        k, v = cache.update(positions, k, v)  # (B, H, max_len + 1, Dh): slots past the query are masked
         return self.merge(attention(q, k, v, causal=True, q_offset=offset))
 
 
@@ -225,13 +225,9 @@ class MusicGenLM(nn.Module):
         return self.norm.weight.device
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty self-attention cache for `batch_size` rows (2B under CFG) and `max_len` positions.
-
-        It has one slot to spare: the part a step attends to (positions 0 .. p) is then never the whole cache,
-        whose view would be contiguous where the others are not, a case `compile_decode` would compile again.
-        """
+        """An empty self-attention cache for `batch_size` rows (2B under CFG) and `max_len` positions."""
         c = self.config
-        return KVCache(c.num_layers, batch_size, c.num_heads, max_len + 1, c.head_dim, dtype=self.dtype,
+        return KVCache(c.num_layers, batch_size, c.num_heads, max_len, c.head_dim, dtype=self.dtype,
                        device=self.device)
 
     def cross_memory(self, text: Tensor, mask: Tensor) -> CrossMemory:

@@ -199,10 +199,15 @@ def test_bad_input(lm):
                                   cross_attention=False)).cross_memory(torch.randn(1, 2, 16), torch.ones(1, 2))
     with pytest.raises(ValueError, match="must be positive"):
         KVCache(2, 0, 4, 8, 16)
+    with pytest.raises(ValueError, match="the KV cache takes no keys or values that require grad"):
+        lm(_codes(2, 3), cache=lm.new_cache(2, 4))  # grad mode, and the LM's parameters require grad
+    with torch.no_grad():
+        lm(_codes(2, 3), cache=lm.new_cache(2, 4))
 
 
 def test_cache_to():
     cache = KVCache(2, 1, 2, 4, 8)
+    assert cache.max_len == 4 and cache.k.shape[3] == 5  # one spare slot, never written (KVCache docstring)
     assert cache.to(torch.float16).k.dtype == torch.float16 and cache.v.dtype == torch.float16
     # each layer's part follows: views of the new tensors, written through by update
     part = cache.layers[1]
