@@ -14,6 +14,7 @@ Sampling, classifier-free guidance and the delay pattern live in `generate.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -205,10 +207,11 @@ class MusicGenLM(nn.Module):
         costs as much as the matmuls (RESULTS.md: where a step goes). Inductor fuses the norms, casts, GELU and
         residual adds around the matmuls and calls them from generated code: MusicGen small int4 went from ~61 to
         ~50 ms a step here. All layers share one compiled function (a layer's weights and its part of the caches
-        are inputs, the position is dynamic), compiled at the first one-column step: 15-30 s on a 2-core machine
-        the first time, faster from inductor's on-disk cache after that. Chunks of several columns (the prefill)
-        stay eager. Environment switches (MUSICLM_ATTENTION, MUSICLM_QUANT) are read when it compiles. On CUDA,
-        use `cuda_graph=True` instead.
+        are inputs, the position is dynamic), compiled at the first one-column step: ~30 s on a 2-core machine
+        the first time, ~12 s from inductor's on-disk cache after that. Other batch sizes, text lengths and
+        generation lengths reuse it; a size of 1 (one prompt without CFG) gets a graph of its own. Chunks of
+        several columns (the prefill) stay eager. Environment switches (MUSICLM_ATTENTION, MUSICLM_QUANT) are
+        read when it compiles. On CUDA, use `cuda_graph=True` instead.
         """
         if self.device.type != "cpu":
             raise ValueError(f"compile_decode is for CPU decoding, the LM is on {self.device} (on CUDA, generate "
@@ -280,7 +283,7 @@ class MusicGenLM(nn.Module):
             self.ensure_positions(offset + T)
         positions = torch.arange(T, device=x.device) + offset  # (T,)
         x = x + self.sinusoids.index_select(0, positions).to(x.dtype)
-        run_layer = DecoderLayer.__call__
+        run_layer, sizes = DecoderLayer.__call__, contextlib.nullcontext()
         if T == 1 and self.compiled_layer is not None:
             if not x.is_cpu:
                 raise ValueError(f"compile_decode is for CPU decoding, the input is on {x.device}")
@@ -288,11 +291,16 @@ class MusicGenLM(nn.Module):
             # 0 and 1 stay eager: the compiler would give each of those two ints a graph of its own.
             if int(offset) >= 2:
                 run_layer, offset = self.compiled_layer, int(offset)
+                # Sizes that happen to be equal (16 text tokens and 16 heads, 16 rows) would share one symbol
+                # in the graph, which then holds only while they stay equal: the next text length or batch
+                # would compile again. 0.08 ms a step.
+                sizes = fx_config.patch(use_duck_shape=False)
         no_parts = [None] * len(self.layers)
         caches = no_parts if cache is None else cache.layers  # each layer reads and writes its own part
         memories = no_parts if memory is None else memory.layers
-        for layer, layer_cache, layer_memory in zip(self.layers, caches, memories):
-            x = run_layer(layer, x, positions=positions, offset=offset, memory=layer_memory, cache=layer_cache)
+        with sizes:
+            for layer, layer_cache, layer_memory in zip(self.layers, caches, memories):
+                x = run_layer(layer, x, positions=positions, offset=offset, memory=layer_memory, cache=layer_cache)
         x = self.norm(x)
         return torch.stack([head(x) for head in self.heads], dim=1)  # (B, K, T, card)
 

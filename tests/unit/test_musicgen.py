@@ -125,17 +125,21 @@ def test_compile_decode_matches_eager():
     counters.clear()
     torch.manual_seed(0)
     lm = MusicGenLM(PRESETS["tiny"]).eval()  # its own: compile_decode changes the LM
-    text, mask = _text(2)
-    codes = _codes(2, 12)
+    text, mask = _text(4)  # 4 rows, as many as the tiny LM's heads
+    codes = _codes(4, 12)
     with torch.inference_mode():  # as generate_codes: a grad mode of its own would be a graph of its own
         memory = lm.cross_memory(text, mask)
         full = lm(codes, memory=memory)
         greedy = G.generate_codes(lm, text, mask, max_new_tokens=12, do_sample=False)
         assert lm.compile_decode() is lm
-        cache = lm.new_cache(2, 12)
+        cache = lm.new_cache(4, 12)
         with torch._dynamo.config.patch(error_on_recompile=True):
             steps = [lm(codes[:, :, t:t + 1], memory=memory, cache=cache, offset=torch.tensor(t)) for t in range(12)]
             compiled = G.generate_codes(lm, text, mask, max_new_tokens=12, do_sample=False)
+            # Other sizes take the same graph: 2 rows (one prompt and CFG), a text of 4 tokens instead of 6, a
+            # longer cache. (Sizes that were equal when it compiled, the rows and the heads, are not tied.)
+            other_text, other_mask = _text(1, L=4)
+            G.generate_codes(lm, other_text, other_mask, max_new_tokens=20, do_sample=False)
     assert counters["stats"]["unique_graphs"] == 1  # the compiled layer ran (once compiled, never again)
     assert (torch.cat(steps, dim=2) - full).abs().max() <= 1e-5
     assert torch.equal(compiled, greedy)
