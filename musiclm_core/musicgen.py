@@ -27,7 +27,6 @@ from types import ModuleType
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -283,18 +282,7 @@ class MusicGenLM(nn.Module):
             self.ensure_positions(offset + T)
         positions = torch.arange(T, device=x.device) + offset  # (T,)
         x = x + self.sinusoids.index_select(0, positions).to(x.dtype)
-        run_layer, sizes = DecoderLayer.__call__, contextlib.nullcontext()
-        if T == 1 and self.compiled_layer is not None:
-            if not x.is_cpu:
-                raise ValueError(f"compile_decode is for CPU decoding, the input is on {x.device}")
-            # An int position (a 0-dim tensor would be read inside the compiled code: a graph break). Positions
-            # 0 and 1 stay eager: the compiler would give each of those two ints a graph of its own.
-            if int(offset) >= 2:
-                run_layer, offset = self.compiled_layer, int(offset)
-                # Sizes that happen to be equal (16 text tokens and 16 heads, 16 rows) would share one symbol
-                # in the graph, which then holds only while they stay equal: the next text length or batch
-                # would compile again. 0.08 ms a step.
-                sizes = fx_config.patch(use_duck_shape=False)
+        run_layer, offset, sizes = self._layer_runner(x, offset)
         no_parts = [None] * len(self.layers)
         caches = no_parts if cache is None else cache.layers  # each layer reads and writes its own part
         memories = no_parts if memory is None else memory.layers
@@ -303,6 +291,27 @@ class MusicGenLM(nn.Module):
                 x = run_layer(layer, x, positions=positions, offset=offset, memory=layer_memory, cache=layer_cache)
         x = self.norm(x)
         return torch.stack([head(x) for head in self.heads], dim=1)  # (B, K, T, card)
+
+    def _layer_runner(self, x: Tensor, offset: int | Tensor
+                      ) -> tuple[Callable[..., Tensor], int | Tensor, contextlib.AbstractContextManager]:
+        """How `forward_embeds` runs its layers on x (B, T, D): (layer call, offset, context around the loop).
+
+        Eager, unless `compile_decode` was called and x is one column past position 1: then the compiled layer
+        with the offset as an int (a 0-dim tensor would be read inside the compiled code: a graph break; 0 and 1
+        stay eager because the compiler would give each of those two ints a graph of its own).
+        """
+        if x.shape[1] != 1 or self.compiled_layer is None:
+            return DecoderLayer.__call__, offset, contextlib.nullcontext()
+        if not x.is_cpu:
+            raise ValueError(f"compile_decode is for CPU decoding, the input is on {x.device}")
+        if int(offset) < 2:
+            return DecoderLayer.__call__, offset, contextlib.nullcontext()
+        import torch.fx.experimental._config as fx_config  # private: imported only by those who compile
+
+        # Sizes that happen to be equal (16 text tokens and 16 heads, 16 rows) would share one symbol in the
+        # graph, which then holds only while they stay equal: the next text length or batch would compile again.
+        # Switching that off around the loop costs 0.08 ms a step.
+        return self.compiled_layer, int(offset), fx_config.patch(use_duck_shape=False)
 
     # -----------------------------------------------------------------------------------------------------------
     # Checkpoints
