@@ -52,7 +52,9 @@ def config_from_transformers(hf: dict[str, Any], *, source: str = "transformers 
     `GPT2` does not compute, are errors that name them."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not a GPT-2 ('gpt2')")
-    theirs = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if k not in HF_GENERIC_CONFIG_FIELDS | HF_IGNORED}}
+    # add_cross_attention is bookkeeping for most models but makes a GPT-2 with cross-attention blocks: read it.
+    skipped = (HF_GENERIC_CONFIG_FIELDS - {"add_cross_attention"}) | HF_IGNORED
+    theirs = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if k not in skipped}}
     unknown = sorted(set(theirs) - set(HF_DEFAULTS))
     if unknown:
         raise CheckpointError(f"{source}: GPT-2 config fields the converter does not know: {unknown}")
