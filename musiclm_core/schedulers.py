@@ -83,6 +83,8 @@ class NoiseSchedule:
 
     def alpha_bar(self, t: int, *, set_alpha_to_one: bool = False) -> float:
         """ᾱ_t; before the first training step (t < 0) 1.0, or ᾱ₀ when set_alpha_to_one is false (the checkpoints)."""
+        if t >= self.num_train_timesteps:
+            raise ValueError(f"timestep {t} is past the last training timestep {self.num_train_timesteps - 1}")
         if t >= 0:
             return float(self.alphas_cumprod[t])
         return 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
@@ -314,7 +316,8 @@ class PNDM(Sampler):
                 self._eps_sum = self._eps_sum + e / 3
             else:
                 e = self._eps_sum + e / 6
-            # the calls at t, t − δ/2 move to t − δ/2; the last two to t − δ (δ/2 rounded down, as diffusers)
+            # diffusers' targets: calls 0 and 2 move to their own t − δ//2, calls 1 and 3 to their own t (with an
+            # odd δ the first half-step ends one timestep above the midpoint call)
             t_to = int(t) - (delta // 2 if sub in (0, 2) else 0)
             return self._transfer(self._x_start, e, t_start, t_to).to(x.dtype)
         j = i - n_prk                                 # PLMS call
@@ -371,6 +374,7 @@ class DPMSolver(Sampler):
         self._reset()
 
     def _timesteps(self, num_steps: int) -> np.ndarray:
+        """The timesteps, and σ at each of them plus the final σ (self.sigmas)."""
         if self.schedule.timestep_spacing == "trailing":
             timesteps = self.schedule.spaced_timesteps(num_steps)
         else:
@@ -432,7 +436,8 @@ class LMS(Sampler):
         self._reset()
 
     def _timesteps(self, num_steps: int) -> np.ndarray:
-        timesteps = self.schedule.spaced_timesteps(num_steps).astype(np.float32)  # linspace: fractional
+        """The timesteps (float32: linspace spacing leaves them fractional), and σ at each plus the final σ."""
+        timesteps = self.schedule.spaced_timesteps(num_steps).astype(np.float32)
         final = 0.0 if self.final_sigmas_type == "zero" else self.schedule.sigma_table[0]
         self.sigmas = np.append(self.schedule.sigmas_at(timesteps), np.float32(final))
         return timesteps

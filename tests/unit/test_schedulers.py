@@ -158,6 +158,19 @@ def test_lms_coefficients_integrate_exactly():
     assert lms_coefficients(sigmas, 2, 1) == [pytest.approx(s[3] - s[2], rel=1e-12)]
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_keep_the_sample_dtype(name):
+    """Updates run in float32 and come back in the sample's dtype (bfloat16 latents stay bfloat16)."""
+    exact, low = from_config(CONFIG, name), from_config(CONFIG, name)
+    exact.set_timesteps(10)
+    low.set_timesteps(10)
+    x = torch.randn(2, 3)
+    t = exact.timesteps[0]
+    out = low.step(fake_eps(x, t).bfloat16(), t, x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), exact.step(fake_eps(x, t), t, x), rtol=2e-2, atol=2e-2)
+
+
 # ---- state ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
