@@ -159,7 +159,10 @@ class GPT2(nn.Module):
         cache: with it, the chunk attends to the positions written before it and writes its own (prefill: the
             whole prompt at offset 0; then one vector at a time). Without it, the chunk attends only to itself.
         attention_mask: (B, offset + S), one column per position from 0 (transformers' convention), nonzero =
-            attend; zeros hide those positions as keys. None: every position is attended.
+            attend; zeros hide those positions as keys. None: every position is attended. A query with no key
+            left to attend to (a mask that starts with 0) gets a zero attention output, as transformers' SDPA
+            path gives (its eager path averages all keys instead); such rows reach no other position, being
+            hidden keys for all of them.
         The position embedding of position p is wpe[p] whatever the mask says: transformers' GPT2Model counts
         positions from the cache length and does not skip padding (`modeling_gpt2.py`, GPT2Model.forward,
         "position_ids = torch.arange(...) + past_seen_tokens").
@@ -214,9 +217,9 @@ class GPT2(nn.Module):
         the new vector, as transformers' `_update_model_kwargs_for_generation` does for the pipeline. Padded
         positions still take a position each (wpe is not shifted, no position ids are passed: the pipeline's
         `prepare_inputs_for_generation` passes only inputs_embeds, attention_mask, past_key_values, use_cache),
-        and are hidden as keys. The query rows at padded positions are computed but reach nothing, being hidden
-        keys in every later layer, unless the last column is 0 (then the first vector is read from a padded
-        row; the projection's mask always ends with its EOS, a 1).
+        and are hidden as keys. The rows at padded positions are computed but reach no other position (they are
+        hidden keys in every layer); only a mask whose last column is 0 would read the first vector from one
+        (the projection's mask always ends with its EOS, a 1).
         max_new_tokens: None takes the config's (8), as the pipeline does.
         """
         N = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
