@@ -37,6 +37,12 @@ from musiclm_core import hub
 NAMES = ("ddim", "pndm", "dpm", "euler", "lms")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+FINAL_SIGMAS = ("zero", "sigma_min")  # the σ after the last timestep: 0 (the last step lands on x̂₀) or σ₀
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported (expected one of {choices})")
 
 
 @dataclass
@@ -71,12 +77,8 @@ class NoiseSchedule:
         else:
             raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported (expected 'linear' or "
                              f"'scaled_linear', or trained_betas)")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type={self.prediction_type!r} is not supported "
-                             f"(expected one of {PREDICTION_TYPES})")
-        if self.timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing={self.timestep_spacing!r} is not supported "
-                             f"(expected one of {SPACINGS})")
+        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
         # float32 products and square roots, exactly as diffusers builds its tables
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.sigma_table = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
@@ -92,6 +94,11 @@ class NoiseSchedule:
     def sigmas_at(self, timesteps: np.ndarray) -> np.ndarray:
         """σ at (possibly fractional) timesteps, linearly interpolated in the float32 table (float32, as diffusers)."""
         return np.interp(timesteps, np.arange(self.num_train_timesteps), self.sigma_table).astype(np.float32)
+
+    def trajectory_sigmas(self, timesteps: np.ndarray, final_sigmas_type: str) -> np.ndarray:
+        """(len(timesteps) + 1,) float32: σ at each timestep, then the final σ (FINAL_SIGMAS)."""
+        final = 0.0 if final_sigmas_type == "zero" else self.sigma_table[0]
+        return np.append(self.sigmas_at(timesteps), np.float32(final))
 
     def spaced_timesteps(self, num_steps: int) -> np.ndarray:
         """`num_steps` descending timesteps, float64 (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample
@@ -361,11 +368,8 @@ class DPMSolver(Sampler):
     def __init__(self, schedule: NoiseSchedule, *, solver_order: int = 2, lower_order_final: bool = True,
                  euler_at_final: bool = False, final_sigmas_type: str = "zero"):
         super().__init__(schedule)
-        if solver_order not in (1, 2):
-            raise ValueError(f"DPMSolver: solver_order={solver_order!r} is not supported (expected 1 or 2)")
-        if final_sigmas_type not in ("zero", "sigma_min"):
-            raise ValueError(f"DPMSolver: final_sigmas_type={final_sigmas_type!r} is not supported "
-                             f"(expected 'zero' or 'sigma_min')")
+        _check_choice("solver_order", solver_order, (1, 2))
+        _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)
         self.solver_order = solver_order
         self.lower_order_final = lower_order_final
         self.euler_at_final = euler_at_final
@@ -380,8 +384,7 @@ class DPMSolver(Sampler):
         else:
             timesteps = self.schedule.spaced_timesteps(num_steps + 1)[:-1]
         timesteps = timesteps.round().astype(np.int64)
-        final = 0.0 if self.final_sigmas_type == "zero" else self.schedule.sigma_table[0]
-        self.sigmas = np.append(self.schedule.sigmas_at(timesteps), np.float32(final))
+        self.sigmas = self.schedule.trajectory_sigmas(timesteps, self.final_sigmas_type)
         return timesteps
 
     def _reset(self) -> None:
@@ -425,11 +428,8 @@ class LMS(Sampler):
 
     def __init__(self, schedule: NoiseSchedule, *, order: int = 4, final_sigmas_type: str = "zero"):
         super().__init__(schedule)
-        if not 1 <= order <= 4:
-            raise ValueError(f"LMS: order={order!r} is not supported (expected 1 to 4)")
-        if final_sigmas_type not in ("zero", "sigma_min"):
-            raise ValueError(f"final_sigmas_type={final_sigmas_type!r} is not supported (expected 'zero' or "
-                             f"'sigma_min')")
+        _check_choice("order", order, (1, 2, 3, 4))
+        _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)
         self.order = order
         self.final_sigmas_type = final_sigmas_type
         self.sigmas: np.ndarray | None = None  # (len(timesteps) + 1,) float32
@@ -438,8 +438,7 @@ class LMS(Sampler):
     def _timesteps(self, num_steps: int) -> np.ndarray:
         """The timesteps (float32: linspace spacing leaves them fractional), and σ at each plus the final σ."""
         timesteps = self.schedule.spaced_timesteps(num_steps).astype(np.float32)
-        final = 0.0 if self.final_sigmas_type == "zero" else self.schedule.sigma_table[0]
-        self.sigmas = np.append(self.schedule.sigmas_at(timesteps), np.float32(final))
+        self.sigmas = self.schedule.trajectory_sigmas(timesteps, self.final_sigmas_type)
         return timesteps
 
     def _reset(self) -> None:
