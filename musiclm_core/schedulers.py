@@ -131,15 +131,18 @@ class NoiseSchedule:
         return sqrt_ab * noise - sqrt_1mab * x0
 
     def _coefficients(self, t: Tensor | int, x: Tensor) -> tuple[Tensor, Tensor]:
-        t = torch.as_tensor(t)
-        if t.is_floating_point() and not torch.equal(t, t.round()):
+        t = self.check_timesteps(t)
+        if not torch.equal(t, t.round()):
             raise ValueError(f"training timesteps must be whole numbers, got {t.tolist()}")
-        t = t.long().cpu().flatten()
-        if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
-            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
-        alpha_bar = self.alphas_cumprod[t].to(device=x.device, dtype=x.dtype)
-        alpha_bar = alpha_bar.view(-1, *[1] * (x.dim() - 1)) if t.numel() > 1 else alpha_bar.reshape(())
+        alpha_bar = _per_row(self.alphas_cumprod[t.long()], x)
         return alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
+
+    def check_timesteps(self, t: Tensor | float) -> Tensor:
+        """t (one number, or one per batch row) as a flat float64 CPU tensor, checked to lie in [0, T − 1]."""
+        t = torch.as_tensor(t).detach().cpu().double().flatten()
+        if t.numel() and (t.min() < 0 or t.max() > self.num_train_timesteps - 1):
+            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
+        return t
 
     def denoise(self, model_output: Tensor, x: Tensor, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
         """(x̂₀, ε̂) from the model output at a point x = alpha·x₀ + sigma·ε of the variance-preserving path
@@ -148,6 +151,12 @@ class NoiseSchedule:
         if self.prediction_type == "epsilon":
             return (x - sigma * model_output) / alpha, model_output
         return alpha * x - sigma * model_output, alpha * model_output + sigma * x
+
+
+def _per_row(values: Tensor, x: Tensor) -> Tensor:
+    """One value for the whole batch, or one per batch row, shaped to broadcast against x (B, ...)."""
+    values = values.to(device=x.device, dtype=x.dtype)
+    return values.view(-1, *[1] * (x.dim() - 1)) if values.numel() > 1 else values.reshape(())
 
 
 def _randn(shape: torch.Size, generator: torch.Generator | None, like: Tensor) -> Tensor:
@@ -218,7 +227,8 @@ class Sampler:
 
 
 class DDIM(Sampler):
-    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12), from t to t' = t − T // N:
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 with σ_t of eq. 16),
+    from t to t' = t − T // N:
 
         x̂₀ = (x_t − √(1 − ᾱ_t) ε)/√ᾱ_t          (clipped to ±clip_sample_range if clip_sample)
         σ_t = η √((1 − ᾱ_t')/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_t')
@@ -266,9 +276,9 @@ class PNDM(Sampler):
 
         φ(x, ε', t, t') = √(ᾱ_t'/ᾱ_t) x − (ᾱ_t' − ᾱ_t) ε' / (ᾱ_t √(1 − ᾱ_t') + √(ᾱ_t (1 − ᾱ_t) ᾱ_t'))
 
-    Warm-up (unless skip_prk_steps): three Runge-Kutta steps (their eq. 13) of four UNet calls each, at t, t − δ/2,
-    t − δ/2, t − δ (δ = T // N), ε' = ε₁/6 + ε₂/3 + ε₃/3 + ε₄/6; so N steps take N + 9 UNet calls. Then linear
-    multistep on the stored ε (eq. 12): (55ε₀ − 59ε₋₁ + 37ε₋₂ − 9ε₋₃)/24, with lower orders while fewer are stored.
+    Warm-up (unless skip_prk_steps): three pseudo Runge-Kutta steps (PRK) of four UNet calls each, at t, t − δ/2,
+    t − δ/2, t − δ (δ = T // N), ε' = ε₁/6 + ε₂/3 + ε₃/3 + ε₄/6; so N steps take N + 9 UNet calls. Then pseudo
+    linear multistep (PLMS) on the stored ε: (55ε₀ − 59ε₋₁ + 37ε₋₂ − 9ε₋₃)/24, lower orders while fewer are stored.
     Without warm-up the second call re-does the first step with (ε₀ + ε₁)/2 (a Heun step, as diffusers does).
     For v-prediction the combined output is converted to ε' at the step's start (diffusers' `_get_prev_sample`).
     """
@@ -415,8 +425,8 @@ class DPMSolver(Sampler):
 
 
 class LMS(Sampler):
-    """Linear multistep in sigma space (Karras et al. 2022, eq. 4 ODE dx/dσ = (x − x̂₀)/σ; k-diffusion
-    `sample_lms`). The latents live at scale x = x₀ + σε (the variance-preserving x_t times √(σ² + 1)):
+    """Linear multistep in sigma space on the probability-flow ODE dx/dσ = (x − x̂₀)/σ (Karras et al. 2022;
+    k-diffusion `sample_lms`). The latents live at scale x = x₀ + σε (the variance-preserving x_t times √(σ² + 1)):
 
         d_i = (x_i − x̂₀_i)/σ_i,    x_{i+1} = x_i + Σ_k c_k d_{i−k},    k < order_i = min(i + 1, order)
         c_k = ∫_{σ_i}^{σ_{i+1}} ∏_{j ≠ k} (τ − σ_{i−j})/(σ_{i−k} − σ_{i−j}) dτ
@@ -458,11 +468,8 @@ class LMS(Sampler):
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
         """x₀ + σ_t ε (this sampler's scale; σ interpolated at t). Training targets use `schedule.add_noise`."""
-        t = torch.as_tensor(t, dtype=torch.float64).cpu().flatten()
-        if t.numel() and (t.min() < 0 or t.max() > self.schedule.num_train_timesteps - 1):
-            raise ValueError(f"timesteps must lie in [0, {self.schedule.num_train_timesteps - 1}], got {t.tolist()}")
-        sigma = torch.from_numpy(self.schedule.sigmas_at(t.numpy())).to(device=x0.device, dtype=x0.dtype)
-        sigma = sigma.view(-1, *[1] * (x0.dim() - 1)) if t.numel() > 1 else sigma.reshape(())
+        t = self.schedule.check_timesteps(t)
+        sigma = _per_row(torch.from_numpy(self.schedule.sigmas_at(t.numpy())), x0)
         return x0 + sigma * noise
 
     def step(self, model_output: Tensor, t: Tensor | float, x: Tensor, *, generator: torch.Generator | None = None,
@@ -501,7 +508,8 @@ def lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> list[float]:
 
 
 class Euler(LMS):
-    """Euler's method in sigma space (Karras et al. 2022, Algorithm 2 without churn; k-diffusion `sample_euler`):
+    """Euler's method in sigma space (Karras et al. 2022, Algorithm 2 with S_churn = 0 and without its second-order
+    correction; k-diffusion `sample_euler`):
     x_{i+1} = x_i + (σ_{i+1} − σ_i)(x_i − x̂₀_i)/σ_i, which is LMS of order 1."""
 
     def __init__(self, schedule: NoiseSchedule, *, final_sigmas_type: str = "zero"):
