@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from musiclm_core import hub
 from musiclm_core.convert.keys import build, fold_weight_norm, rename, strip_prefix
 from musiclm_core.encodec import EnCodec, EnCodecConfig
-from musiclm_core.hub import CheckpointError
+from musiclm_core.hub import CheckpointError, check_value
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ def config_from_transformers(hf: dict[str, Any], *, source: str = "transformers 
         # transformers has no projection in or out of the quantiser, so the two must agree.
         raise CheckpointError(f"{source}: codebook_dim {theirs['codebook_dim']} differs from hidden_size "
                               f"{theirs['hidden_size']}")
+    types = typing.get_type_hints(EnCodecConfig)
+    for their, our in HF_FIELDS.items():  # a value of the wrong type, named as the file names it
+        check_value(theirs[their], types[our], field=their, source=source)
     ours = {our: theirs[their] for their, our in HF_FIELDS.items()}
     ours["group_norm"] = theirs["norm_type"] == "time_group_norm"  # weight norm is folded: no trace of it left
     return EnCodecConfig.from_dict(ours, source=source)

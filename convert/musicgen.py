@@ -93,11 +93,12 @@ def lm_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def config_from_transformers(config: dict[str, Any], *, model_type: str = "musicgen",
-                             cross_attention: bool = True) -> MusicGenConfig:
+                             cross_attention: bool = True, source: str = "config.json") -> MusicGenConfig:
     """MusicGenConfig from a transformers `MusicgenConfig` dict, field by field.
 
     model_type="musicgen_melody", cross_attention=False reads a MusicGen Melody config, whose decoder and text
-    sub-configs are MusicGen's (convert/musicgen_melody.py reads its chroma fields).
+    sub-configs are MusicGen's (convert/musicgen_melody.py reads its chroma fields). `source` names the file in
+    errors (a value of the wrong type names the file, the field, the value and the type expected).
     """
     if config.get("model_type") != model_type:
         raise CheckpointError(f"expected a transformers config of model_type {model_type!r}, got "
@@ -106,6 +107,10 @@ def config_from_transformers(config: dict[str, Any], *, model_type: str = "music
         if not isinstance(config.get(part), dict):
             raise CheckpointError(f"the MusicGen config has no '{part}' sub-config")
     dec, text = config["decoder"], config["text_encoder"]
+
+    def get(part: str, name: str, kind: Any, default: Any) -> Any:
+        sub = dec if part == "decoder" else text
+        return hub.check_value(sub.get(name, default), kind, field=f"{part}.{name}", source=source)
 
     def need(name: str, expected: Any, default: Any = None) -> None:
         value = dec.get(name, default)
@@ -118,12 +123,12 @@ def config_from_transformers(config: dict[str, Any], *, model_type: str = "music
     need("scale_embedding", False, False)
     need("tie_word_embeddings", False, False)
     need("cross_attention_hidden_size", None)
-    card = dec.get("vocab_size", 2048)
+    card = get("decoder", "vocab_size", int, 2048)
     # The special (BOS / pad) id is the extra embedding row; generation relies on it being `vocab_size`.
     need("pad_token_id", card, 2048)
     need("bos_token_id", card, 2048)
-    text_dim = text.get("d_model", text.get("hidden_size"))
-    dim = dec.get("hidden_size", 1024)
+    text_dim = get("text_encoder", "d_model", int | None, text.get("hidden_size"))
+    dim = get("decoder", "hidden_size", int, 1024)
     if text_dim is None:
         raise CheckpointError("the text_encoder sub-config has no d_model / hidden_size")
     if text_dim == dim:
@@ -133,22 +138,22 @@ def config_from_transformers(config: dict[str, Any], *, model_type: str = "music
                               f"enc_to_dec_proj is not supported")
     return MusicGenConfig(
         dim=dim,
-        num_layers=dec.get("num_hidden_layers", 24),
-        num_heads=dec.get("num_attention_heads", 16),
-        ffn_dim=dec.get("ffn_dim", 4096),
-        num_codebooks=dec.get("num_codebooks", 4),
+        num_layers=get("decoder", "num_hidden_layers", int, 24),
+        num_heads=get("decoder", "num_attention_heads", int, 16),
+        ffn_dim=get("decoder", "ffn_dim", int, 4096),
+        num_codebooks=get("decoder", "num_codebooks", int, 4),
         card=card,
-        audio_channels=dec.get("audio_channels", 1),  # absent from the 4.31-era mono configs: 1
+        audio_channels=get("decoder", "audio_channels", int, 1),  # absent from the 4.31-era mono configs: 1
         text_dim=text_dim,
         cross_attention=cross_attention,
-        max_positions=dec.get("max_position_embeddings", 2048),
+        max_positions=get("decoder", "max_position_embeddings", int, 2048),
     )
 
 
 def load_transformers(config: dict[str, Any], state: dict[str, torch.Tensor], *, source: str,
                       dtype: torch.dtype = torch.float32) -> MusicGenLM:
     """MusicGenLM from a transformers MusicGen config dict and the LM part of its state dict (`lm_part`)."""
-    ours = config_from_transformers(config)
+    ours = config_from_transformers(config, source=f"{source} config.json")
     renamed = keys.rename(state, TRANSFORMERS_TABLE, dropped=TRANSFORMERS_DROPPED, source=source)
     return keys.build(lambda: MusicGenLM(ours), fuse_self_attention(renamed), source=source, dtype=dtype)
 

@@ -36,10 +36,11 @@ lm_part = musicgen.lm_part  # everything but text_encoder.* and audio_encoder.*
 read_state = musicgen.read_state  # the same file layout
 
 
-def config_from_transformers(config: dict[str, Any]) -> MusicGenMelodyConfig:
+def config_from_transformers(config: dict[str, Any], *, source: str = "config.json") -> MusicGenMelodyConfig:
     """MusicGenMelodyConfig from a transformers `MusicgenMelodyConfig` dict (model_type "musicgen_melody")."""
     # The decoder and text sub-configs read exactly as MusicGen's; only the cross-attention is absent.
-    lm = musicgen.config_from_transformers(config, model_type=TRANSFORMERS_MODEL_TYPE, cross_attention=False)
+    lm = musicgen.config_from_transformers(config, model_type=TRANSFORMERS_MODEL_TYPE, cross_attention=False,
+                                           source=source)
     num_chroma = config.get("num_chroma", N_CHROMA)
     if num_chroma != N_CHROMA:
         raise CheckpointError(f"num_chroma = {num_chroma!r} is not supported: the chroma extractor gives "
@@ -54,7 +55,7 @@ def config_from_transformers(config: dict[str, Any]) -> MusicGenMelodyConfig:
 def load_transformers(config: dict[str, Any], state: dict[str, torch.Tensor], *, source: str,
                       dtype: torch.dtype = torch.float32) -> MusicGenMelodyLM:
     """MusicGenMelodyLM from a transformers MusicGen Melody config dict and the LM part of its state dict."""
-    ours = config_from_transformers(config)
+    ours = config_from_transformers(config, source=f"{source} config.json")
     renamed = keys.rename(state, TRANSFORMERS_TABLE, dropped=TRANSFORMERS_DROPPED, source=source)
     return keys.build(lambda: MusicGenMelodyLM(ours), musicgen.fuse_self_attention(renamed), source=source,
                       dtype=dtype)

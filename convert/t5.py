@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from musiclm_core.convert.keys import build, rename
-from musiclm_core.hub import CheckpointError
+from musiclm_core.hub import CheckpointError, check_value
 from musiclm_core.t5 import FEED_FORWARDS, T5Config, T5Encoder
 
 # transformers' T5Config defaults: a config.json may leave any of these out (t5-base has no
@@ -29,7 +29,7 @@ HF_DEFAULTS: dict[str, Any] = {
 }
 
 
-def config_from_transformers(hf_config: dict[str, Any]) -> T5Config:
+def config_from_transformers(hf_config: dict[str, Any], *, source: str = "config.json") -> T5Config:
     """transformers' T5 config.json (or MusicGen's "text_encoder" sub-dict) -> T5Config, field by field.
 
     Fields that only concern the decoder, generation or training (dropout_rate, num_decoder_layers,
@@ -43,8 +43,9 @@ def config_from_transformers(hf_config: dict[str, Any]) -> T5Config:
     if hf_config.get("is_decoder"):
         raise CheckpointError("config has is_decoder=true: that is a T5 decoder stack, not an encoder")
 
-    def get(name: str) -> Any:
-        return hf_config.get(name, HF_DEFAULTS[name])
+    def get(name: str) -> Any:  # of the type of transformers' default (an int is a float too)
+        default = HF_DEFAULTS[name]
+        return check_value(hf_config.get(name, default), type(default), field=name, source=source)
 
     feed_forward = get("feed_forward_proj")
     if feed_forward not in FEED_FORWARDS:
@@ -127,6 +128,6 @@ def load_transformers(hf_config: dict[str, Any], state: dict[str, torch.Tensor],
                       dtype: torch.dtype = torch.float32) -> T5Encoder:
     """A T5Encoder (no tokenizer attached) from transformers' config dict and state dict (T5EncoderModel,
     T5ForConditionalGeneration or T5Model keys, without any outer prefix)."""
-    config = config_from_transformers(hf_config)
+    config = config_from_transformers(hf_config, source=f"{source} config.json")
     state = resolve_tied_embedding(state, source=source)
     return build_native(config, rename(state, TABLE, dropped=DROPPED, source=source), source=source, dtype=dtype)

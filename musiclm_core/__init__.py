@@ -1,11 +1,50 @@
-"""musiclm_core: readable, fast PyTorch implementations of open text-to-music models."""
+"""musiclm_core: readable, fast PyTorch implementations of open text-to-music models.
 
-from musiclm_core.audio import load_audio, save_audio
-from musiclm_core.chroma import chroma_features
-from musiclm_core.encodec import EnCodec, EnCodecConfig
-from musiclm_core.hub import CheckpointError
-from musiclm_core.melody import MusicGenMelody
-from musiclm_core.musicgen import MusicGen, MusicGenConfig, MusicGenLM
-from musiclm_core.t5 import T5Encoder, T5Tokenizer
+The public names are imported on first use (PEP 562 module `__getattr__`): `import musiclm_core` and `musiclm
+--help` do not pay for torch and the models. `from musiclm_core import MusicGen` works as usual. To export a new
+name, add it to `_EXPORTS` (name -> the module that defines it).
+"""
 
-__all__ = ["MusicGen", "MusicGenMelody", "MusicGenConfig", "MusicGenLM", "load_audio", "save_audio", "CheckpointError", "chroma_features", "EnCodec", "EnCodecConfig", "T5Encoder", "T5Tokenizer"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "MusicGen": "musiclm_core.musicgen",
+    "MusicGenConfig": "musiclm_core.musicgen",
+    "MusicGenLM": "musiclm_core.musicgen",
+    "MusicGenMelody": "musiclm_core.melody",
+    "load_audio": "musiclm_core.audio",
+    "save_audio": "musiclm_core.audio",
+    "CheckpointError": "musiclm_core.hub",
+    "chroma_features": "musiclm_core.chroma",
+    "EnCodec": "musiclm_core.encodec",
+    "EnCodecConfig": "musiclm_core.encodec",
+    "T5Encoder": "musiclm_core.t5",
+    "T5Tokenizer": "musiclm_core.t5",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'musiclm_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # the next access does not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
+    from musiclm_core.audio import load_audio, save_audio
+    from musiclm_core.chroma import chroma_features
+    from musiclm_core.encodec import EnCodec, EnCodecConfig
+    from musiclm_core.hub import CheckpointError
+    from musiclm_core.melody import MusicGenMelody
+    from musiclm_core.musicgen import MusicGen, MusicGenConfig, MusicGenLM
+    from musiclm_core.t5 import T5Encoder, T5Tokenizer

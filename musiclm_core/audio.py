@@ -70,6 +70,8 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int | None = None,
     path = Path(path)
     if sample_rate is not None:
         sample_rate = _check_sample_rate(sample_rate)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not an audio file")
     if not path.is_file():
         raise FileNotFoundError(f"no such audio file: {path}")
     try:

@@ -3,46 +3,80 @@
     musiclm encode IN.wav OUT.codes --model facebook/encodec_32khz [--bandwidth KBPS] [--overwrite]
     musiclm decode IN.codes OUT.wav [--model M] [--overwrite]
     musiclm convert SRC OUT [--overwrite]
+    musiclm convert --random-tiny DIR       # a small random MusicGen (T5, EnCodec, LM) for smoke tests, offline
     musiclm generate "80s pop track with bassy drums and synth" --model facebook/musicgen-small --duration 8 -o out.wav
     musiclm generate --prompts-file prompts.txt --duration 8 -o out.wav      # out_0.wav, out_1.wav, ...
 
-Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and one `_<name>(args) -> int`
-function that runs it; `build_parser` calls the `_add_*` functions. Errors the user can fix (missing files, bad
-input, unusable checkpoints) print one line to stderr and exit with status 1; argparse's usage errors exit with 2.
-Outputs are written atomically (a temporary file in the same folder, then a rename) and an existing output is
-only replaced with --overwrite.
+Adding a command: write `_add_<name>(subparsers)`, which declares the arguments on `_command(subparsers, ...)`
+(it shows every default in --help) and ends with `p.set_defaults(run=_<name>)`, and `_<name>(args) -> int`,
+which runs it; then call `_add_<name>` in `build_parser`. Import torch and the models inside `_<name>`: `musiclm
+--help` must not pay for them. Raise `UsageError` for flag values or combinations that can never work (exit status
+2, as argparse's own usage errors) and `CLIError` for what goes wrong with files, models or the run (status 1);
+the API's ValueError / CheckpointError / OSError are status 1 too. Every error prints as one line naming the
+flags, not the API's argument names (`_FLAG_NAMES`). Ctrl-C prints one line and exits with 130. Outputs are
+written atomically (a temporary file in the same folder, then a rename), so an interrupted command leaves no
+partial file, and an existing output is only replaced with --overwrite.
 
 A codes file is a safetensors file holding `codes` (1, K, T) int64, `scales` (1, chunks) float for codecs that
-normalise their input, and text metadata: the codec (`model`), its `sample_rate`, the `bandwidth`, the audio
-`channels` and the original `length` in samples at the codec's rate, so `decode` can trim the padding back off.
+normalise their input, and text metadata: the codec (`model`: a hub id, or a folder's absolute path), a
+fingerprint of the codec's config (`codec_config`), its `sample_rate`, the `bandwidth`, the audio `channels` and
+the original `length` in samples at the codec's rate, so `decode` can check that the codec matches and trim the
+padding back off.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
+import re
 import secrets
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
-
-from musiclm_core import hub
-from musiclm_core.kernels.quant import MODES as QUANT_MODES
-
 CODES_FORMAT = "musiclm_core.codes"
-CODES_VERSION = "1"
+CODES_VERSION = "2"  # 2: absolute codec path, codec_config fingerprint; version 1 files are still read
+
+# Names only: the torch dtypes and kernels.quant.MODES (a test checks they agree) would import torch here.
+DTYPES = ("float32", "float16", "bfloat16")
+QUANT_MODES = ("int8", "int4", "bf16")
+
+# --duration past this needs --allow-long: ~4 h of decoding at the ~20 steps/s of MusicGen small on a CPU
+# (50 frames/s of audio) for one prompt, and minutes on a GPU.
+LONG_DURATION = 300.0
+CPU_STEPS_PER_S = 20.0
+FRAME_RATE = 50  # of every released MusicGen codec: one decoding step per frame
 
 
 class CLIError(Exception):
-    """A problem with the command's input that the user can fix; printed without a traceback."""
+    """A problem with the command's input that the user can fix; printed without a traceback (exit status 1)."""
+
+
+class UsageError(CLIError):
+    """A flag value or combination that can never work (exit status 2, as argparse's usage errors)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, except where there is none to show (None, False) or the help
+    already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(subparsers, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    return subparsers.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter)
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -53,10 +87,37 @@ def _check_output(path: Path, overwrite: bool) -> None:
 def _check_input(path: Path) -> None:
     if not path.exists():
         raise CLIError(f"no such file: {path}")
+    if path.is_dir():
+        raise CLIError(f"{path} is a directory, not a file")
 
 
-def save_codes(path: str | os.PathLike, codes: torch.Tensor, scales: torch.Tensor | None,
-               metadata: dict[str, str], *, overwrite: bool = False) -> Path:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("musiclm-core")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Codes files
+
+
+def codec_fingerprint(config) -> str:
+    """16 hex digits of the SHA-256 of an EnCodecConfig's fields: two codecs that decode alike share it."""
+    text = json.dumps(config.to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def codec_reference(model: str) -> str:
+    """What a codes file records of `--model`: a folder's absolute path (the file may be decoded from elsewhere),
+    or the hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def save_codes(path: str | os.PathLike, codes, scales, metadata: dict[str, str], *, overwrite: bool = False) -> Path:
     """Write a codes file atomically: a hidden temporary file in the target folder, then `os.replace`."""
     from safetensors.torch import save_file
 
@@ -76,7 +137,7 @@ def save_codes(path: str | os.PathLike, codes: torch.Tensor, scales: torch.Tenso
     return path
 
 
-def load_codes(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, str]]:
+def load_codes(path: str | os.PathLike) -> tuple:
     """(codes (1, K, T), scales (1, chunks) or None, metadata) of a codes file written by `save_codes`."""
     from safetensors import safe_open
 
@@ -90,14 +151,64 @@ def load_codes(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
         raise CLIError(f"{path} is not a codes file (not readable as safetensors: {err})") from err
     if metadata.get("format") != CODES_FORMAT or "codes" not in tensors:
         raise CLIError(f"{path} is not a codes file written by `musiclm encode` (format {metadata.get('format')!r})")
-    missing = [k for k in ("model", "sample_rate", "length") if k not in metadata]
+    needed = ["model", "sample_rate", "length"]
+    if metadata.get("version") != "1":
+        needed += ["codec_config", "bandwidth", "channels"]
+    missing = [k for k in needed if k not in metadata]
     if missing:
         raise CLIError(f"{path}: codes file without {missing} in its metadata")
-    return tensors["codes"], tensors.get("scales"), metadata
+    for key in ("sample_rate", "length", "channels"):
+        if key in metadata and not re.fullmatch(r"[1-9][0-9]*", metadata[key]):
+            raise CLIError(f"{path}: metadata {key} = {metadata[key]!r} is not a positive integer")
+    codes = tensors["codes"]
+    if codes.dim() != 3 or codes.shape[0] != 1 or codes.is_floating_point():
+        raise CLIError(f"{path}: codes must be (1, K, T) integers, got {tuple(codes.shape)} {codes.dtype}")
+    return codes, tensors.get("scales"), metadata
+
+
+def encoded_frames(config, length: int) -> int:
+    """Frames `EnCodec.encode` gives for `length` samples: ceil(length / hop), summed over the chunks of a
+    chunked codec."""
+    hop = config.hop_length
+    if config.chunk_length is None:
+        return math.ceil(length / hop)
+    return sum(math.ceil(min(config.chunk_length, length - i) / hop) for i in range(0, length, config.chunk_stride))
+
+
+def check_codes_match(codes, metadata: dict[str, str], codec, *, path: Path, model: str) -> None:
+    """CLIError unless `codec` (loaded from `model`) is the one the codes file was written with and the codes
+    hold what the metadata says: each message names both sides."""
+    recorded = metadata["model"]
+    if "codec_config" in metadata and metadata["codec_config"] != codec_fingerprint(codec.config):
+        raise CLIError(f"{path} was encoded with the codec {recorded} (config {metadata['codec_config']}), but "
+                       f"{model} is another codec (config {codec_fingerprint(codec.config)}): pass the codec it "
+                       f"was encoded with (--model)")
+    if int(metadata["sample_rate"]) != codec.sample_rate:
+        raise CLIError(f"{path} was encoded at {metadata['sample_rate']} Hz with {recorded}, but {model} runs at "
+                       f"{codec.sample_rate} Hz: pass the codec it was encoded with (--model)")
+    if "channels" in metadata and int(metadata["channels"]) != codec.channels:
+        raise CLIError(f"{path} holds {metadata['channels']} channel(s), {model} codes {codec.channels}")
+    K, T = codes.shape[1:]
+    if "bandwidth" in metadata:
+        try:
+            expected = codec.config.codebooks_for_bandwidth(float(metadata["bandwidth"]))
+        except ValueError as err:
+            raise CLIError(f"{path}: metadata bandwidth {metadata['bandwidth']!r} kbps does not fit {model}: "
+                           f"{err}") from err
+        if K != expected:
+            raise CLIError(f"{path} holds {K} codebooks, but its bandwidth {metadata['bandwidth']} kbps uses "
+                           f"{expected} with {model}: the file is incomplete or altered")
+    length = int(metadata["length"])
+    if encoded_frames(codec.config, length) != T:
+        raise CLIError(f"{path}: metadata length {length} samples would encode to "
+                       f"{encoded_frames(codec.config, length)} frames at hop {codec.hop_length}, but the file "
+                       f"holds {T} frames")
 
 
 def _checkpoint_kind(src: str) -> tuple[str, str]:
     """(layout, model kind) of a checkpoint: the kind is the transformers model_type, or what the files say."""
+    from musiclm_core import hub
+
     folder = hub.resolve(src, allow_patterns=["*.json"])  # a hub id: only the configs, to see what it is
     layout = hub.detect_layout(folder)
     if layout == "native":
@@ -115,8 +226,8 @@ def _checkpoint_kind(src: str) -> tuple[str, str]:
 
 
 def _add_encode(subparsers) -> None:
-    p = subparsers.add_parser("encode", help="audio file -> EnCodec codes file",
-                              description="Encode an audio file (wav/flac/ogg) into EnCodec codes.")
+    p = _command(subparsers, "encode", help="audio file -> EnCodec codes file",
+                 description="Encode an audio file (wav/flac/ogg) into EnCodec codes.")
     p.add_argument("input", type=Path, help="audio file; resampled and mixed to the codec's rate and channels")
     p.add_argument("output", type=Path, help="codes file to write (safetensors)")
     p.add_argument("--model", default="facebook/encodec_32khz",
@@ -137,8 +248,9 @@ def _encode(args: argparse.Namespace) -> int:
     wav, sample_rate = load_audio(args.input, sample_rate=codec.sample_rate, channels=codec.channels)  # (C, N)
     bandwidth = codec.config.target_bandwidths[0] if args.bandwidth is None else args.bandwidth
     codes, scales = codec.encode(wav[None], bandwidth, return_scales=True)  # (1, K, T)
-    metadata = {"model": str(args.model), "sample_rate": str(sample_rate), "bandwidth": str(bandwidth),
-                "channels": str(codec.channels), "length": str(wav.shape[-1])}
+    metadata = {"model": codec_reference(args.model), "codec_config": codec_fingerprint(codec.config),
+                "sample_rate": str(sample_rate), "bandwidth": str(bandwidth), "channels": str(codec.channels),
+                "length": str(wav.shape[-1])}
     save_codes(args.output, codes, scales, metadata, overwrite=args.overwrite)
     K, T = codes.shape[1:]
     print(f"{args.input} -> {args.output}: {K} codebooks x {T} frames at {bandwidth} kbps")
@@ -150,8 +262,9 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _add_decode(subparsers) -> None:
-    p = subparsers.add_parser("decode", help="EnCodec codes file -> audio file",
-                              description="Decode a codes file written by `musiclm encode` into audio.")
+    p = _command(subparsers, "decode", help="EnCodec codes file -> audio file",
+                 description="Decode a codes file written by `musiclm encode` into audio. The codec must be the "
+                             "one it was encoded with (the file records it and a fingerprint of its config).")
     p.add_argument("input", type=Path, help="codes file")
     p.add_argument("output", type=Path, help="audio file to write (.wav, .flac or .ogg)")
     p.add_argument("--model", default=None, help="codec (default: the one named in the codes file)")
@@ -160,15 +273,21 @@ def _add_decode(subparsers) -> None:
 
 
 def _decode(args: argparse.Namespace) -> int:
+    from musiclm_core import hub
     from musiclm_core.audio import save_audio
     from musiclm_core.encodec import EnCodec
 
     codes, scales, metadata = load_codes(args.input)
     _check_output(args.output, args.overwrite)
-    codec = EnCodec.from_pretrained(args.model or metadata["model"])
-    if int(metadata["sample_rate"]) != codec.sample_rate:
-        raise CLIError(f"{args.input} was encoded at {metadata['sample_rate']} Hz, but this codec runs at "
-                       f"{codec.sample_rate} Hz: pass the codec it was encoded with (--model)")
+    model = args.model or metadata["model"]
+    try:
+        codec = EnCodec.from_pretrained(model)
+    except hub.CheckpointError as err:
+        if args.model:
+            raise
+        raise CLIError(f"{args.input} names the codec {model}, which cannot be loaded here ({err}); pass the "
+                       f"codec with --model") from err
+    check_codes_match(codes, metadata, codec, path=args.input, model=model)
     wav = codec.decode(codes, scales)[0, :, : int(metadata["length"])]  # (C, N): the padding trimmed off
     save_audio(args.output, wav, codec.sample_rate, overwrite=args.overwrite)
     print(f"{args.input} -> {args.output}: {wav.shape[-1] / codec.sample_rate:.2f} s, {wav.shape[0]} channel(s)")
@@ -180,16 +299,30 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _add_convert(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="official checkpoint -> native folder",
-                              description="Convert a checkpoint (hub id or folder, transformers or audiocraft "
-                                          "layout) into the native format (config.json + model.safetensors).")
-    p.add_argument("src", help="hub id or folder")
-    p.add_argument("out", type=Path, help="native folder to write")
+    p = _command(subparsers, "convert", help="official checkpoint -> native folder",
+                 description="Convert a checkpoint (hub id or folder, transformers or audiocraft layout) into the "
+                             "native format (config.json + model.safetensors). With --random-tiny DIR instead: "
+                             "write a small MusicGen with random weights (a T5, an EnCodec at 32 kHz and a "
+                             "2-layer LM, about 10 MB) to DIR, which `musiclm generate --model DIR` runs in "
+                             "seconds without the hub: a smoke test of an installation. Its audio is noise.")
+    p.add_argument("src", nargs="?", help="hub id or folder")
+    p.add_argument("out", nargs="?", type=Path, help="native folder to write")
+    p.add_argument("--random-tiny", type=Path, metavar="DIR", help="write a random tiny MusicGen to DIR instead")
+    p.add_argument("--seed", type=int, default=0, help="--random-tiny: seed of the random weights")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=_convert)
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.random_tiny is not None:
+        if args.src is not None:
+            raise UsageError("give either SRC OUT or --random-tiny DIR, not both")
+        _check_output(args.random_tiny, args.overwrite)
+        random_tiny_musicgen(args.seed).save_pretrained(args.random_tiny, overwrite=args.overwrite)
+        print(f"random tiny MusicGen (seed {args.seed}) -> {args.random_tiny}")
+        return 0
+    if args.src is None or args.out is None:
+        raise UsageError("give SRC and OUT (or --random-tiny DIR)")
     _check_output(args.out, args.overwrite)
     layout, kind = _checkpoint_kind(args.src)
     if layout == "native":
@@ -218,21 +351,63 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+TINY_WORDS = ("the a of and with music song track drums bass guitar synth piano violin beat tempo loud soft calm "
+              "happy sad pop rock jazz electronic melody rhythm vocals ambient dark bright warm funk").split()
+
+
+def random_tiny_musicgen(seed: int = 0):
+    """A MusicGen with random weights, small and quick, for smoke tests without the hub: T5 (2 layers, 32 wide,
+    a 100-piece sentencepiece model trained on music words), an EnCodec at 32 kHz with 4 codebooks of 2048
+    entries at 50 frames/s (as facebook/encodec_32khz, 4 filters wide) and a 2-layer LM 64 wide. Its codebooks
+    are random (not zero), so its audio depends on the codes; the global RNG is left as it was."""
+    import random
+    import tempfile
+
+    import sentencepiece as spm
+    import torch
+
+    from musiclm_core.encodec import EnCodec, EnCodecConfig
+    from musiclm_core.musicgen import MusicGen, MusicGenConfig, MusicGenLM
+    from musiclm_core.t5 import T5Config, T5Encoder, T5Tokenizer
+
+    rng = random.Random(seed)
+    phrases = [" ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(2, 10))) for _ in range(500)]
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
+        # T5's ids: pad 0, eos 1, unk 2, no bos; 100 pieces + T5Tokenizer's 100 sentinels < vocab_size 256.
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(phrases), model_prefix=str(Path(tmp) / "spiece"),
+                                       model_type="unigram", vocab_size=100, hard_vocab_limit=False, pad_id=0,
+                                       eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+        torch.manual_seed(seed)
+        t5 = T5Encoder(T5Config(vocab_size=256, dim=32, head_dim=8, ffn_dim=64, num_layers=2, num_heads=4))
+        t5.tokenizer = T5Tokenizer.from_folder(tmp, max_length=t5.config.max_length)
+        codec = EnCodec(EnCodecConfig(num_filters=4, dimension=16, lstm_layers=1))  # 32 kHz, hop 640, 2.2 kbps
+        lm = MusicGenLM(MusicGenConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=256, text_dim=32))
+    return MusicGen(lm, codec, t5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generate
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The API's argument names in its messages -> the flags that set them.
+_FLAG_NAMES = {"do_sample=False": "--greedy", "guidance_scale": "--guidance-scale", "top_k": "--top-k",
+               "top_p": "--top-p", "temperature": "--temperature", "seed": "--seed"}
+
+
+def _flag_names(message: str) -> str:
+    for name, flag in _FLAG_NAMES.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=])", flag, message)
+    return message
 
 
 def _add_generate(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate", help="text -> music (MusicGen)",
+    p = _command(
+        subparsers, "generate", help="text -> music (MusicGen)",
         description="Generate music from a text prompt, or from each line of --prompts-file, with MusicGen. "
                     "Several prompts give several files, in prompt order: -o out.wav writes out_0.wav, out_1.wav, "
                     "..., and -o FOLDER/ (an existing folder, or a path ending in /) writes FOLDER/0.wav, "
                     "FOLDER/1.wav, ... (from 10 prompts on, the numbers are zero-padded to one width: 00, 01, ...). "
                     "Every output path is checked before the model is loaded: an existing file is only replaced "
-                    "with --overwrite.")
+                    "with --overwrite. Progress goes to stderr: a bar on a terminal, a line every 10 s elsewhere.")
     p.add_argument("prompt", nargs="?", help="the text prompt (or --prompts-file)")
     p.add_argument("-o", "--output", required=True,
                    help="audio file to write (.wav, .flac or .ogg), or a folder (see above)")
@@ -240,15 +415,19 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--model", default="facebook/musicgen-small",
                    help="hub id or folder (transformers, audiocraft or native layout)")
     p.add_argument("--duration", type=float, default=8.0,
-                   help="seconds of audio per prompt, the --continue audio included (default 8); past 30 s the "
-                        "music is extended window by window")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, which is printed)")
+                   help=f"seconds of audio per prompt, the --continue audio included; past 30 s the music is "
+                        f"extended window by window, past {LONG_DURATION:.0f} s only with --allow-long")
+    p.add_argument("--allow-long", action="store_true",
+                   help=f"allow --duration beyond {LONG_DURATION:.0f} s (hours of decoding on a CPU)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed in [0, 2**64 - 1] (default: a random one, which is printed; --greedy needs "
+                        "none)")
     p.add_argument("--guidance-scale", type=float, default=3.0,
-                   help="classifier-free guidance scale; 1 or less turns it off (default 3)")
-    p.add_argument("--top-k", type=int, default=250, help="sample among the k most likely codes; 0 = off (default 250)")
+                   help="classifier-free guidance scale; 1 or less turns it off")
+    p.add_argument("--top-k", type=int, default=250, help="sample among the k most likely codes; 0 = off")
     p.add_argument("--top-p", type=float, default=0.0,
-                   help="sample among the most likely codes that make up this probability; 0 = off (default)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0 (default 1)")
+                   help="sample among the most likely codes that make up this probability; 0 = off")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0")
     p.add_argument("--greedy", action="store_true", help="take the most likely code at every step (no sampling)")
     p.add_argument("--continue", dest="continue_from", type=Path, metavar="AUDIO",
                    help="audio file to continue, resampled and mixed to the model's rate and channels; the output "
@@ -259,14 +438,14 @@ def _add_generate(subparsers) -> None:
                    help="MusicGen Melody checkpoints only: audio whose melody (chroma, first 30 s) every prompt "
                         "follows")
     p.add_argument("--batch-size", type=int, default=1,
-                   help="prompts generated together (default 1: each output then depends only on its prompt "
-                        "and the seed; larger batches are faster on a GPU)")
+                   help="prompts generated together (1: each output then depends only on its prompt and the "
+                        "seed; larger batches are faster on a GPU)")
     p.add_argument("--normalize", choices=["peak", "loudness", "rms", "none"], default="loudness",
-                   help="level of the written audio: loudness -14 LUFS (default, as audiocraft's examples), "
-                        "peak -1 dBFS, rms -18 dBFS, or none; samples beyond [-1, 1] are clipped")
+                   help="level of the written audio: loudness -14 LUFS (as audiocraft's examples), peak -1 dBFS, "
+                        "rms -18 dBFS, or none; samples beyond [-1, 1] are clipped")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=list(_DTYPES), default="float32", help="model weights dtype (default float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="store the LM's linear weights in int8, int4 or bf16 (weight-only; close to, not "
                         "identical with, the float32 results: see benchmarks/RESULTS.md). int8 decodes faster on a "
@@ -284,14 +463,15 @@ def _add_generate(subparsers) -> None:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file is None:
         if args.prompt is None:
-            raise CLIError("give a text prompt, or --prompts-file FILE with one prompt per line")
+            raise UsageError("give a text prompt, or --prompts-file FILE with one prompt per line")
         if not args.prompt.strip():
-            raise CLIError("the prompt is empty: describe the music to generate")
+            raise UsageError("the prompt is empty: describe the music to generate")
         return [args.prompt]
     if args.prompt is not None:
-        raise CLIError("give either a prompt or --prompts-file, not both")
+        raise UsageError("give either a prompt or --prompts-file, not both")
     path = args.prompts_file
-    _check_input(path)
+    if not path.exists():
+        raise CLIError(f"no such file: {path}")
     if not path.is_file():
         raise CLIError(f"--prompts-file {path} is not a file")
     try:
@@ -302,6 +482,24 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     if not prompts:
         raise CLIError(f"--prompts-file {path} holds no prompt (one per line, blank lines are skipped)")
     return prompts
+
+
+def _check_duration(args: argparse.Namespace, count: int) -> None:
+    """UsageError for a --duration that is not a length, or that is past LONG_DURATION without --allow-long
+    (with the work it would take)."""
+    if not math.isfinite(args.duration) or args.duration <= 0:
+        raise UsageError(f"--duration must be a positive number of seconds, got {args.duration}")
+    if args.normalize == "loudness" and args.duration < 0.4:
+        # BS.1770 loudness is measured over 400 ms blocks: refuse now rather than after generating.
+        raise UsageError(f"--normalize loudness needs at least 0.4 s of audio (--duration {args.duration}); use "
+                         f"--normalize peak, rms or none")
+    if args.duration > LONG_DURATION and not args.allow_long:
+        steps = args.duration * FRAME_RATE * math.ceil(count / args.batch_size)
+        hours = steps / CPU_STEPS_PER_S / 3600
+        raise UsageError(f"--duration {args.duration:g} s is about {steps:,.0f} decoding steps"
+                         f"{f' for {count} prompts' if count > 1 else ''}, ~{hours:,.1f} h at the "
+                         f"~{CPU_STEPS_PER_S:.0f} steps/s of MusicGen small on a CPU; past {LONG_DURATION:.0f} s "
+                         f"pass --allow-long")
 
 
 def _output_paths(output: str, count: int, overwrite: bool) -> list[Path]:
@@ -318,76 +516,89 @@ def _output_paths(output: str, count: int, overwrite: bool) -> list[Path]:
         paths = [path.with_name(f"{path.stem}_{i:0{width}d}{path.suffix}") for i in range(count)]
     for p in paths:
         if p.suffix.lower() not in AUDIO_FORMATS:
-            raise CLIError(f"cannot tell the audio format of {p}: use one of the extensions {sorted(AUDIO_FORMATS)}")
+            raise UsageError(f"cannot tell the audio format of {p}: use one of the extensions "
+                             f"{sorted(AUDIO_FORMATS)}")
         _check_output(p, overwrite)
     return paths
 
 
-def _device(name: str | None) -> torch.device:
+def _device(name: str | None):
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise CLIError(f"--device {name!r} is not a device ({err})") from err
+        raise UsageError(f"--device {name!r} is not a device ({err})") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available here (use --device cpu)")
     return device
 
 
 class Progress:
-    """A `progress(done, total)` callback that draws one line on a terminal: bar, frames, rate, time left.
+    """A `progress(done, total)` callback that shows how far a generation is, on a stream (stderr).
 
-    Nothing is drawn when the stream is not a terminal (a log file would collect every redraw).
+    On a terminal: one line redrawn at each new count (bar, frames, rate, time left), ended once at the end.
+    Elsewhere (a log file, a pipe): a plain line every `every` seconds and one at the end, so that a long run
+    shows it is alive without filling the log with redraws. A count reported twice is drawn once.
     """
 
-    def __init__(self, label: str, stream=None, width: int = 30):
+    def __init__(self, label: str, stream=None, width: int = 30, every: float = 10.0):
         self.stream = sys.stderr if stream is None else stream
-        self.label, self.width = label, width
-        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = time.monotonic()
+        self.label, self.width, self.every = label, width, every
+        self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = self.printed = time.monotonic()
         self.drawn = 0  # length of the line on screen, to blank what a shorter line leaves
+        self.last: tuple[int, int] | None = None
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
+        if (done, total) == self.last:
             return
-        filled = self.width * done // max(total, 1)
-        rate = done / max(time.monotonic() - self.start, 1e-6)
-        left = f"{(total - done) / rate:.0f} s left" if rate > 0 else ""
-        line = (f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} frames, "
-                f"{rate:.1f} frames/s, {left}")
-        self.stream.write("\r" + line.ljust(self.drawn) + ("\n" if done >= total else ""))
+        self.last = (done, total)
+        now = time.monotonic()
+        rate = done / max(now - self.start, 1e-6)
+        left = f", {(total - done) / rate:.0f} s left" if rate > 0 and done < total else ""
+        status = f"{done}/{total} frames, {rate:.1f} frames/s{left}"
+        if self.terminal:
+            filled = self.width * min(done, total) // max(total, 1)
+            line = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {status}"
+            self.stream.write("\r" + line.ljust(self.drawn) + ("\n" if done >= total else ""))
+            self.drawn = len(line)
+        elif done >= total or now - self.printed >= self.every:
+            self.stream.write(f"{self.label}: {status}\n")
+            self.printed = now
         self.stream.flush()
-        self.drawn = len(line)
 
 
 def _generate(args: argparse.Namespace) -> int:
+    # Everything that can be checked without the model first: loading it takes a while.
+    prompts = _read_prompts(args)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_duration(args, len(prompts))
+    paths = _output_paths(args.output, len(prompts), args.overwrite)
+
+    import torch
+
     from musiclm_core import generate as gen
     from musiclm_core.audio import load_audio, save_audio
     from musiclm_core.musicgen import MusicGen
 
-    # Everything that can be checked without the model first: loading it takes a while.
-    prompts = _read_prompts(args)
-    if not math.isfinite(args.duration) or args.duration <= 0:
-        raise CLIError(f"--duration must be a positive number of seconds, got {args.duration}")
-    if args.normalize == "loudness" and args.duration < 0.4:
-        # BS.1770 loudness is measured over 400 ms blocks: refuse now rather than after generating.
-        raise CLIError(f"--normalize loudness needs at least 0.4 s of audio (--duration {args.duration}); use "
-                       f"--normalize peak, rms or none")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
-    gen.check_sampling(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, do_sample=not args.greedy)
-    paths = _output_paths(args.output, len(prompts), args.overwrite)
+    try:
+        gen.check_sampling(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, do_sample=not args.greedy, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(_flag_names(str(err))) from err
+    device, dtype = _device(args.device), getattr(torch, args.dtype)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device, the model would run on {device}")
+    if args.compile and device.type != "cpu":
+        raise UsageError(f"--compile is for CPU decoding, the model would run on {device} (on CUDA: --cuda-graph)")
     if args.continue_from is not None:
         _check_input(args.continue_from)
     if args.melody is not None:
         _check_input(args.melody)
-    device, dtype = _device(args.device), _DTYPES[args.dtype]
-    if args.cuda_graph and device.type != "cuda":
-        raise CLIError(f"--cuda-graph needs a CUDA device, the model would run on {device}")
-    if args.compile and device.type != "cpu":
-        raise CLIError(f"--compile is for CPU decoding, the model would run on {device} (on CUDA: --cuda-graph)")
 
     pipeline = MusicGen
     if _checkpoint_kind(args.model)[1] == "musicgen_melody":  # the same generate, plus melody=
@@ -409,7 +620,7 @@ def _generate(args: argparse.Namespace) -> int:
         wav, _ = load_audio(args.continue_from, sample_rate=model.sample_rate, channels=model.channels)
         conditioning["prompt_audio"] = wav.to(device=device, dtype=dtype)
     seed = args.seed
-    if seed is None:
+    if seed is None and not args.greedy:  # greedy decoding draws no random number
         seed = secrets.randbelow(2**31)
         print(f"seed {seed} (pass --seed {seed} to generate the same music again)", file=sys.stderr)
     settings = dict(duration=args.duration, guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
@@ -443,7 +654,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musiclm", description="Text-to-music models and their audio codec.")
+    parser = argparse.ArgumentParser(prog="musiclm", description="Text-to-music models and their audio codec.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_encode(subparsers)
     _add_decode(subparsers)
@@ -453,13 +666,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns its exit status: 0, 1 (a failure), 2 (a usage error; argparse's own exit with
+    SystemExit(2)) or 130 (interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (CLIError, hub.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"musiclm {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"musiclm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, OSError) as err:  # CheckpointError is a ValueError
+        message = " ".join(str(err).split())  # one line: some messages list keys on lines of their own
+        if args.command == "generate":
+            message = _flag_names(message)
+        print(f"musiclm {args.command}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ The loop (`decode_pattern`, driven by `iter_frames` / `generate_codes`) follows 
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
@@ -34,14 +35,20 @@ FREE = -1  # marks a slot of the pattern that is to be generated
 # Sampling pieces (transformers' logits processors, in its order)
 
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits (negative seeds wrap around: refused here)
+
+
 def check_sampling(*, guidance_scale: float | None, temperature: float, top_k: int, top_p: float,
-                   do_sample: bool) -> None:
+                   do_sample: bool, seed: int | None = None) -> None:
     """Raise ValueError for sampling settings that cannot be used.
 
     Conventions: CFG is on when guidance_scale > 1 (transformers); top_k = 0 is off; top_p = 1.0 is off
     (transformers) and top_p = 0.0 is off too (audiocraft's default), anything in (0, 1) keeps the smallest set
-    of tokens whose probability reaches top_p; temperature must be > 0 when sampling.
+    of tokens whose probability reaches top_p; temperature must be > 0 when sampling; seed is None or in
+    [0, SEED_MAX].
     """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
+        raise ValueError(f"seed must be an integer in [0, 2**64 - 1 = {SEED_MAX}], got {seed!r}")
     if guidance_scale is not None and (isinstance(guidance_scale, bool) or not math.isfinite(guidance_scale)
                                        or guidance_scale < 0):
         raise ValueError(f"guidance_scale must be a finite number >= 0 (CFG is on above 1), got {guidance_scale!r}")
@@ -200,6 +207,43 @@ def plan_frames(delays: Sequence[int], prompt_frames: int, *, num_frames: int | 
     return delays, frames
 
 
+def check_memory(lm: MusicGenLM, rows: int, steps: int, *, what: str) -> None:
+    """ValueError when a generation of `steps` pattern columns for `rows` model rows (2B under CFG) would not fit
+    in the memory of the LM's device: checked before anything is allocated, so that a mistyped length (e.g.
+    max_new_tokens=10**9) gets a sentence instead of an allocator failure. Counts the KV cache (K and V of every
+    layer, every row, every position, in the LM's dtype), the sinusoid table and the int64 pattern and sequence.
+    """
+    c = lm.config
+    itemsize = torch.empty((), dtype=lm.dtype).element_size()
+    cache = 2 * c.num_layers * rows * c.dim * (steps + 1) * itemsize  # KVCache: K and V, one spare slot
+    need = cache + steps * c.dim * 4 + 2 * rows * c.num_codebooks * steps * 8  # + sinusoids, pattern and seq
+    have = device_memory(lm.device)
+    if have is not None and need > have:
+        raise ValueError(f"{what} needs about {_size(need)} for the decoding state ({steps} steps x {rows} rows: "
+                         f"KV cache of {c.num_layers} layers x {c.dim} wide), more than the {_size(have)} of "
+                         f"memory on {lm.device}: ask for less")
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total bytes of memory of `device` (physical RAM for the CPU), or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # not a POSIX system
+            return None
+    return None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
 def build_pattern(prompt: Tensor | None, batch_size: int, num_codebooks: int, num_frames: int,
                   delays: Sequence[int], special: int, device: torch.device | None = None) -> Tensor:
     """(B, K, S) pattern: prompt frames and special ids where forced, FREE (-1) where to be generated."""
@@ -260,12 +304,14 @@ def iter_frames(lm: MusicGenLM, text_states: Tensor | None = None, text_mask: Te
                              f"[{int(prompt_codes.min())}, {int(prompt_codes.max())}]")
         P = prompt_codes.shape[-1]
     delays, T = plan_frames(config.delays, P, num_frames=num_frames, max_new_tokens=max_new_tokens)
+    cfg = uses_cfg(guidance_scale) and text_states is not None
+    check_memory(lm, 2 * B if cfg else B, T + max(delays) + 1,
+                 what=f"max_new_tokens={max_new_tokens}" if num_frames is None else f"{num_frames} frames")
 
     device = lm.device
     prompt = None if prompt_codes is None else prompt_codes.to(device=device, dtype=torch.long)
     pattern = build_pattern(prompt, B, K, T, delays, config.special, device)  # (B, K, S)
     S = pattern.shape[-1]
-    cfg = uses_cfg(guidance_scale) and text_states is not None
 
     with torch.no_grad():
         memory = None

@@ -13,10 +13,13 @@ Key names are never touched here: that is the converters' job (`musiclm_core.con
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -47,8 +50,11 @@ def resolve(name_or_path: str | os.PathLike, *, allow_patterns: Iterable[str] | 
             revision: str | None = None) -> Path:
     """Return a local folder for a hub id ("facebook/encodec_32khz") or a local folder path.
 
-    A local path is used as it is. Anything else is looked up with huggingface_hub, which reuses its cache; when
-    that fails (no network, no cached copy, unknown repo) the error says how to pass a local folder instead.
+    A local path is used as it is. A path-like name (starting with ".", "/" or "~", or with more than one "/")
+    that is not a folder is "no such folder". Anything else is looked up with huggingface_hub, which reuses its
+    cache; when that fails (no network, no cached copy, unknown repo) the error says how to pass a local folder
+    instead. A name without "/" ("t5-base" is a hub id, "my_model" is more likely a mistyped folder) gets both
+    readings in its error.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -56,7 +62,8 @@ def resolve(name_or_path: str | os.PathLike, *, allow_patterns: Iterable[str] | 
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the folder that holds it (with its config.json)")
     name = str(name_or_path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not name.strip():
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not name.strip() or name.endswith("/") \
+            or (os.sep != "/" and os.sep in name):
         raise CheckpointError(f"no such folder: {path}")
     from huggingface_hub import snapshot_download  # imported here: only hub ids need it
 
@@ -64,13 +71,90 @@ def resolve(name_or_path: str | os.PathLike, *, allow_patterns: Iterable[str] | 
         folder = snapshot_download(name, revision=revision,
                                    allow_patterns=list(allow_patterns) if allow_patterns else None)
     except Exception as err:  # huggingface_hub raises many types (offline, 404, gated, ...); all end the same way
-        raise CheckpointError(
-            f"could not get {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-            f"Without network access, download the repository elsewhere (e.g. `huggingface-cli download {name} "
-            f"--local-dir DIR`) and pass the folder DIR instead of the hub id, or set HF_HUB_OFFLINE=1 to use "
-            f"a copy already in the huggingface_hub cache."
-        ) from err
+        raise CheckpointError(hub_error(name, err)) from err
     return Path(folder)
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub runs offline (HF_HUB_OFFLINE, read when it is imported, or set since)."""
+    import huggingface_hub.constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def hub_error(name: str, err: Exception) -> str:
+    """One line: why `name` could not be fetched, and how to pass a folder instead (`hf download` elsewhere)."""
+    reason = " ".join(f"{type(err).__name__}: {err}".split())  # huggingface_hub's messages span several lines
+    if len(reason) > 300:
+        reason = reason[:297] + "..."
+    fetch = (f"download it where the hub is reachable (`hf download {name} --local-dir DIR`), copy DIR here and "
+             f"pass the folder DIR instead of the hub id")
+    if hub_offline():
+        problem = (f"could not get {name!r}: HF_HUB_OFFLINE is set and the huggingface_hub cache holds no copy of "
+                   f"it ({reason})")
+        advice = f"To use it, {fetch}."
+    else:
+        problem = f"could not get {name!r} from the Hugging Face hub ({reason})"
+        advice = (f"Without network access, {fetch}; or set HF_HUB_OFFLINE=1 to use a copy already in the "
+                  f"huggingface_hub cache.")
+    if "/" not in name:  # "t5-base" is a hub id; "tiny_model" is more likely a folder that is not there
+        return f"no such folder: {name} (and not a hub id: {problem}). Check the folder's name; for a hub repo, " \
+               f"{fetch}."
+    return f"{problem}. {advice}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config values: a config.json written by hand or by another tool may hold a value of the wrong type
+# ("num_hidden_layers": "two"); it is refused where it is read, naming the file, the field, the value and the type.
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, k) for k in typing.get_args(kind))
+    if origin in (tuple, list):  # tuple[int, ...]: a JSON list of them
+        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(kind)[0]) for v in value)
+    if kind is type(None):
+        return value is None
+    if kind is Any:
+        return True
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:  # JSON writes 1.0 as 1 at times
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _describe(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(k) for k in typing.get_args(kind))
+    if origin in (tuple, list):
+        return f"a list of {_describe(typing.get_args(kind)[0]).split(' ', 1)[-1]}s"
+    return {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
+            type(None): "null"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def check_value(value: Any, kind: Any, *, field: str, source: str) -> Any:
+    """`value` if it is of `kind` (int, float, bool, str, `X | None`, `tuple[X, ...]` for a JSON list; an int is
+    a float, a bool is not an int), else a one-line CheckpointError naming source, field, value and kind."""
+    if not _matches(value, kind):
+        raise CheckpointError(f"{source}: field {field} = {value!r} is not {_describe(kind)}")
+    return value
+
+
+def check_config(cls: type, values: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """`values` if they are fields of the dataclass `cls` with values of their annotated types (check_value);
+    unknown fields are an error too. For configs stored with our own field names (native folders)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown {cls.__name__} fields {unknown}")
+    for name, value in values.items():
+        check_value(value, hints[name], field=name, source=source)
+    return values
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -63,7 +63,15 @@ class MusicGenMelodyConfig:
         return {"lm": self.lm.to_dict(), "num_chroma": self.num_chroma, "chroma_length": self.chroma_length}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MusicGenMelodyConfig":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "MusicGenMelodyConfig":
+        """From `to_dict`'s layout; a missing field or a value of the wrong type is a CheckpointError."""
+        missing = sorted({"lm", "num_chroma", "chroma_length"} - set(data))
+        if missing or not isinstance(data["lm"], dict):
+            raise hub.CheckpointError(f"{source}: a MusicGen Melody config needs 'lm' (an object), 'num_chroma' "
+                                      f"and 'chroma_length'; missing {missing}")
+        hub.check_config(MusicGenConfig, data["lm"], source=f"{source} (lm)")
+        for name in ("num_chroma", "chroma_length"):
+            hub.check_value(data[name], int, field=name, source=source)
         return cls(MusicGenConfig(**data["lm"]), data["num_chroma"], data["chroma_length"])
 
 
@@ -158,8 +166,8 @@ class MusicGenMelodyLM(MusicGenLM):
         folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout)
         if found == "native":
             config, state = hub.load_native(folder, LM_KIND)
-            return keys.build(lambda: cls(MusicGenMelodyConfig.from_dict(config)), state, source=str(folder),
-                              dtype=dtype)
+            config = MusicGenMelodyConfig.from_dict(config, source=str(folder / "config.json"))
+            return keys.build(lambda: cls(config), state, source=str(folder), dtype=dtype)
         if found == "transformers":
             state = convert.read_state(folder, variant=variant)
             return convert.load_transformers(hub.read_json(folder / "config.json"), convert.lm_part(state),
@@ -210,6 +218,10 @@ def iter_frames(lm: MusicGenMelodyLM, chroma: Tensor, text_states: Tensor | None
     config = lm.config
     B, F, _ = chroma.shape
     delays, T = gen.plan_frames(config.delays, 0, num_frames=num_frames, max_new_tokens=max_new_tokens)
+    rows = 2 * B if gen.uses_cfg(guidance_scale) else B
+    steps = F + (0 if text_states is None else text_states.shape[1]) + T + max(delays) + 1  # prefix + pattern
+    gen.check_memory(lm, rows, steps, what=f"max_new_tokens={max_new_tokens}" if num_frames is None else
+                     f"{num_frames} frames")
     pattern = gen.build_pattern(None, B, config.num_codebooks, T, delays, config.special, lm.device)  # (B, K, S)
     S = pattern.shape[-1]
     cfg = gen.uses_cfg(guidance_scale)
@@ -363,7 +375,7 @@ class MusicGenMelody(MusicGen):
         from musiclm_core import generate as gen
 
         gen.check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                           do_sample=do_sample)
+                           do_sample=do_sample, seed=seed)
         total = self.frame_count(duration, max_new_tokens)
         if total is not None and total > int(self.max_duration * self.frame_rate):
             raise ValueError(f"MusicGenMelody generates one window: duration must be <= {self.max_duration} s, "

@@ -328,6 +328,7 @@ class MusicGenLM(nn.Module):
         folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout)
         if found == "native":
             config, state = hub.load_native(folder, LM_KIND)
+            hub.check_config(MusicGenConfig, config, source=str(folder / "config.json"))
             return keys.build(lambda: cls(MusicGenConfig(**config)), state, source=str(folder), dtype=dtype)
         if found == "transformers":
             config = hub.read_json(folder / "config.json")
@@ -451,6 +452,11 @@ class MusicGen:
                              "generation")
         if num_samples is not None and num_samples != len(prompts):
             raise ValueError(f"num_samples {num_samples} does not match the {len(prompts)} prompts")
+        for i, prompt in enumerate(prompts):  # as the CLI: an empty text is a mistake, not a request for silence
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompt {i} is {'empty' if isinstance(prompt, str) else type(prompt).__name__}"
+                                 f" ({prompt!r}): describe the music, or pass prompts=None for unconditional "
+                                 f"generation")
         with torch.no_grad():
             states, mask = self.text_encoder.encode_text(prompts)
         return states, mask, len(prompts)
@@ -482,7 +488,7 @@ class MusicGen:
         from musiclm_core import generate as gen
 
         gen.check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                           do_sample=do_sample)
+                           do_sample=do_sample, seed=seed)
         total = self.frame_count(duration, max_new_tokens)
         states, mask, B = self.encode_prompts(prompts, num_samples, prompt_audio)
         prompt_codes = None
@@ -527,9 +533,10 @@ class MusicGen:
             new = offset + frames - done  # frames this window adds
 
             def report(step, steps, done=done, new=new):
-                # a window takes new + max(delays) steps: report frames, not steps
-                if callback is not None:
-                    callback(done + min(step, new), total)
+                # a window takes new + max(delays) steps: report frames, not steps, and each count once (the
+                # last max(delays) steps add no frame: reporting them drew a finished bar several times)
+                if callback is not None and step <= new:
+                    callback(done + step, total)
 
             codes = gen.generate_codes(self.lm, states, mask, batch_size=B, num_frames=frames, prompt_codes=prompt,
                                        progress=report, **settings)
@@ -582,7 +589,7 @@ class MusicGen:
         from musiclm_core import generate as gen
 
         gen.check_sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                           do_sample=do_sample)
+                           do_sample=do_sample, seed=seed)
         total = self.frame_count(duration, None)
         if total > int(self.max_duration * self.frame_rate):
             raise ValueError(f"stream generates one window: duration must be <= {self.max_duration} s, "
