@@ -113,9 +113,8 @@ class NoiseSchedule:
             timesteps = np.arange(n) * (T // n) + self.steps_offset
         elif self.timestep_spacing == "trailing":
             # diffusers' np.arange(T, 0, -T / n) has n + 1 elements for some n (61, 103, ...: float rounding), the
-            # last one a timestep of -1; we keep the n it means, computed with the same float operations.
-            timesteps = np.round(T + np.arange(n) * (-T / n)) - 1
-            return timesteps.astype(np.float64)
+            # last one a timestep of -1; we keep the n it means.
+            return (np.round(np.arange(T, 0, -T / n))[:n] - 1).astype(np.float64)
         else:
             timesteps = np.linspace(0, T - 1, n)
         return timesteps[::-1].astype(np.float64)

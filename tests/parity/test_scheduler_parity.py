@@ -150,6 +150,36 @@ def test_official_config_is_the_spec():
     assert euler.init_noise_sigma == pytest.approx(58.2434, abs=1e-4)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("name", NAMES)
+def test_timesteps_and_sigmas_for_every_step_count(name, spacing):
+    """Timesteps (and the sigma-space samplers' sigmas) equal diffusers' for every N from 1 to T, except:
+    * N where we raise: leading + offset past T − 1 (N = 1000; DPM-Solver, which spaces N + 1 points: N = 999),
+      PNDM's warm-up with N < 4;
+    * trailing N where diffusers' float arange yields an (N + 1)th timestep of -1: we keep the first N."""
+    config = dict(OFFICIAL, timestep_spacing=spacing)
+    ref, ours = REFERENCE[name].from_config(config), from_config(config, name)
+    checked = 0
+    for n in range(1, 1001):
+        try:
+            ours.set_timesteps(n)
+        except ValueError:
+            assert (spacing == "leading" and n >= 999) or (name == "pndm" and n < 4)  # DPM: N + 1 points
+            continue
+        ref.set_timesteps(n)
+        k = len(ours.timesteps)
+        if len(ref.timesteps) == k + 1:
+            assert spacing == "trailing" and ref.timesteps[-1] == -1
+        else:
+            assert len(ref.timesteps) == k
+        assert torch.equal(ref.timesteps[:k], ours.timesteps), n
+        if name in ("dpm", "euler", "lms"):
+            np.testing.assert_array_equal(ref.sigmas.numpy()[:k], ours.sigmas[:k], err_msg=str(n))
+            assert ref.sigmas[-1].item() == ours.sigmas[-1]
+        checked += 1
+    assert checked >= 995
+
+
 @pytest.mark.parametrize("n", [10, 25])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("name", NAMES)
