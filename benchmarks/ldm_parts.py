@@ -1,0 +1,146 @@
+"""Time the latent-diffusion tail, VAE decode and HiFi-GAN vocoder, against diffusers / transformers in one run.
+
+    python benchmarks/ldm_parts.py            # print the table
+    python benchmarks/ldm_parts.py --write    # and put it in benchmarks/RESULTS.md under "## LDM parts"
+
+The official configs (specs/ldm.md §4.1, §5.1) with random weights: diffusers' `AutoencoderKL` and transformers'
+`SpeechT5HifiGan` at their own initialisation, written with save_pretrained and loaded by ours through
+`from_pretrained`, so both run the same weights. fp32 on the CPU with 2 threads; a 10.24 s clip: latents
+(1, 8, 256, 16) -> mel (1, 1, 1024, 64), and 1024 mel frames -> 163 872 samples at 16 kHz. Each figure is the
+median of the repeats after one warm-up call; the calls of ours and the reference alternate, so that both see the
+same load on a shared machine. "max abs diff" compares each row's output with the fp32 reference output.
+
+Variants: the reference VAE run in the channels-last layout (`.to(memory_format=torch.channels_last)`, what our
+decoder does inside), and our VAE in bfloat16 (weights and activations; CPUs without native bf16 arithmetic run it
+slowly).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from _common import cpu_model, median_s, parse_args, report  # benchmarks/ (the script's folder is on sys.path)
+
+SECONDS = 10.24
+FRAMES = 1024  # mel frames of a 10.24 s clip (hop 160 at 16 kHz)
+
+
+def cpu_flags() -> str:
+    """The vector extensions that matter for these kernels, as lscpu lists them."""
+    try:
+        flags = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "flags unknown"
+    line = next((ln for ln in flags.splitlines() if ln.startswith("Flags:")), "")
+    present = set(line.split()[1:])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    return "/".join(f for f in wanted if f in present) or "none of avx2/avx512"
+
+
+def build_vae(folder: Path):
+    from diffusers import AutoencoderKL as Reference
+
+    from musiclm_core.vae import AutoencoderKL
+
+    torch.manual_seed(0)
+    reference = Reference(in_channels=1, out_channels=1, down_block_types=["DownEncoderBlock2D"] * 3,
+                          up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[128, 256, 512],
+                          layers_per_block=2, latent_channels=8, norm_num_groups=32, sample_size=1024,
+                          scaling_factor=0.4110932946205139).eval()
+    reference.save_pretrained(str(folder / "vae"))
+    return reference, AutoencoderKL.from_pretrained(folder / "vae"), \
+        AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16)
+
+
+def build_vocoder(folder: Path):
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    from musiclm_core.hifigan import HifiGan
+
+    torch.manual_seed(0)
+    config = SpeechT5HifiGanConfig(model_in_dim=64, sampling_rate=16000, upsample_initial_channel=1024,
+                                   upsample_rates=[5, 4, 2, 2, 2], upsample_kernel_sizes=[16, 16, 8, 4, 4],
+                                   resblock_kernel_sizes=[3, 7, 11],
+                                   resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+                                   normalize_before=False)
+    reference = SpeechT5HifiGan(config).eval()
+    reference.save_pretrained(str(folder / "vocoder"))
+    return reference, HifiGan.from_pretrained(folder / "vocoder")
+
+
+def main() -> None:
+    args = parse_args(__doc__, reps=3)
+
+    import diffusers
+    import transformers
+
+    torch.set_num_threads(2)
+    folder = Path(tempfile.mkdtemp(prefix="ldm_parts_bench_"))
+    try:
+        ref_vae, vae, vae_bf16 = build_vae(folder)
+        try:
+            ref_vocoder, vocoder = build_vocoder(folder)
+        except ImportError as err:  # musiclm_core.hifigan not there yet: time the VAE alone
+            print(f"vocoder skipped: {err}")
+            ref_vocoder = vocoder = None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    z = torch.randn(1, 8, FRAMES // 4, 16, generator=torch.Generator().manual_seed(1))
+    mel = torch.randn(1, FRAMES, 64, generator=torch.Generator().manual_seed(2))
+    ref_vae_cl = None
+    load_before = os.getloadavg()
+    rows = []  # (what, ours s, reference s, max abs diff, reference output max abs)
+    with torch.inference_mode():
+        expected = ref_vae.decode(z).sample
+        scale = expected.abs().max().item()
+        err = (vae.decode(z) - expected).abs().max().item()
+        rows.append(("VAE decode, fp32", *median_s(lambda: vae.decode(z), lambda: ref_vae.decode(z), args.reps),
+                     err, scale, "diffusers"))
+        err = (vae_bf16.decode(z.bfloat16()).float() - expected).abs().max().item()
+        rows.append(("VAE decode, ours bf16", *median_s(lambda: vae_bf16.decode(z.bfloat16()),
+                                                        lambda: ref_vae.decode(z), args.reps),
+                     err, scale, "diffusers fp32"))
+        ref_vae_cl = ref_vae.to(memory_format=torch.channels_last)
+        z_cl = z.contiguous(memory_format=torch.channels_last)
+        err = (ref_vae_cl.decode(z_cl).sample - expected).abs().max().item()
+        rows.append(("VAE decode, fp32 (reference channels-last)",
+                     *median_s(lambda: vae.decode(z), lambda: ref_vae_cl.decode(z_cl), args.reps),
+                     (vae.decode(z) - expected).abs().max().item(), scale,
+                     f"diffusers channels-last (itself {err:.1e} from NCHW)"))
+        if vocoder is not None:
+            expected = ref_vocoder(mel)
+            err = (vocoder(mel) - expected).abs().max().item()
+            rows.append(("vocoder 1024 frames, fp32", *median_s(lambda: vocoder(mel), lambda: ref_vocoder(mel),
+                                                                 args.reps),
+                         err, expected.abs().max().item(), "transformers"))
+    load_after = os.getloadavg()
+
+    lines = [
+        f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}), "
+        f"torch {torch.__version__} with 2 threads, diffusers {diffusers.__version__}, transformers "
+        f"{transformers.__version__}. Official AutoencoderKL and SpeechT5HifiGan configs, random weights; "
+        f"{SECONDS} s clip: latents (1, 8, 256, 16) -> mel (1, 1, 1024, 64) -> 163 872 samples. Median of "
+        f"{args.reps} runs after a warm-up, ours and the reference alternated. Load average (1/5/15 min) before "
+        f"{'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)} "
+        f"(a shared machine: absolute times move with the load, the ratio less so). "
+        f"`python benchmarks/ldm_parts.py --write`.",
+        "",
+        "| what | reference | ours (ms) | reference (ms) | speed-up (reference / ours) | max abs diff "
+        "| reference output max abs |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *[f"| {what} | {ref} | {a * 1e3:.0f} | {b * 1e3:.0f} | {b / a:.2f} | {err:.1e} | {scale:.2f} |"
+          for what, a, b, err, scale, ref in rows],
+    ]
+    report("## LDM parts", lines, write=args.write)
+
+
+if __name__ == "__main__":
+    main()
