@@ -188,9 +188,10 @@ def test_trajectory(name, prediction_type, n):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_ddim_200_steps(prediction_type):
-    """The pipelines' default: 200 DDIM steps."""
-    check_case("ddim", dict(OFFICIAL, prediction_type=prediction_type), 200)
+@pytest.mark.parametrize("name", ["ddim"] + [pytest.param(name, marks=pytest.mark.slow) for name in NAMES[1:]])
+def test_200_steps(name, prediction_type):
+    """The pipelines' default: 200 steps (DDIM's in the default run; the others, seconds each, with -m slow)."""
+    check_case(name, dict(OFFICIAL, prediction_type=prediction_type), 200)
 
 
 # Settings the checkpoints do not use but the samplers implement: other spacings, beta schedule, flags.
