@@ -366,8 +366,8 @@ class DPMSolver(Sampler):
     With σ the noise-to-signal ratio √((1 − ᾱ)/ᾱ), α = 1/√(σ² + 1), s = σα, λ = −log σ, h = λ_next − λ_i:
 
         x̂₀_i = (x_i − s_i ε)/α_i
-        order 1 (DDIM):  x_next = (s_next/s_i) x_i − α_next (e^{−h} − 1) x̂₀_i                      (e^{−h} = σ_next/σ_i)
-        order 2:         D = x̂₀_i + (x̂₀_i − x̂₀_{i−1}) / (2 r),  r = (λ_i − λ_{i−1})/h,   x̂₀_i replaced by D
+        order 1 (DDIM):  x_next = (s_next/s_i) x_i − α_next (e^{−h} − 1) x̂₀_i,    e^{−h} = σ_next/σ_i
+        order 2:         the same with D = x̂₀_i + (x̂₀_i − x̂₀_{i−1}) / (2r) for x̂₀_i,  r = (λ_i − λ_{i−1})/h
 
     The first step is of order 1 (one x̂₀ known), and so is the last when `final_sigmas_type` is "zero" (the final
     σ is 0: the last step returns x̂₀), when `euler_at_final`, or when lower_order_final and N < 15.
