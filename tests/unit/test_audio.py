@@ -88,6 +88,9 @@ def test_load_resamples_and_converts_channels(tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.wav"):
         load_audio(tmp_path / "nope.wav")
+    (tmp_path / "songs.wav").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"songs\.wav is a directory, not an audio file$"):
+        load_audio(tmp_path / "songs.wav")
 
     (tmp_path / "junk.wav").write_bytes(os.urandom(2000))
     with pytest.raises(ValueError, match=r"junk\.wav could not be read as audio"):

@@ -63,8 +63,35 @@ def test_resolve_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as info:
         hub.resolve("someone/not-a-cached-repo")
     message = str(info.value)
-    assert "'someone/not-a-cached-repo'" in message
+    assert "'someone/not-a-cached-repo'" in message and "\n" not in message
     assert "pass the folder DIR instead of the hub id" in message
+    # huggingface_hub 2.x installs only `hf`; HF_HUB_OFFLINE is already set, so it is not suggested again
+    assert "`hf download someone/not-a-cached-repo --local-dir DIR`" in message and "huggingface-cli" not in message
+    assert "HF_HUB_OFFLINE is set" in message and "set HF_HUB_OFFLINE=1" not in message
+
+
+def test_resolve_hub_id_unreachable(monkeypatch):
+    import huggingface_hub
+
+    def unreachable(name, **kwargs):
+        raise OSError("Name or service not known\nPlease check your internet connection")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(CheckpointError) as info:
+        hub.resolve("someone/repo")
+    message = str(info.value)
+    assert message.startswith("could not get 'someone/repo' from the Hugging Face hub (OSError: Name or service "
+                              "not known Please check your internet connection). Without network access, ")
+    assert "`hf download someone/repo --local-dir DIR`" in message and "set HF_HUB_OFFLINE=1" in message
+    # A name without "/" that is no folder: most likely a mistyped folder, but "t5-base" is a hub id too.
+    with pytest.raises(CheckpointError, match=r"^no such folder: tiny_hfx \(and not a hub id: could not get "
+                                              r"'tiny_hfx' .*\)\. Check the folder's name; for a hub repo, "):
+        hub.resolve("tiny_hfx")
+    for path_like in ("./tiny_hfx", "models/tiny/", "a/b/c", "~/nothing_here_x"):
+        with pytest.raises(CheckpointError, match=r"^no such folder: [^(]*$"):
+            hub.resolve(path_like)
 
 
 # ---------------------------------------------------------------------------------------------------------------
