@@ -348,7 +348,9 @@ class UNet(nn.Module):
                            encoder_hidden_states_1, encoder_attention_mask_1)
         emb_act = F.silu(emb)  # every ResBlock takes SiLU(emb) (ResnetBlock2D applies it each time)
 
-        h = self.conv_in(sample.to(weight.dtype))  # (B, C0, T, F)
+        # Channels-last throughout: oneDNN's CPU convolutions skip their layout copies, and the transformers'
+        # (B, C, T, F) -> (B, T*F, C) token views need no copy (benchmarks/unet.py).
+        h = self.conv_in(sample.to(dtype=weight.dtype, memory_format=torch.channels_last))  # (B, C0, T, F)
         skips = [h]
         for level in self.down:
             for layer in level.layers:
@@ -365,7 +367,7 @@ class UNet(nn.Module):
                 # Nearest upsampling to the next skip's size: x2 when the sizes divide, else diffusers'
                 # `upsample_size` (unet_2d_condition.py forward_upsample_size); the two agree when they divide.
                 h = level.resample(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # (B, C_out, T, F), row-major again
 
     # -- conditioning -----------------------------------------------------------------------------------------
 
@@ -455,8 +457,10 @@ class UNet(nn.Module):
         if config_file.is_file() and hub.NATIVE_FORMAT in hub.read_json(config_file):
             config, state = hub.load_native(folder, KIND)
             config = UNetConfig.from_dict(config, source=str(config_file))
-            return keys.build(lambda: cls(config), state, source=str(folder), dtype=dtype)
-        return convert.load_diffusers_folder(folder, dtype=dtype)
+            model = keys.build(lambda: cls(config), state, source=str(folder), dtype=dtype)
+        else:
+            model = convert.load_diffusers_folder(folder, dtype=dtype)
+        return model.to(memory_format=torch.channels_last)  # the layout forward runs in (see there)
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
         hub.save_native(folder, KIND, self.config.to_dict(), self.state_dict(), overwrite=overwrite)

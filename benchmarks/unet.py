@@ -1,0 +1,136 @@
+"""Time one step of our UNet against diffusers' in the same run (MusicLDM and AudioLDM 2 configs).
+
+    flock /tmp/heavy.lock python benchmarks/unet.py            # print the table
+    flock /tmp/heavy.lock python benchmarks/unet.py --write    # and put it in RESULTS.md under "## UNet"
+
+One noise prediction under classifier-free guidance: batch 2 (two different conditions), a 10.24 s latent
+(2, 8, 256, 16), timestep 500. Random weights at the official sizes (diffusers' initialisation, moved off it by
+noise, written with save_pretrained and loaded by `UNet.from_pretrained`, so both run the same weights):
+
+* musicldm: `UNet2DConditionModel`, CLAP vector (2, 512) as the class embedding;
+* audioldm2: `AudioLDM2UNet2DConditionModel`, GPT-2 vectors (2, 8, 768) and T5 states (2, 32, 1024) whose
+  second row is masked after 12 tokens.
+
+Columns: diffusers fp32 as it comes (its default NCHW layout and attention processors); ours fp32 (channels-last,
+fused q/k/v, 1x1 projections as linears); ours bf16 weights and activations. Max abs difference of each against
+diffusers' fp32 output, whose magnitude is printed alongside. CPU with 2 threads and OMP_WAIT_POLICY=PASSIVE (on a
+shared 2-core machine spinning OpenMP threads slow everything down, specs/NOTES.md). Medians of the repeats after
+one warm-up; the three calls alternate so that they see the same load.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when OpenMP starts, i.e. before torch is imported
+
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from _common import cpu_model, parse_args, report  # noqa: E402  (benchmarks/ is on sys.path)
+
+BASE = dict(in_channels=8, out_channels=8, block_out_channels=(128, 256, 384, 640), layers_per_block=2,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+            up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",), attention_head_dim=8)
+
+
+def cpu_flags() -> str:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "?"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags)
+
+
+def make_reference(name: str):
+    """(diffusers model, its inputs as diffusers' kwargs, ours as ours') at the official size."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel
+
+    g = torch.Generator().manual_seed(1)
+    if name == "musicldm":
+        model = UNet2DConditionModel(**BASE, cross_attention_dim=BASE["block_out_channels"],
+                                     class_embed_type="simple_projection", projection_class_embeddings_input_dim=512,
+                                     class_embeddings_concat=True)
+        clap = torch.nn.functional.normalize(torch.randn(2, 512, generator=g), dim=-1)
+        return model, dict(encoder_hidden_states=None, class_labels=clap), dict(class_embed=clap)
+    model = AudioLDM2UNet2DConditionModel(**BASE, cross_attention_dim=[[None, 768, 1024]] * 4)
+    gpt2, t5 = torch.randn(2, 8, 768, generator=g), torch.randn(2, 32, 1024, generator=g)
+    mask = torch.ones(2, 32)
+    mask[1, 12:] = 0
+    both = dict(encoder_hidden_states=gpt2, encoder_hidden_states_1=t5, encoder_attention_mask_1=mask)
+    return model, both, both
+
+
+def main() -> None:
+    args = parse_args(__doc__, reps=3)
+    import diffusers
+
+    from musiclm_core.unet import UNet
+
+    torch.set_num_threads(2)
+    load_start = os.getloadavg()
+    rows = []
+    for name in ("musicldm", "audioldm2"):
+        torch.manual_seed(0)
+        reference, their_kwargs, our_kwargs = make_reference(name)
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        reference.eval()
+        folder = Path(tempfile.mkdtemp(prefix="unet_bench_"))
+        try:
+            reference.save_pretrained(str(folder))
+            ours = UNet.from_pretrained(folder)
+            ours_bf16 = UNet.from_pretrained(folder, dtype=torch.bfloat16)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        x = torch.randn(2, 8, 256, 16, generator=torch.Generator().manual_seed(2))
+        bf16_kwargs = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in our_kwargs.items()}
+        calls = {
+            "diffusers": lambda: reference(x, 500, **their_kwargs).sample,
+            "ours": lambda: ours(x, 500, **our_kwargs),
+            "ours bf16": lambda: ours_bf16(x.bfloat16(), 500, **bf16_kwargs),
+        }
+        with torch.inference_mode():
+            outs = {k: f().float() for k, f in calls.items()}  # also the warm-up
+            times = {k: [] for k in calls}
+            for _ in range(args.reps):
+                for k, f in calls.items():
+                    start = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - start)
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        err = {k: (outs[k] - outs["diffusers"]).abs().max().item() for k in ("ours", "ours bf16")}
+        rows.append((name, ms, err, outs["diffusers"].abs().max().item()))
+        del reference, ours, ours_bf16, calls, outs
+        gc.collect()
+    load_end = os.getloadavg()
+
+    lines = [
+        f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}), "
+        f"torch {torch.__version__} with 2 threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, diffusers "
+        f"{diffusers.__version__}. One UNet step, batch 2 (CFG), latent (2, 8, 256, 16) = 10.24 s, random weights "
+        f"at the official sizes. Median of {args.reps} after a warm-up, the three calls alternated. Load average "
+        f"(1 min) {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end, on {os.cpu_count()} cores. "
+        f"`flock /tmp/heavy.lock python benchmarks/unet.py`.",
+        "",
+        "| config | diffusers fp32 (ms) | ours fp32 (ms) | speed-up | max abs diff | ours bf16 (ms) | speed-up "
+        "| bf16 max abs diff | output max abs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {name} | {ms['diffusers']:.0f} | {ms['ours']:.0f} | {ms['diffusers'] / ms['ours']:.2f} | "
+          f"{err['ours']:.1e} | {ms['ours bf16']:.0f} | {ms['diffusers'] / ms['ours bf16']:.2f} | "
+          f"{err['ours bf16']:.1e} | {scale:.2f} |" for name, ms, err, scale in rows],
+    ]
+    report("## UNet", lines, write=args.write)
+
+
+if __name__ == "__main__":
+    main()

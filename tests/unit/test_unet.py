@@ -1,0 +1,221 @@
+"""UNet at tiny configs: shapes, odd latent sizes, conditioning, native round trip, config checks, bad input.
+
+Parity with diffusers is in tests/parity/test_unet_parity.py.
+"""
+
+import pytest
+import torch
+
+from musiclm_core.convert import keys, unet as convert
+from musiclm_core.hub import CheckpointError
+from musiclm_core.unet import PRESETS, UNet, UNetConfig, timestep_embedding
+
+
+def tiny(name: str) -> UNet:
+    torch.manual_seed(0)
+    model = UNet.from_preset(name).eval()
+    with torch.no_grad():  # off the zero/one inits, so every path contributes
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def audioldm2_inputs(B=2, T=16, F=8, L=5, L1=7):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(B, 8, T, F, generator=g),
+            dict(encoder_hidden_states=torch.randn(B, L, 24, generator=g),
+                 encoder_hidden_states_1=torch.randn(B, L1, 40, generator=g),
+                 encoder_attention_mask_1=torch.ones(B, L1)))
+
+
+def test_param_counts_match_official_checkpoints():
+    """Total parameters at the official presets = the diffusers models' (specs/ldm.md §10.3, §11.3); q/k/v are
+    fused here, so the counts, not the key names, are what compare."""
+    expected = {"musicldm": 185_036_552, "audioldm2": 346_943_496, "audioldm2-large": 718_012_296}
+    for name, count in expected.items():
+        with torch.device("meta"):
+            model = UNet(PRESETS[name])
+        assert sum(p.numel() for p in model.parameters()) == count, name
+
+
+@pytest.mark.parametrize("T,F", [(16, 8), (13, 6), (7, 5)])
+def test_shapes_and_odd_sizes(T, F):
+    """Latent sizes that do not divide by 4 (two down-samplings) come back at their own size."""
+    model = tiny("tiny-audioldm2")
+    x, cond = audioldm2_inputs(T=T, F=F)
+    with torch.no_grad():
+        out = model(x, 10, **cond)
+    assert out.shape == x.shape and out.is_contiguous() and torch.isfinite(out).all()
+
+
+def test_timestep_forms_agree():
+    model = tiny("tiny-musicldm")
+    x, clap = torch.randn(2, 8, 8, 4), torch.randn(2, 24)
+    with torch.no_grad():
+        ref = model(x, torch.tensor([250, 250]), class_embed=clap)
+        for t in (250, 250.0, torch.tensor(250), torch.tensor([250]), torch.tensor([250.0, 250.0])):
+            torch.testing.assert_close(model(x, t, class_embed=clap), ref, atol=1e-5, rtol=0)
+        other = model(x, torch.tensor([250, 900]), class_embed=clap)
+    assert (other[0] - ref[0]).abs().max() < 1e-5 and (other[1] - ref[1]).abs().max() > 1e-2
+
+
+def test_timestep_embedding_is_cos_then_sin():
+    emb = timestep_embedding(torch.tensor([0.0, 3.0]), 8)  # freqs exp(-ln(1e4) k / 4), k = 0..3
+    freqs = torch.exp(-torch.log(torch.tensor(1e4)) * torch.arange(4) / 4)
+    torch.testing.assert_close(emb[1], torch.cat([torch.cos(3 * freqs), torch.sin(3 * freqs)]))
+    torch.testing.assert_close(emb[0], torch.cat([torch.ones(4), torch.zeros(4)]))
+
+
+def test_conditioning_changes_the_output():
+    model = tiny("tiny-audioldm2")
+    x, cond = audioldm2_inputs()
+    with torch.no_grad():
+        base = model(x, 10, **cond)
+        for key in ("encoder_hidden_states", "encoder_hidden_states_1"):
+            moved = model(x, 10, **{**cond, key: cond[key] + 1.0})
+            assert (moved - base).abs().max() > 1e-2, key
+        # The masked T5 tokens are ignored: changing them moves nothing (their scores are -10000 down).
+        mask = cond["encoder_attention_mask_1"].clone()
+        mask[:, 4:] = 0
+        masked = model(x, 10, **{**cond, "encoder_attention_mask_1": mask})
+        states = cond["encoder_hidden_states_1"].clone()
+        states[:, 4:] = 100.0
+        same = model(x, 10, **{**cond, "encoder_attention_mask_1": mask, "encoder_hidden_states_1": states})
+    assert (masked - base).abs().max() > 1e-2
+    assert (same - masked).abs().max() < 1e-5
+
+
+def test_musicldm_class_embedding_is_what_conditions():
+    model = tiny("tiny-musicldm")
+    x = torch.randn(2, 8, 8, 4)
+    with torch.no_grad():
+        a = model(x, 10, class_embed=torch.randn(2, 24))
+        b = model(x, 10, class_embed=torch.randn(2, 24))
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_native_round_trip(tmp_path):
+    model = tiny("tiny-audioldm2")
+    x, cond = audioldm2_inputs()
+    model.save_pretrained(tmp_path / "unet")
+    loaded = UNet.from_pretrained(tmp_path / "unet")
+    assert loaded.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 10, **cond), model(x, 10, **cond), atol=1e-5, rtol=0)
+    with pytest.raises(FileExistsError):
+        model.save_pretrained(tmp_path / "unet")
+
+
+def test_bad_input_messages():
+    model = tiny("tiny-audioldm2")
+    x, cond = audioldm2_inputs()
+    cases = [
+        (dict(sample=torch.randn(2, 4, 16, 8)), "sample has 4 channels, this UNet takes 8"),
+        (dict(sample=torch.randn(8, 16, 8)), r"sample must be a float tensor \(B, 8, T, F\)"),
+        (dict(encoder_hidden_states=torch.randn(2, 5, 32)), r"encoder_hidden_states must be \(B, L, 24\)"),
+        (dict(encoder_hidden_states_1=torch.randn(2, 7, 24)), r"encoder_hidden_states_1 must be \(B, L, 40\)"),
+        (dict(encoder_hidden_states=torch.randn(3, 5, 24)), r"= \(2, L, 24\), got \(3, 5, 24\)"),
+        (dict(encoder_hidden_states_1=None), r"needs encoder_hidden_states_1 \(B, L, 40\)"),
+        (dict(encoder_hidden_states=None), r"needs encoder_hidden_states \(B, L, 24\)"),
+        (dict(encoder_attention_mask_1=torch.ones(2, 6)), r"encoder_attention_mask_1 must be \(B, L\) = \(2, 7\)"),
+        (dict(timestep=torch.tensor([1, 2, 3])), r"timestep must be a number or a tensor of shape"),
+        (dict(class_embed=torch.randn(2, 24)), "this UNet has no class embedding"),
+    ]
+    for change, message in cases:
+        args = dict(sample=x, timestep=10, **cond)
+        args.update(change)
+        with pytest.raises(ValueError, match=message):
+            model(args.pop("sample"), args.pop("timestep"), **args)
+
+    musicldm = tiny("tiny-musicldm")
+    x = torch.randn(2, 8, 8, 4)
+    with pytest.raises(ValueError, match=r"needs class_embed \(B, 24\)"):
+        musicldm(x, 10)
+    with pytest.raises(ValueError, match=r"class_embed must be \(B, 24\) = \(2, 24\), got \(2, 12\)"):
+        musicldm(x, 10, class_embed=torch.randn(2, 12))
+    with pytest.raises(ValueError, match="no slot that reads encoder_hidden_states"):
+        musicldm(x, 10, class_embed=torch.randn(2, 24), encoder_hidden_states=torch.randn(2, 3, 24))
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="must share one width"):
+        UNetConfig(context_dims=(16, 24))
+    with pytest.raises(ValueError, match="one flag per level"):
+        UNetConfig(attention=(True, True))
+    with pytest.raises(ValueError, match="divisible by norm_groups"):
+        UNetConfig(channels=(48, 96, 144, 240), attention=(False, True, True, True))
+    with pytest.raises(CheckpointError, match=r"unknown UNetConfig fields \['heads'\]"):
+        UNetConfig.from_dict({"heads": 8})
+    with pytest.raises(ValueError, match="unknown UNet preset"):
+        UNet.from_preset("stable-diffusion")
+
+
+AUDIOLDM2_CONFIG = {
+    "_class_name": "AudioLDM2UNet2DConditionModel", "_diffusers_version": "0.21.0", "sample_size": 256,
+    "in_channels": 8, "out_channels": 8, "block_out_channels": [128, 256, 384, 640], "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": [[None, 768, 1024]] * 4,
+    "transformer_layers_per_block": 1, "attention_head_dim": 8, "num_attention_heads": None,
+    "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "class_embed_type": None, "class_embeddings_concat": False,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "time_embedding_type": "positional", "use_linear_projection": False,
+    "upcast_attention": False, "only_cross_attention": False, "resnet_time_scale_shift": "default",
+}
+
+
+def test_config_translation():
+    assert convert.config_from_diffusers(AUDIOLDM2_CONFIG) == PRESETS["audioldm2"]
+    large = dict(AUDIOLDM2_CONFIG, cross_attention_dim=[[None, 768, 1024, None]] * 4, transformer_layers_per_block=2)
+    assert convert.config_from_diffusers(large) == PRESETS["audioldm2-large"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(freq_shift=1), "freq_shift=1 is not supported"),
+    (dict(flip_sin_to_cos=False), "flip_sin_to_cos=False is not supported"),
+    (dict(use_linear_projection=True), "use_linear_projection=True is not supported"),
+    (dict(only_cross_attention=True), "only_cross_attention=True is not supported"),
+    (dict(resnet_time_scale_shift="scale_shift"), "resnet_time_scale_shift='scale_shift' is not supported"),
+    (dict(class_embed_type="timestep"), "class_embed_type='timestep'"),
+    (dict(transformer_layers_per_block=[1, 1, 2, 2]), r"transformer_layers_per_block=\[1, 1, 2, 2\]"),
+    (dict(cross_attention_dim=[[None, 768], [None, 768], [None, 768, 1024], [None, 768, 1024]]),
+     "only one list shared by every level with attention"),
+    (dict(down_block_types=["DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]),
+     r"down_block_types \['AttnDownBlock2D'\] are not supported"),
+    (dict(up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]),
+     "do not mirror down_block_types"),
+    (dict(addition_embed_type="text"), "addition_embed_type='text' is not supported"),
+    (dict(brand_new_field=1), r"does not know: \['brand_new_field'\]"),
+    (dict(_class_name="UNet2DModel"), "_class_name 'UNet2DModel' is not one of"),
+])
+def test_config_translation_errors(change, message):
+    with pytest.raises(CheckpointError, match=message):
+        convert.config_from_diffusers({**AUDIOLDM2_CONFIG, **change}, source="unet/config.json")
+
+
+def test_musicldm_needs_its_own_layout():
+    musicldm = dict(AUDIOLDM2_CONFIG, _class_name="UNet2DConditionModel", cross_attention_dim=[128, 256, 384, 640],
+                    class_embed_type="simple_projection", projection_class_embeddings_input_dim=512,
+                    class_embeddings_concat=True)
+    assert convert.config_from_diffusers(musicldm) == PRESETS["musicldm"]
+    with pytest.raises(CheckpointError, match="UNet2DConditionModel with cross_attention_dim=768 is not supported"):
+        convert.config_from_diffusers(dict(musicldm, cross_attention_dim=768))
+    with pytest.raises(CheckpointError, match="'simple_projection' concatenated"):
+        convert.config_from_diffusers(dict(musicldm, class_embeddings_concat=False))
+
+
+def test_key_accounting_is_strict():
+    """Every key of a diffusers state dict must land, and every key of ours must be filled."""
+    config = PRESETS["tiny-audioldm2"]
+    rows = convert.diffusers_table(config)
+    good = {"conv_in.weight": torch.zeros(1), "down_blocks.0.resnets.0.conv_shortcut.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\):\n    down_blocks.0.resnet.0.norm1.weight"):
+        keys.rename({**good, "down_blocks.0.resnet.0.norm1.weight": torch.zeros(1)}, rows, source="x")
+    # The flat attentions.{n} of diffusers' up level lands in our layers.{n // 3}.transformers.{n % 3}.
+    renamed = keys.rename({"up_blocks.1.attentions.4.transformer_blocks.0.attn2.to_k.weight": torch.zeros(1)},
+                             rows, source="x")
+    assert list(renamed) == ["up.1.layers.1.transformers.1.blocks.0.attn2.k.weight"]
+    with torch.device("meta"):
+        layout = UNet(config)
+    with pytest.raises(CheckpointError, match="attention projections missing"):
+        convert.fuse_projections({}, layout)
