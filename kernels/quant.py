@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from musiclm_core.kernels.linear import BlockedLinear
+
 MODES = ("bf16", "int8", "int4")
 BACKENDS = ("cpu", "reference")
 ENV = "MUSICLM_QUANT"
@@ -138,8 +140,9 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        q, scale = quantize_int8(linear.weight)
-        return cls(q.to(linear.weight.device), scale.to(linear.weight.device), linear.bias)
+        weight = linear.weight  # read once: a BlockedLinear's is assembled from its blocks
+        q, scale = quantize_int8(weight)
+        return cls(q.to(weight.device), scale.to(weight.device), linear.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]  # (N, K)
@@ -322,7 +325,8 @@ def quantize_weights(module: nn.Module, mode: str = "int8") -> nn.Module:
     """Replace every `nn.Linear` inside `module` (in place) by its weight-only `mode` variant; returns `module`.
 
     mode: "bf16", "int8" or "int4". E.g. `quantize_weights(mg.lm, "int8")` for the MusicGen LM (its layers, heads
-    and text projection). Other modules (norms, embeddings) and buffers are left as they are. int4: a linear whose
+    and text projection). The fp32 `BlockedLinear`s of `kernels/linear.py` (what a load gives on some CPUs) are
+    linears too, and are quantised from their (N, K) weight. Other modules (norms, embeddings) and buffers are left as they are. int4: a linear whose
     shape the CPU kernel cannot take (`Int4Linear.fits`; e.g. MusicGen Melody's 12-bin chroma projection, which
     runs once per generation) keeps its weights.
     """
@@ -330,15 +334,17 @@ def quantize_weights(module: nn.Module, mode: str = "int8") -> nn.Module:
         raise ValueError(f"quantize_weights mode must be one of {MODES}, got {mode!r}")
     if not isinstance(module, nn.Module):
         raise ValueError(f"quantize_weights takes an nn.Module, got {type(module).__name__}")
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, BlockedLinear)):
         raise ValueError("quantize_weights replaces the nn.Linear layers *inside* a module; wrap a lone "
                          "nn.Linear (Int8Linear.from_linear / BF16Linear.from_linear)")
     make = {"bf16": BF16Linear, "int8": Int8Linear, "int4": Int4Linear}[mode].from_linear
-    targets = [(name, child) for name, child in module.named_modules() if isinstance(child, nn.Linear)]
+    targets = [(name, child) for name, child in module.named_modules()
+               if isinstance(child, (nn.Linear, BlockedLinear))]
     if not targets:
         raise ValueError(f"{type(module).__name__} holds no nn.Linear to quantise")
     if mode == "int4":
-        fitting = [(name, linear) for name, linear in targets if Int4Linear.fits(*linear.weight.shape)]
+        fitting = [(name, linear) for name, linear in targets if Int4Linear.fits(linear.out_features,
+                                                                                  linear.in_features)]
         if not fitting:
             raise ValueError(f"none of the {len(targets)} nn.Linear of {type(module).__name__} fits the int4 "
                              f"kernel (out_features a multiple of 64, in_features of {INT4_GROUP})")
