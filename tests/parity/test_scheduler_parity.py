@@ -301,23 +301,29 @@ OPTIONS = {"ddim": ("set_alpha_to_one", "clip_sample", "clip_sample_range"),
            "euler": ("final_sigmas_type",), "lms": ()}
 
 
+@pytest.mark.parametrize("source", ["official", "bare", "written"])
 @pytest.mark.parametrize("name", NAMES)
-def test_config_reading_matches_diffusers(name, tmp_path):
-    """from_config(OFFICIAL, name) takes what `X.from_config(OFFICIAL)` takes (DPM-Solver: solver_order 2,
-    dpmsolver++, lower_order_final, final_sigmas_type "zero", leading spacing and offset 1 from the DDIM config),
-    and the complete config diffusers writes for that class (every field, its hidden ones too) loads to the
-    same sampler."""
-    ref = REFERENCE[name].from_config(OFFICIAL)
-    ours = from_config(OFFICIAL, name)
-    schedule = ours.schedule
+def test_config_reading_matches_diffusers(name, source, tmp_path):
+    """from_config takes what diffusers takes:
+    * official: `from_config(OFFICIAL, name)` as `X.from_config(OFFICIAL)` (DPM-Solver: solver_order 2, dpmsolver++,
+      lower_order_final, final_sigmas_type "zero", leading spacing and offset 1 from the DDIM config);
+    * bare: a config with only `_class_name`, every field at the class's defaults (DDIM: clip_sample, and
+      set_alpha_to_one true);
+    * written: the complete config diffusers writes for X built from OFFICIAL (every field, hidden ones too), read
+      with `load_scheduler`; a field a new diffusers adds fails here."""
+    class_name = REFERENCE[name].__name__
+    if source == "official":
+        ref, ours = REFERENCE[name].from_config(OFFICIAL), from_config(OFFICIAL, name)
+    elif source == "bare":
+        ref, ours = REFERENCE[name].from_config({"_class_name": class_name}), from_config({"_class_name": class_name})
+    else:
+        REFERENCE[name].from_config(OFFICIAL).save_config(tmp_path)
+        ref, ours = REFERENCE[name].from_pretrained(tmp_path), load_scheduler(tmp_path)
+    assert type(ours) is type(from_config(OFFICIAL, name))
     for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                 "prediction_type", "timestep_spacing", "steps_offset"):
-        assert getattr(schedule, key) == ref.config[key], key
+        assert getattr(ours.schedule, key) == ref.config[key], key
     for key in OPTIONS[name]:
         assert getattr(ours, key) == ref.config[key], key
     if name == "dpm":
         assert (ref.config.algorithm_type, ref.config.solver_type) == ("dpmsolver++", "midpoint")
-    ref.save_config(tmp_path)
-    loaded = load_scheduler(tmp_path)
-    assert type(loaded) is type(ours) and loaded.schedule == schedule
-    assert all(getattr(loaded, key) == getattr(ours, key) for key in OPTIONS[name])
