@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from musiclm_core import hub
 from musiclm_core.cache import CrossMemory, KVCache, LayerCache, LayerMemory
 from musiclm_core.encodec import EnCodec
-from musiclm_core.kernels import attention, quant
+from musiclm_core.kernels import attention, linear, quant
 from musiclm_core.t5 import T5Encoder, T5Tokenizer
 
 LM_KIND = "musicgen_lm"  # model names in native config.json files
@@ -322,6 +322,7 @@ class MusicGenLM(nn.Module):
                         layout: str | None = None) -> "MusicGenLM":
         """A native folder, a transformers MusicGen folder (its decoder part) or an audiocraft folder; a hub id
         is downloaded first (only the files that layout needs). `variant`, `layout`: as `MusicGen.from_pretrained`.
+        The fp32 linears get the layout this CPU multiplies fastest (`kernels/linear.py`: `linear.relayout`).
         """
         from musiclm_core.convert import keys, musicgen as convert
 
@@ -329,12 +330,16 @@ class MusicGenLM(nn.Module):
         if found == "native":
             config, state = hub.load_native(folder, LM_KIND)
             hub.check_config(MusicGenConfig, config, source=str(folder / "config.json"))
-            return keys.build(lambda: cls(MusicGenConfig(**config)), state, source=str(folder), dtype=dtype)
-        if found == "transformers":
+            lm = keys.build(lambda: cls(MusicGenConfig(**config)), state, source=str(folder), dtype=dtype)
+        elif found == "transformers":
             config = hub.read_json(folder / "config.json")
-            state = convert.read_state(folder, variant=variant)
-            return convert.load_transformers(config, convert.lm_part(state), source=str(folder), dtype=dtype)
-        return convert.load_audiocraft_file(folder / "state_dict.bin", dtype=dtype)
+            # Read, not mapped, where relayout copies weights into blocks (its docstring says why).
+            state = convert.read_state(folder, variant=variant, lm_in_memory=linear.route() == "blocked")
+            lm = convert.load_transformers(config, convert.lm_part(state), source=str(folder), dtype=dtype)
+            del state
+        else:
+            lm = convert.load_audiocraft_file(folder / "state_dict.bin", dtype=dtype)
+        return linear.relayout(lm)
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
         refuse_quantized(self)
@@ -649,13 +654,17 @@ class MusicGen:
         quantize: "int8", "int4" or "bf16" stores the LM's linear weights in that format (`kernels/quant.py`:
             weight-only, for the memory-bound decode step on a CPU; int4 runs on the CPU only; parity in
             benchmarks/RESULTS.md); the loaded `dtype` weights are freed. T5 and EnCodec stay in `dtype`.
+            Without it, the LM's fp32 linears get the layout this CPU multiplies fastest (`linear.relayout`).
         """
         if quantize is not None and quantize not in quant.MODES:  # before the long part
             raise ValueError(f"quantize must be None or one of {quant.MODES}, got {quantize!r}")
+        in_memory = quantize is not None or linear.route() == "blocked"  # both replace weights: read, not mapped
         pipeline = cls._load(name_or_path, dtype=dtype, revision=revision, variant=variant, layout=layout,
-                             text_encoder=text_encoder, lm_in_memory=quantize is not None)
+                             text_encoder=text_encoder, lm_in_memory=in_memory)
         if quantize is not None:
             quant.quantize_weights(pipeline.lm, quantize)
+        else:
+            linear.relayout(pipeline.lm)
         return pipeline
 
     @classmethod
