@@ -201,49 +201,52 @@ def test_refuses_to_overwrite(model_folder, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.wav", "prompts.txt", "song_1.wav"]
 
 
-@pytest.mark.parametrize("args,message", [
-    ([""], "the prompt is empty"),
-    (["   "], "the prompt is empty"),
-    ([], "give a text prompt, or --prompts-file"),
-    (["x", "--prompts-file", "p.txt"], "either a prompt or --prompts-file, not both"),
-    (["--prompts-file", "missing.txt"], "no such file: missing.txt"),
-    (["--prompts-file", "blank.txt"], "holds no prompt"),
-    (["--prompts-file", "binary.txt"], "is not UTF-8 text"),
-    (["--prompts-file", "."], "is not a file"),
-    (["x", "--duration", "0"], "--duration must be a positive number of seconds, got 0.0"),
-    (["x", "--duration", "-2"], "--duration must be a positive number"),
-    (["x", "--duration", "nan"], "--duration must be a positive number"),
-    (["x", "--duration", "inf"], "--duration must be a positive number"),
-    (["x", "--duration", "0.001", "--normalize", "none"], "shorter than one frame"),
-    (["x", "--duration", "0.2"], "--normalize loudness needs at least 0.4 s of audio (--duration 0.2)"),
-    (["x", "--top-p", "1.5"], "top_p must be in [0, 1]"),
-    (["x", "--top-k", "-1"], "top_k must be an integer >= 0"),
-    (["x", "--temperature", "0"], "temperature must be a finite number > 0"),
-    (["x", "--guidance-scale", "-1"], "guidance_scale must be a finite number >= 0"),
-    (["x", "--batch-size", "0"], "--batch-size must be at least 1"),
-    (["x", "--continue", "missing.wav"], "no such file: missing.wav"),
-    (["x", "--continue", "binary.txt"], "could not be read as audio"),
-    (["x", "-o", "out.mp3"], "cannot tell the audio format of out.mp3"),
+@pytest.mark.parametrize("args,message,status", [  # status 2: flags that can never work; 1: files, models, runs
+    ([""], "the prompt is empty", 2),
+    (["   "], "the prompt is empty", 2),
+    ([], "give a text prompt, or --prompts-file", 2),
+    (["x", "--prompts-file", "p.txt"], "either a prompt or --prompts-file, not both", 2),
+    (["--prompts-file", "missing.txt"], "no such file: missing.txt", 1),
+    (["--prompts-file", "blank.txt"], "holds no prompt", 1),
+    (["--prompts-file", "binary.txt"], "is not UTF-8 text", 1),
+    (["--prompts-file", "."], "is not a file", 1),
+    (["x", "--duration", "0"], "--duration must be a positive number of seconds, got 0.0", 2),
+    (["x", "--duration", "-2"], "--duration must be a positive number", 2),
+    (["x", "--duration", "nan"], "--duration must be a positive number", 2),
+    (["x", "--duration", "inf"], "--duration must be a positive number", 2),
+    (["x", "--duration", "301"], "--duration 301 s is about 15,050 decoding steps", 2),
+    (["x", "--duration", "0.001", "--normalize", "none"], "shorter than one frame", 1),
+    (["x", "--duration", "0.2"], "--normalize loudness needs at least 0.4 s of audio (--duration 0.2)", 2),
+    (["x", "--top-p", "1.5"], "--top-p must be in [0, 1]", 2),
+    (["x", "--top-k", "-1"], "--top-k must be an integer >= 0", 2),
+    (["x", "--temperature", "0"], "--temperature must be a finite number > 0", 2),
+    (["x", "--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0", 2),
+    (["x", "--seed", str(2**64)], "--seed must be an integer in [0, 2**64 - 1", 2),
+    (["x", "--batch-size", "0"], "--batch-size must be at least 1", 2),
+    (["x", "--continue", "missing.wav"], "no such file: missing.wav", 1),
+    (["x", "--continue", "."], "is a directory, not a file", 1),
+    (["x", "--continue", "binary.txt"], "could not be read as audio", 1),
+    (["x", "-o", "out.mp3"], "cannot tell the audio format of out.mp3", 2),
     (["x", "--device", "cuda:0"] if not torch.cuda.is_available() else ["x", "--device", "nonsense"],
-     "--device"),
-    (["x", "--model", "./no_such_model_folder"], "no such folder: no_such_model_folder"),
-    (["x", "--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device, the model would run on cpu"),
-    (["x", "--compile", "--device", "meta"], "--compile is for CPU decoding, the model would run on meta"),
+     "--device", 1 if not torch.cuda.is_available() else 2),
+    (["x", "--model", "./no_such_model_folder"], "no such folder: no_such_model_folder", 1),
+    (["x", "--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device, the model would run on cpu", 2),
+    (["x", "--compile", "--device", "meta"], "--compile is for CPU decoding, the model would run on meta", 2),
 ])
-def test_errors(model_folder, tmp_path, monkeypatch, capsys, args, message):
+def test_errors(model_folder, tmp_path, monkeypatch, capsys, args, message, status):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.txt").write_text("a prompt\n")
     (tmp_path / "blank.txt").write_text("\n  \n\n")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
-    argv = ["generate", *args, "--seed", "0"]  # with a seed, no line tells the random one
+    argv = ["generate", *args] + (["--seed", "0"] if "--seed" not in args else [])  # no line tells a random seed
     if "-o" not in args:
         argv += ["-o", "out.wav"]
     if "--model" not in args:
         argv += ["--model", str(model_folder)]
-    assert main(argv) == 1
+    assert main(argv) == status
     err = capsys.readouterr().err
     assert err.startswith("musiclm generate: error: ") and message in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and err.count("\n") == 1  # one line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "blank.txt", "p.txt"]  # nothing written
 
 
