@@ -267,14 +267,18 @@ def config_from_audiocraft(xp_cfg: str | dict[str, Any], *, cross_attention: boo
     if t5_name not in T5_WIDTHS:
         raise CheckpointError(f"audiocraft text conditioner {t5_name!r} is not one of {sorted(T5_WIDTHS)}")
     stereo = bool(get_field(cfg, "interleave_stereo_codebooks.use", False))
-    dim = get_field(cfg, "transformer_lm.dim")
+
+    def typed(path: str, kind: Any, default: Any = KeyError) -> Any:
+        return hub.check_value(get_field(cfg, path, default), kind, field=path, source="audiocraft xp.cfg")
+
+    dim = typed("transformer_lm.dim", int)
     config = MusicGenConfig(
         dim=dim,
-        num_layers=get_field(cfg, "transformer_lm.num_layers"),
-        num_heads=get_field(cfg, "transformer_lm.num_heads"),
-        ffn_dim=int(get_field(cfg, "transformer_lm.hidden_scale", 4) * dim),
-        num_codebooks=get_field(cfg, "transformer_lm.n_q"),
-        card=get_field(cfg, "transformer_lm.card"),
+        num_layers=typed("transformer_lm.num_layers", int),
+        num_heads=typed("transformer_lm.num_heads", int),
+        ffn_dim=int(typed("transformer_lm.hidden_scale", float, 4) * dim),
+        num_codebooks=typed("transformer_lm.n_q", int),
+        card=typed("transformer_lm.card", int),
         audio_channels=2 if stereo else 1,
         text_dim=T5_WIDTHS[t5_name],
         cross_attention=cross_attention,

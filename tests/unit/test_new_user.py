@@ -386,3 +386,17 @@ def test_check_value_kinds():
                                                                                      "an integer or null")]:
         with pytest.raises(hub.CheckpointError, match=rf"^s: field f = .* is not {expected}$"):
             hub.check_value(value, kind, field="f", source="s")
+
+
+def test_audiocraft_config_value_of_the_wrong_type():
+    from test_musicgen import _audiocraft_package
+
+    from musiclm_core.convert import musicgen as convert
+    from musiclm_core.musicgen import MusicGenConfig, MusicGenLM
+
+    xp = _audiocraft_package(MusicGenLM(MusicGenConfig(dim=64, num_layers=2, num_heads=4, ffn_dim=256,
+                                                       text_dim=768)))["xp.cfg"]
+    assert convert.config_from_audiocraft(xp).num_layers == 2
+    with pytest.raises(hub.CheckpointError, match=r"^audiocraft xp\.cfg: field transformer_lm\.num_layers = 'two' "
+                                                  r"is not an integer$"):
+        convert.config_from_audiocraft(xp.replace("num_layers: 2", "num_layers: two"))
