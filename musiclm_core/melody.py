@@ -219,7 +219,8 @@ def iter_frames(lm: MusicGenMelodyLM, chroma: Tensor, text_states: Tensor | None
     B, F, _ = chroma.shape
     delays, T = gen.plan_frames(config.delays, 0, num_frames=num_frames, max_new_tokens=max_new_tokens)
     rows = 2 * B if gen.uses_cfg(guidance_scale) else B
-    steps = F + (0 if text_states is None else text_states.shape[1]) + T + max(delays) + 1  # prefix + pattern
+    # the prefix (chroma tiled or cut to chroma_length frames, then the text) + the pattern
+    steps = lm.melody_config.chroma_length + (0 if text_states is None else text_states.shape[1]) + T + max(delays) + 1
     gen.check_memory(lm, rows, steps, what=f"max_new_tokens={max_new_tokens}" if num_frames is None else
                      f"{num_frames} frames")
     pattern = gen.build_pattern(None, B, config.num_codebooks, T, delays, config.special, lm.device)  # (B, K, S)

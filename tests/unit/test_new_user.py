@@ -157,6 +157,16 @@ def test_max_new_tokens_beyond_memory_is_refused_before_allocating(tiny):
     assert tiny.generate_codes(["calm piano"], max_new_tokens=8, do_sample=False).shape == (1, 4, 5)
 
 
+def test_melody_max_new_tokens_beyond_memory_is_refused():
+    from musiclm_core import melody
+    from musiclm_core.chroma import null_chroma
+
+    lm = melody.MusicGenMelodyLM(melody.PRESETS["tiny"]).eval()
+    with pytest.raises(ValueError, match=r"max_new_tokens=1000000000 needs about [\d.]+ TB"):
+        melody.generate_codes(lm, null_chroma(1, 3), max_new_tokens=10**9)
+    assert melody.generate_codes(lm, null_chroma(1, 3), max_new_tokens=8, do_sample=False).shape == (1, 4, 5)
+
+
 def test_progress_lines_off_a_terminal(monkeypatch):
     clock = iter([0.0, 1.0, 5.0, 12.0, 13.0, 30.0])
     monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
