@@ -1,4 +1,10 @@
-"""What the ours-against-transformers benchmarks share: alternated timing, the machine's name, RESULTS.md.
+"""What the ours-against-transformers benchmarks share: alternated timing, the machine's description (CPU model,
+vector extensions, which fp32 linear route it takes, load average), RESULTS.md.
+
+Every table should say which machine it comes from: the CPUs differ by more than any change measured here (an AMD
+EPYC runs F.linear's skinny fp32 products at a third of the speed of an Intel Xeon with the same bandwidth, and
+bf16 is slower than fp32 without AVX512-BF16/AMX). Print `machine_lines()` above each table (and put them in
+RESULTS.md with it), and `load_lines()` before and after the runs.
 
 Imported as `_common` by scripts run as `python benchmarks/<name>.py` (Python puts the script's folder first on
 sys.path).
@@ -47,6 +53,62 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The vector extensions that decide which matmul kernels run (AVX2, AVX-512, VNNI, BF16, AMX), as
+    /proc/cpuinfo spells them, e.g. "avx2 avx512f avx512_vnni"; "none of avx2/avx512/amx" if none."""
+    from musiclm_core.kernels.linear import cpu_info
+
+    return " ".join(cpu_info().extensions()) or "none of avx2/avx512/amx"
+
+
+def cpu_description() -> str:
+    """One line: model, vendor and family, logical CPUs, vector extensions and this process's fp32 linear route,
+    e.g. "AMD EPYC (AuthenticAMD, family 25 model 17), 2 logical CPUs, avx2 avx512f avx512_vnni avx512_bf16; fp32
+    linear route: blocked (kernels/linear.py)"."""
+    from musiclm_core.kernels.linear import cpu_info, route
+
+    info = cpu_info()
+    vendor = f" ({', '.join(part for part in (info.vendor, info.family) if part)})" if info.vendor else ""
+    return (f"{cpu_model()}{vendor}, {os.cpu_count()} logical CPUs, {cpu_flags()}; fp32 linear route: {route()} "
+            f"(kernels/linear.py)")
+
+
+HIGH_LOAD = 0.5  # 1-minute load per logical CPU above which timings are not a quiet machine's
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15-minute load averages (0s where the OS does not say)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (0.0, 0.0, 0.0)
+
+
+def load_line(when: str) -> str:
+    """"load average {when}: 1.02 0.80 0.45 (2 logical CPUs)", plus a warning when the machine is busy."""
+    load = load_average()
+    cpus = os.cpu_count() or 1
+    line = f"load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({cpus} logical CPUs)"
+    if load[0] > HIGH_LOAD * cpus:
+        line += (f" -- WARNING: the machine is busy (above {HIGH_LOAD:g} per CPU): other processes share its "
+                 f"cores and memory bandwidth, so these timings are below a quiet machine's; run again when it is "
+                 f"idle, or with 1 thread")
+    return line
+
+
+def machine_lines() -> list[str]:
+    """What to print above a table: date and time (UTC), the CPU (`cpu_description`), torch and its BLAS, the
+    load average now."""
+    import torch
+
+    blas = "MKL" if torch.backends.mkl.is_available() else "no MKL"
+    return [f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node() or 'this machine'}",
+            f"# CPU: {cpu_description()}",
+            f"# torch {torch.__version__} ({blas}, CPU capability {torch.backends.cpu.get_cpu_capability()}), "
+            f"{torch.get_num_threads()} threads",
+            f"# {load_line('before')}"]
 
 
 def report(heading: str, lines: list[str], *, write: bool) -> None:

@@ -1,6 +1,12 @@
 """MusicGen decoding speed: transformers against musiclm_core, in one run, with the memory roofline.
 
     python benchmarks/musicgen.py [--device cpu|cuda] [--steps N] [--threads 2] [--repeat 1] [--parity-steps 100]
+                                  [--variants fp32 bf16 int8 int4 ...]
+
+Both fp32 linear routes on one machine (kernels/linear.py: "linear" = F.linear, the route an Intel CPU takes;
+"blocked" = the route an AMD CPU takes), so that either kind of machine shows the other kind's choice:
+
+    python benchmarks/musicgen.py --steps 64 --repeat 1 --parity-steps 0 --variants fp32@linear fp32@blocked int8
 
 CPU (default). transformers' `MusicgenForConditionalGeneration` is built at the official musicgen-small config
 (decoder 1024 x 24 layers, the full T5-base text encoder config, the full EnCodec 32 kHz config) with random
@@ -9,7 +15,8 @@ its `from_pretrained`, ours with `MusicGen.from_pretrained` (the whole loader at
 (batch 1), classifier-free guidance 3.0 (2 rows per step), sampling with top_k 250, fp32, `--threads` threads:
 
 * transformers: `generate(max_new_tokens=N)`; ours: `MusicGen.generate_codes(max_new_tokens=N)`, fp32, and with
-  its LM's weights in bf16, int8 and int4 (`kernels/quant.py`). `--variants int4+compile` (any format +compile):
+  its LM's weights in bf16, int8 and int4 (`kernels/quant.py`). fp32 takes the linear route this CPU gets
+  (kernels/linear.py, column "route"); `fp32@linear` / `fp32@blocked` force one (MUSICLM_LINEAR in the worker). `--variants int4+compile` (any format +compile):
   with `lm.compile_decode()`, compiled during a 4-step generation before the timed one; that time is the column
   "compile s" (inductor's on-disk cache shortens it after the first run), its memory counts in "gen peak", and
   "(+x GB)" after it is the summed peak RSS of the compile worker processes still alive then, if any.
@@ -35,12 +42,16 @@ batch 8 (16 rows): transformers eager, ours eager, ours with every decode step r
 (`generate_codes(..., cuda_graph=True)`). steps/s and % of the HBM roofline (measured copy bandwidth, and the
 datasheet figure for the device).
 
-Timings on a shared machine move with its load: the script prints `uptime`'s load before and after; run it twice.
+Every table starts with the machine (`_common.machine_lines`: date, CPU model, vendor and family, its vector
+extensions AVX2 / AVX-512 / VNNI / BF16 / AMX, the fp32 linear route, torch and its BLAS) and the load average;
+each worker's row has the 1-minute load when it finished. Timings on a shared machine move with its load: a line
+says WARNING when the load is high (above 0.5 per logical CPU); run it twice, or when the machine is idle.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -51,6 +62,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import load_average, load_line, machine_lines  # benchmarks/ (the script's folder is on sys.path)
 
 PROMPT = "80s pop track with bassy drums and synth"
 GUIDANCE, TOP_K = 3.0, 250
@@ -188,8 +200,9 @@ def _rate(stamps: list[tuple[float, float]]) -> dict:
 
 def step_bytes(lm, rows: int, visible: float, text_len: int) -> float:
     """Bytes one decode step of our LM reads (see the module docstring), `visible` self-attention keys."""
-    def size(module) -> int:
-        return sum(t.numel() * t.element_size() for t in module.state_dict().values())  # works on meta too
+    def size(module) -> int:  # parameters and buffers (works on meta too), without the sinusoid table
+        tensors = itertools.chain(module.parameters(), module.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors if t is not getattr(lm, "sinusoids", None))
 
     c = lm.config
     once = size(lm.text_proj) + size(lm.embeddings)  # text projection: once per generation; embeddings: K rows
@@ -239,15 +252,16 @@ def worker_hf(args) -> dict:
     return {**_rate(stamps), "total_s": total_s, "load_s": load_s, "rss_loaded": rss_loaded,
             "rss_anon": _status("RssAnon"), "rss_file": _status("RssFile"),
             "gen_peak": gen_peak, "load_peak": load_peak, "text_len": int(mask.sum()),
-            "bandwidth": measure_bandwidth(5)}
+            "bandwidth": measure_bandwidth(5), "route": "F.linear", "load": load_average()[0]}
 
 
 def worker_ours(args) -> dict:
+    from musiclm_core.kernels import linear
     from musiclm_core.musicgen import MusicGen
 
     folder = Path(args.folder)
     t = time.perf_counter()
-    quant, _, compiled = args.quant.partition("+")
+    quant, _, compiled = args.quant.partition("@")[0].partition("+")
     mg = MusicGen.from_pretrained(folder, quantize=None if quant == "fp32" else quant)
     load_s = time.perf_counter() - t
     load_peak = _status("VmHWM")
@@ -276,7 +290,8 @@ def worker_ours(args) -> dict:
             "workers_peak": workers_peak,
             "rss_loaded": rss_loaded, "rss_anon": _status("RssAnon"), "rss_file": _status("RssFile"),
             "gen_peak": gen_peak, "load_peak": load_peak, "bytes_per_step": step_bytes(mg.lm, rows, visible, text_len),
-            "text_len": text_len, "bandwidth": measure_bandwidth(5)}
+            "text_len": text_len, "bandwidth": measure_bandwidth(5),
+            "route": linear.route() if quant == "fp32" else quant, "load": load_average()[0]}
 
 
 def measure_bandwidth(repeats: int = 7) -> dict:
@@ -370,6 +385,9 @@ def run_worker(role: str, args, **extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if args.omp_passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"  # idle OpenMP threads sleep instead of spinning (see RESULTS.md)
+    route = str(extra.get("quant", "")).partition("@")[2]
+    if route:
+        env["MUSICLM_LINEAR"] = route  # kernels/linear.py: this worker's fp32 linear route
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode or not lines:
@@ -378,26 +396,14 @@ def run_worker(role: str, args, **extra) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
-def _load() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "?"
-
-
 def gb(x) -> str:
     return "-" if x is None else f"{x / 1e9:.2f}"
 
 
 def main_cpu(args) -> None:
-    print(f"# MusicGen small decode, CPU: {_cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-          f"{args.threads} threads, fp32, batch 1 + CFG {GUIDANCE} (2 rows), top_k {TOP_K}, "
-          f"max_new_tokens {args.steps}; {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"# load average before: {_load()}")
+    print(f"# MusicGen small decode, {args.threads} threads, fp32, batch 1 + CFG {GUIDANCE} (2 rows), top_k {TOP_K}, "
+          f"max_new_tokens {args.steps}")
+    print("\n".join(machine_lines()), flush=True)
     with tempfile.TemporaryDirectory(prefix="musicgen_bench_") as tmp:
         args.folder = Path(tmp) / "musicgen-small-random"
         built = run_worker("build", args)
@@ -412,9 +418,9 @@ def main_cpu(args) -> None:
             for quant in args.variants:
                 rows.append((f"ours {quant}", rep, run_worker("ours", args, quant=quant)))
         parity = run_worker("parity", args) if args.parity_steps else None
-    print(f"# load average after: {_load()}")
+    print(f"# {load_line('after')}")
 
-    fp32_bytes = next((r["bytes_per_step"] for name, _, r in rows if name == "ours fp32"), None)
+    fp32_bytes = next((r["bytes_per_step"] for name, _, r in rows if name.startswith("ours fp32")), None)
     if fp32_bytes is None:  # transformers reads what our fp32 LM reads
         from musiclm_core.musicgen import PRESETS, MusicGenLM
 
@@ -429,15 +435,18 @@ def main_cpu(args) -> None:
     print("rooflines below use the bandwidth each worker measured right after its generation (same process, same "
           "neighbours), column 'bw'")
     print()
-    head = (f"| {'variant':<17} | run | steps/s | ms/step (median) | GB/step | bw GB/s | % own roofline | "
-            f"% fp32 roofline |" + (" CPU-time steps/s | CPU-time bw GB/s | % own (CPU time) |" if one else "")
-            + " gen peak RSS GB | of which file-backed GB | load peak GB | load s | compile s |")
+    head = (f"| {'variant':<19} | route    | run | steps/s | x transformers | ms/step (median) | GB/step | bw GB/s | "
+            f"% own roofline | % fp32 roofline |"
+            + (" CPU-time steps/s | CPU-time bw GB/s | % own (CPU time) |" if one else "")
+            + " gen peak RSS GB | of which file-backed GB | load peak GB | load s | compile s | load avg after |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    theirs = {rep: r["steps_per_s"] for name, rep, r in rows if name == "transformers fp32"}
     for name, rep, r in rows:
         nbytes = r.get("bytes_per_step", fp32_bytes)
         rbw, rcpu = r["bandwidth"]["read_bytes_per_s"], r["bandwidth"]["cpu_read_bytes_per_s"]
-        line = (f"| {name:<17} | {rep + 1:>3} | {r['steps_per_s']:7.2f} | {r['median_step_ms']:16.0f} | "
+        line = (f"| {name:<19} | {r['route']:<8} | {rep + 1:>3} | {r['steps_per_s']:7.2f} | "
+                f"{r['steps_per_s'] / theirs[rep]:13.2f}x | {r['median_step_ms']:16.0f} | "
                 f"{nbytes / 1e9:7.3f} | {rbw / 1e9:7.2f} | {100 * r['steps_per_s'] * nbytes / rbw:13.0f}% | "
                 f"{100 * r['steps_per_s'] * fp32_bytes / rbw:14.0f}% |")
         if one:
@@ -447,7 +456,7 @@ def main_cpu(args) -> None:
         if r.get("workers_peak"):
             compile_s += f" (+{gb(r['workers_peak'])} GB)"
         print(line + f" {gb(r['gen_peak']):>15} | {gb(r['rss_file']):>23} | {gb(r['load_peak']):>12} | "
-              f"{r['load_s']:6.1f} | {compile_s:>9} |")
+              f"{r['load_s']:6.1f} | {compile_s:>9} | {r['load']:14.2f} |")
     if parity:
         print(f"\nparity against fp32 ({args.parity_steps} greedy CFG steps; random weights: near-flat logits, "
               f"so greedy argmaxes flip easily):")
@@ -561,10 +570,13 @@ def main() -> None:
     parser.add_argument("--omp-passive", action="store_true",
                         help="CPU: run the workers with OMP_WAIT_POLICY=PASSIVE (matters on a busy machine)")
     formats = ["fp32", "bf16", "int8", "int4"]
-    parser.add_argument("--variants", nargs="+", default=formats,
-                        choices=formats + [f"{f}+compile" for f in formats],
-                        help="CPU: which of our weight formats to time; +compile: with `lm.compile_decode()`, "
-                             "compiled during a 4-step warm-up generation (column 'compile s') before the timed one")
+    variants = [f + extra for f in formats for extra in ("", "+compile")]
+    variants += [f"{v}@{route}" for v in variants if v.startswith("fp32") for route in ("linear", "blocked")]
+    parser.add_argument("--variants", nargs="+", default=formats, choices=variants, metavar="VARIANT",
+                        help="CPU: which of our weight formats to time: fp32, bf16, int8, int4; +compile: with "
+                             "`lm.compile_decode()`, compiled during a 4-step warm-up generation (column 'compile "
+                             "s') before the timed one; fp32@linear / fp32@blocked (also with +compile): that fp32 "
+                             "linear route (kernels/linear.py) instead of the one this CPU gets")
     parser.add_argument("--sizes", nargs="+", default=["small", "medium", "large"], help="CUDA: model sizes")
     # internal: one measurement in a subprocess
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)

@@ -54,8 +54,9 @@ EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_
 @dataclass(frozen=True)
 class CpuInfo:
     vendor: str  # /proc/cpuinfo vendor_id: "GenuineIntel", "AuthenticAMD", ... ("" where there is none)
-    model: str   # model name
+    model: str   # model name (a VM may shorten it: "AMD EPYC")
     flags: frozenset[str]
+    family: str = ""  # "family 25 model 17" (AMD Zen 4): tells the generations apart where the name does not
 
     def extensions(self) -> list[str]:
         """Which of `EXTENSIONS` the CPU has, in that order."""
@@ -72,8 +73,9 @@ def parse_cpuinfo(text: str) -> CpuInfo:
             continue
         name, _, value = line.partition(":")
         fields.setdefault(name.strip(), value.strip())
+    family = f"family {fields['cpu family']} model {fields.get('model', '?')}" if "cpu family" in fields else ""
     return CpuInfo(fields.get("vendor_id", ""), fields.get("model name", ""),
-                   frozenset(fields.get("flags", "").split()))
+                   frozenset(fields.get("flags", "").split()), family)
 
 
 @functools.cache

@@ -29,6 +29,7 @@ TOL = 1e-5
 XEON = """processor\t: 0
 vendor_id\t: GenuineIntel
 cpu family\t: 6
+model\t\t: 85
 model name\t: Intel(R) Xeon(R) CPU @ 2.50GHz
 flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl
 
@@ -41,6 +42,7 @@ SAPPHIRE = XEON.replace("avx512vl", "avx512vl avx512_vnni avx512_bf16 amx_bf16 a
 EPYC_AVX2 = """processor\t: 0
 vendor_id\t: AuthenticAMD
 cpu family\t: 23
+model\t\t: 49
 model name\t: AMD EPYC 7B12
 flags\t\t: fpu sse sse2 avx avx2 fma sse4a
 """
@@ -55,6 +57,7 @@ CPU implementer\t: 0x41
 def test_parse_cpuinfo():
     xeon = L.parse_cpuinfo(XEON)
     assert (xeon.vendor, xeon.model) == ("GenuineIntel", "Intel(R) Xeon(R) CPU @ 2.50GHz")
+    assert xeon.family == "family 6 model 85" and L.parse_cpuinfo(EPYC_AVX2).family == "family 23 model 49"
     assert xeon.extensions() == ["avx2", "avx512f"]
     assert L.parse_cpuinfo(SAPPHIRE).extensions() == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
                                                        "amx_int8"]
