@@ -28,9 +28,12 @@ from musiclm_core.convert.keys import build, rename
 from musiclm_core.hub import CheckpointError
 from musiclm_core.unet import Attention, UNet, UNetConfig
 
-# What `UNet.from_pretrained` downloads for a hub id: a native folder, or a pipeline's model_index.json + unet/.
+# What `UNet.from_pretrained` downloads for a hub id: a native folder, or a pipeline's model_index.json + unet/
+# with safetensors weights (the cvssp repos ship both formats; .bin only when there are no safetensors).
 HUB_PATTERNS = ["config.json", "model.safetensors", "model_index.json", "unet/config.json",
-                "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"]
+                "unet/diffusion_pytorch_model*.safetensors", "unet/*.safetensors.index.json"]
+HUB_PATTERNS_BIN = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model*.bin",
+                    "unet/*.bin.index.json"]
 
 CLASSES = ("UNet2DConditionModel", "AudioLDM2UNet2DConditionModel")
 
@@ -264,6 +267,15 @@ def load_diffusers(d: dict[str, Any], state: dict[str, torch.Tensor], *, source:
         layout = UNet(config)
     state = fuse_projections(state, layout)
     return build(lambda: UNet(config), state, source=source, dtype=dtype)
+
+
+def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local folder for `name_or_path`; for a hub id only the UNet's files, in safetensors where the repo has
+    them (ucsd-reach/musicldm's older copies ship .bin only)."""
+    folder = hub.resolve(name_or_path, revision=revision, allow_patterns=HUB_PATTERNS)
+    if (folder / "model_index.json").is_file() and not any((folder / "unet").glob("diffusion_pytorch_model*")):
+        folder = hub.resolve(name_or_path, revision=revision, allow_patterns=HUB_PATTERNS_BIN)
+    return folder
 
 
 def load_diffusers_folder(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> UNet:

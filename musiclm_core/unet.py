@@ -452,7 +452,7 @@ class UNet(nn.Module):
         or a diffusers pipeline folder (its `unet/` is read); a hub id is downloaded first (the UNet only)."""
         from musiclm_core.convert import keys, unet as convert  # convert/ imports this module: import at call time
 
-        folder = hub.resolve(name_or_path, revision=revision, allow_patterns=convert.HUB_PATTERNS)
+        folder = convert.resolve(name_or_path, revision=revision)
         config_file = folder / "config.json"
         if config_file.is_file() and hub.NATIVE_FORMAT in hub.read_json(config_file):
             config, state = hub.load_native(folder, KIND)

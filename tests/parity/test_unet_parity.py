@@ -131,6 +131,13 @@ def test_mask_zeros_matter(tiny_checkpoints):
         assert (masked[1] - unmasked[1]).abs().max() > 100 * ATOL
         torch.testing.assert_close(masked, reference(x, 300, **cond).sample, atol=ATOL, rtol=0)
         torch.testing.assert_close(unmasked, reference(x, 300, **full).sample, atol=ATOL, rtol=0)
+        # A mask on the GPT-2 vectors too (the pipeline passes none; the UNet takes one as diffusers does).
+        gpt2_mask = torch.ones(2, 8)
+        gpt2_mask[0, 5:] = 0
+        both = dict(cond, encoder_attention_mask=gpt2_mask)
+        got = ours(x, 300, **both)
+        assert (got[0] - masked[0]).abs().max() > 100 * ATOL
+        torch.testing.assert_close(got, reference(x, 300, **both).sample, atol=ATOL, rtol=0)
 
 
 def test_bin_weights_and_pipeline_folder(tmp_path):
