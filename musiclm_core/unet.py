@@ -256,8 +256,8 @@ class Layer(nn.Module):
     def __init__(self, config: UNetConfig, c_in: int, c_out: int, with_attention: bool):
         super().__init__()
         self.res = ResBlock(config, c_in, c_out)
-        self.transformers = nn.ModuleList(Transformer(config, c_out, d) for d in config.context_dims) \
-            if with_attention else nn.ModuleList()
+        dims = config.context_dims if with_attention else ()
+        self.transformers = nn.ModuleList(Transformer(config, c_out, d) for d in dims)
 
     def forward(self, x: Tensor, emb_act: Tensor, slots: list[tuple[Tensor | None, Tensor | None]]) -> Tensor:
         """slots[s] = (context, bias) for transformer s (see `UNet.route`)."""
@@ -406,14 +406,9 @@ class UNet(nn.Module):
               mask_1: Tensor | None) -> list[tuple[Tensor | None, Tensor | None]]:
         """(context, additive bias (B, 1, 1, L) or None) for each slot, by slot index (module docstring)."""
         cfg = self.config
-        inputs = {"encoder_hidden_states": self._context("encoder_hidden_states", states, mask, cfg.context_width, B),
-                  "encoder_hidden_states_1": self._context("encoder_hidden_states_1", states_1, mask_1,
-                                                           cfg.context_width_1, B)}
-        slots = []
-        for s, dim in enumerate(cfg.context_dims):
-            slots.append((None, None) if dim is None else
-                         inputs["encoder_hidden_states" if s <= 1 else "encoder_hidden_states_1"])
-        return slots
+        first = self._context("encoder_hidden_states", states, mask, cfg.context_width, B)
+        second = self._context("encoder_hidden_states_1", states_1, mask_1, cfg.context_width_1, B)
+        return [(None, None) if dim is None else first if s <= 1 else second for s, dim in enumerate(cfg.context_dims)]
 
     def _context(self, name: str, states: Tensor | None, mask: Tensor | None, width: int | None,
                  B: int) -> tuple[Tensor | None, Tensor | None]:
