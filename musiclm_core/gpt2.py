@@ -194,7 +194,8 @@ class GPT2(nn.Module):
             key_mask = attention_mask.to(device=embeds.device) != 0  # (B, offset + S)
             if cache is None:
                 key_mask = key_mask[:, offset:]  # (B, S): the keys are the chunk's own
-            else:  # one column per slot of the cache; slots past the chunk are hidden by the causal mask anyway
+            else:  # one column per slot the attention sees (the KVCache's k: (L, B, H, slots, Dh)); slots past
+                # the chunk are hidden by the causal mask anyway
                 pad = key_mask.new_ones(B, cache.k.shape[3] - offset - S)
                 key_mask = torch.cat([key_mask, pad], dim=1)  # (B, max_len + 1)
         positions = torch.arange(offset, offset + S, device=embeds.device)  # (S,)
