@@ -258,6 +258,18 @@ def shifted_window_mask(size: int, window: int, shift: int) -> Tensor:
     return torch.zeros(same.shape).masked_fill(~same, -100.0)
 
 
+def window_order(size: int, window: int, shift: int) -> Tensor:
+    """(size²,) int64: the row-major token index that lands at each place of the windowed sequence.
+
+    The windowed sequence lists the grid rolled by -shift in both axes (rolled[i, j] = grid[(i + shift) % size,
+    (j + shift) % size]) window by window (row-major), each window's tokens row-major: one `index_select`
+    does Swin's roll and window partition at once, and the inverse permutation undoes both.
+    """
+    idx = torch.roll(torch.arange(size * size).view(size, size), shifts=(-shift, -shift), dims=(0, 1))
+    n = size // window
+    return idx.view(n, window, n, window).permute(0, 2, 1, 3).reshape(-1)  # (window row, window col, y, x)
+
+
 class SwinBlock(nn.Module):
     """LayerNorm -> (shifted) window attention with relative position bias -> residual; LayerNorm -> MLP ->
     residual. transformers' ClapAudioLayer."""
@@ -276,12 +288,16 @@ class SwinBlock(nn.Module):
         self.mlp_down = nn.Linear(int(config.mlp_ratio * dim), dim)
         self.register_buffer("rel_index", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("shift_mask", torch.empty(0), persistent=False)
+        self.register_buffer("order", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("inverse", torch.empty(0, dtype=torch.long), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         self.rel_index = relative_position_index(self.window)
         self.shift_mask = (shifted_window_mask(self.resolution, self.window, self.shift) if self.shift
                            else torch.zeros(0))
+        self.order = window_order(self.resolution, self.window, self.shift)
+        self.inverse = torch.argsort(self.order)
 
     def attention_bias(self, dtype: torch.dtype) -> Tensor:
         """(nW * H, N, N) when shifted: the relative position bias of each head plus the shift mask of each
@@ -294,22 +310,19 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape  # T = resolution² tokens, row-major
-        R, w, s, H = self.resolution, self.window, self.shift, self.heads
-        n, N = R // w, w * w
-        h = self.attn_norm(x).view(B, R, R, C)
-        if s:
-            h = torch.roll(h, shifts=(-s, -s), dims=(1, 2))
-        # q, k, v per token (a per-token op commutes with cutting the grid into windows).
-        qkv = self.qkv(h).view(B, n, w, n, w, 3, H, C // H)  # (B, row window, y, col window, x, 3, H, d)
-        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7)  # (3, B, row window, col window, H, y, x, d)
+        H, N = self.heads, self.window ** 2
+        nW, d = T // N, C // H
+        h = self.attn_norm(x).index_select(1, self.order)  # (B, nW * N, C): rolled, window by window
+        qkv = self.qkv(h).view(B, nW, N, 3, H, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, H, N, d)
         bias = self.attention_bias(x.dtype)  # (nW * H or H, N, N)
-        # (B, nW * H, N, d) when shifted (a bias per window and head), (B * nW, H, N, d) when not: same memory.
-        q, k, v = qkv.reshape(3, -1, bias.shape[0], N, C // H)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        a = a.view(B, n, n, H, w, w, C // H).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, R, R, C)  # back to the grid
-        if s:
-            a = torch.roll(a, shifts=(s, s), dims=(1, 2))
-        x = x + self.attn_out(a.view(B, T, C))
+        # (B, nW * H, N, d) when shifted (a bias per window and head), (B * nW, H, N, d) when not.
+        q, k, v = qkv.reshape(3, -1, bias.shape[0], N, d)
+        # Written out rather than SDPA: with a float mask SDPA's CPU path spends ~8 % of the tower checking
+        # for fully masked rows, which a -100 mask never makes. Scores in the order of ClapAudioSelfAttention.
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d) + bias  # (.., N, N)
+        a = torch.matmul(scores.softmax(dim=-1), v)  # (.., N, d)
+        a = a.reshape(B, nW, H, N, d).transpose(2, 3).reshape(B, T, C)  # (B, nW * N, C)
+        x = x + self.attn_out(a).index_select(1, self.inverse)  # back to row-major, roll undone
         return x + self.mlp_down(F.gelu(self.mlp_up(self.mlp_norm(x))))
 
 
@@ -425,7 +438,7 @@ def log_mel(clips: Tensor, config: CLAPConfig) -> Tensor:
     window = torch.hann_window(config.n_fft, periodic=True, dtype=torch.float64, device=clips.device)
     spec = torch.stft(clips, config.n_fft, config.hop_length, window=window, center=True, pad_mode="reflect",
                       return_complex=True)  # (B, n_fft / 2 + 1, T)
-    power = torch.view_as_real(spec).square().sum(-1)  # (B, n_freqs, T)
+    power = spec.real.square() + spec.imag.square()  # (B, n_freqs, T)
     filters = mel_filters(config.n_fft // 2 + 1, config.num_mel_bins, float(config.f_min), float(config.f_max),
                           config.sample_rate).to(clips.device)
     mel = torch.clamp(filters.T @ power, min=1e-10)  # (B, F, T)

@@ -95,25 +95,24 @@ def hf_tokenizer(bpe_folder):
     return transformers.RobertaTokenizerFast.from_pretrained(str(bpe_folder), model_max_length=512)
 
 
-def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
+def _perturb(model: torch.nn.Module, scale: float, seed: int = 0) -> None:
     """Move every weight off its init, and give the mel BatchNorm statistics of log-mel features (dB)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
+            p.add_(scale * torch.randn(p.shape, generator=g))
         bn = model.audio_model.audio_encoder.batch_norm
         bn.running_mean.copy_(-40 + 5 * torch.randn(bn.running_mean.shape, generator=g))
         bn.running_var.copy_(50 + 100 * torch.rand(bn.running_var.shape, generator=g))
 
 
 def write_reference(folder, hf_tokenizer, text_config: dict, audio_config: dict, *, projection_dim=16,
-                    dtype=torch.float32, perturb=True):
+                    dtype=torch.float32, noise=0.2):
     torch.manual_seed(0)
     config = transformers.ClapConfig(text_config=text_config, audio_config=audio_config,
                                      projection_dim=projection_dim)
     model = transformers.ClapModel(config).eval()
-    if perturb:
-        _perturb(model)
+    _perturb(model, noise)
     model.to(dtype).save_pretrained(folder)
     hf_tokenizer.save_pretrained(folder)
     transformers.ClapFeatureExtractor(**FEATURES).save_pretrained(folder)
@@ -336,7 +335,7 @@ def test_official_config_parity(name, tmp_path, hf_tokenizer, extractor):
     """Random weights at the official sizes (the text tower's vocabulary cut to the test tokenizer's)."""
     sizes = OFFICIAL[name]
     model = write_reference(tmp_path, hf_tokenizer, dict(sizes["text_config"], vocab_size=TINY_TEXT["vocab_size"]),
-                            sizes["audio_config"], projection_dim=512, perturb=False)
+                            sizes["audio_config"], projection_dim=512, noise=0.02)
     ours = CLAP.from_pretrained(tmp_path)
     assert ours.config.patch_dim == (sizes["audio_config"].get("patch_embeds_hidden_size", 96))
     _check_same(ours, model, hf_tokenizer, extractor)

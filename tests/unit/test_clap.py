@@ -12,7 +12,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from musiclm_core import hub  # noqa: E402
 from musiclm_core.clap import (PRESETS, CLAP, CLAPConfig, CLAPTokenizer, mel_filters,  # noqa: E402
-                               relative_position_index, shifted_window_mask)
+                               relative_position_index, shifted_window_mask, window_order)
 from musiclm_core.convert import clap as convert  # noqa: E402
 
 SR = 48_000
@@ -67,6 +67,17 @@ def test_shifted_window_mask_keeps_wrapped_regions_apart():
     sees = (mask[3, 0] == 0).view(w, w)
     assert sees[:2, :2].all() and sees.sum() == 4
     assert set(mask.unique().tolist()) == {0.0, -100.0}
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_window_order_is_roll_then_partition(shift):
+    size, w = 8, 4
+    grid = torch.randn(size, size, 3)
+    rolled = torch.roll(grid, shifts=(-shift, -shift), dims=(0, 1))
+    windows = rolled.view(2, w, 2, w, 3).permute(0, 2, 1, 3, 4).reshape(-1, 3)  # (nW * N, 3)
+    order = window_order(size, w, shift)
+    assert torch.equal(grid.view(-1, 3)[order], windows)
+    assert torch.equal(windows[torch.argsort(order)], grid.view(-1, 3))
 
 
 def test_mel_filters_are_slaney_triangles():
