@@ -71,6 +71,17 @@ def build_vocoder(folder: Path):
                                    resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
                                    normalize_before=False)
     reference = SpeechT5HifiGan(config).eval()
+    with torch.no_grad():
+        # transformers initialises with std 0.01 (initializer_range), which leaves the output near 0: every conv
+        # gets unit gain instead (std 1 / sqrt(fan-in), a transposed conv's fan-in being C_in * K / stride), so the
+        # waveform is of order 0.1-1 and the max abs difference means something.
+        for module in reference.modules():
+            if isinstance(module, torch.nn.ConvTranspose1d):
+                C_in, _, K = module.weight.shape
+                module.weight.normal_(0, (C_in * K / module.stride[0]) ** -0.5)
+            elif isinstance(module, torch.nn.Conv1d):
+                _, C_in, K = module.weight.shape
+                module.weight.normal_(0, (C_in * K) ** -0.5)
     reference.save_pretrained(str(folder / "vocoder"))
     return reference, HifiGan.from_pretrained(folder / "vocoder")
 

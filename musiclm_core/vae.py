@@ -140,8 +140,8 @@ class ResBlock(nn.Module):
         self.shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in place: the norm's output is ours to overwrite
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         return (x if self.shortcut is None else self.shortcut(x)) + h
 
 
@@ -193,7 +193,8 @@ class Upsample(nn.Module):
         weight = upsample_conv_weights(self.conv.weight)
         x = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x, weight, self.conv.bias.repeat(4))  # (B, 4 * C, H + 1, W + 1), phase-major channels
-        # Phase (a, b) of output pixel (i, j) is y[:, 2a + b, :, i + a, j + b]; all moves are along C-contiguous rows.
+        # Output pixel (2i + a, 2j + b), channel c is y[:, (2a + b) * C + c, i + a, j + b]. Moved in rows of C
+        # contiguous channels (both y and out are channels-last).
         y = y.permute(0, 2, 3, 1).reshape(B, H + 1, W + 1, 2, 2, C)  # a view of the channels-last y
         out = x.new_empty(B, H, 2, W, 2, C)  # (B, i, a, j, b, C): row 2i + a, column 2j + b
         for a in range(2):
@@ -414,8 +415,11 @@ class AutoencoderKL(nn.Module):
         id is downloaded first (only the vae/ files of a pipeline repo)."""
         from musiclm_core.convert import vae as convert, keys
 
+        # Only the VAE's files: at the top of a VAE repo (or a native one), or in a pipeline repo's vae/ folder.
         path = hub.resolve(name_or_path, revision=revision,
-                           allow_patterns=["*.json", "vae/*.json", "vae/*.safetensors"])
+                           allow_patterns=["model_index.json", "config.json", "vae/config.json", "model.safetensors",
+                                           "diffusion_pytorch_model*.safetensors*",
+                                           "vae/diffusion_pytorch_model*.safetensors*"])
         folder = convert.vae_folder(path)
         if hub.NATIVE_FORMAT in hub.read_json(folder / "config.json"):
             config, state = hub.load_native(folder, KIND)
