@@ -394,8 +394,8 @@ _FLAG_NAMES = {"do_sample=False": "--greedy", "guidance_scale": "--guidance-scal
 
 
 def _flag_names(message: str) -> str:
-    for name, flag in _FLAG_NAMES.items():
-        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=])", flag, message)
+    for name, flag in _FLAG_NAMES.items():  # whole words only, and not a part of a path ("runs/seed/a.wav")
+        message = re.sub(rf"(?<![\w/-]){re.escape(name)}(?![\w=/])", flag, message)
     return message
 
 

@@ -290,8 +290,8 @@ def test_flag_names_in_messages(tiny_folder, tmp_path, capsys):
         assert main(base + args) == 2
         err = _err_line(capsys)
         assert message in err and "top_k" not in err and "do_sample" not in err, err
-    assert cli._flag_names("top_k and top_p; seed; --seed; guidance_scale") == \
-        "--top-k and --top-p; --seed; --seed; --guidance-scale"
+    assert cli._flag_names("top_k and top_p; seed; --seed; guidance_scale; runs/seed/a.wav; seed_1.wav") == \
+        "--top-k and --top-p; --seed; --seed; --guidance-scale; runs/seed/a.wav; seed_1.wav"
 
 
 def test_seed_out_of_range_is_refused_before_loading(tiny_folder, tmp_path, monkeypatch, capsys):
