@@ -45,8 +45,9 @@ CODES_VERSION = "2"  # 2: absolute codec path, codec_config fingerprint; version
 DTYPES = ("float32", "float16", "bfloat16")
 QUANT_MODES = ("int8", "int4", "bf16")
 
-# --duration past this needs --allow-long: ~4 h of decoding at the ~20 steps/s of MusicGen small on a CPU
-# (50 frames/s of audio) for one prompt, and minutes on a GPU.
+# --duration past this needs --allow-long: 300 s of audio are 15,000 decoding steps (one a frame, 50 frames/s),
+# ~12 min at the ~20 steps/s of MusicGen small on a CPU for one prompt (medium and large are slower), so that a
+# mistyped duration (100000) is refused with what it would cost instead of running for days.
 LONG_DURATION = 300.0
 CPU_STEPS_PER_S = 20.0
 FRAME_RATE = 50  # of every released MusicGen codec: one decoding step per frame
@@ -105,7 +106,8 @@ def _version() -> str:
 
 
 def codec_fingerprint(config) -> str:
-    """16 hex digits of the SHA-256 of an EnCodecConfig's fields: two codecs that decode alike share it."""
+    """16 hex digits of the SHA-256 of an EnCodecConfig's fields: codecs of one architecture and settings share
+    it (it does not see the weights: the recorded `model` names those)."""
     text = json.dumps(config.to_dict(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -418,7 +420,7 @@ def _add_generate(subparsers) -> None:
                    help=f"seconds of audio per prompt, the --continue audio included; past 30 s the music is "
                         f"extended window by window, past {LONG_DURATION:.0f} s only with --allow-long")
     p.add_argument("--allow-long", action="store_true",
-                   help=f"allow --duration beyond {LONG_DURATION:.0f} s (hours of decoding on a CPU)")
+                   help=f"allow --duration beyond {LONG_DURATION:.0f} s (over 12 min of decoding a prompt on a CPU)")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed in [0, 2**64 - 1] (default: a random one, which is printed; --greedy needs "
                         "none)")
