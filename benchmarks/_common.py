@@ -1,10 +1,10 @@
 """What the ours-against-transformers benchmarks share: alternated timing, the machine's description (CPU model,
 vector extensions, which fp32 linear route it takes, load average), RESULTS.md.
 
-Every table should say which machine it comes from: the CPUs differ by more than any change measured here (an AMD
-EPYC runs F.linear's skinny fp32 products at a third of the speed of an Intel Xeon with the same bandwidth, and
-bf16 is slower than fp32 without AVX512-BF16/AMX). Print `machine_lines()` above each table (and put them in
-RESULTS.md with it), and `load_lines()` before and after the runs.
+Every table should say which machine it comes from: the CPUs differ by more than most changes measured here
+(F.linear's skinny fp32 products read their weights near the memory bandwidth on an Intel Xeon and at a fifth to
+a third of it on an AMD EPYC, whose MKL path differs; bf16 is slower than fp32 without AVX512-BF16/AMX). Print
+`machine_lines()` above each table (and put them in RESULTS.md with it), and `load_line("after")` after the runs.
 
 Imported as `_common` by scripts run as `python benchmarks/<name>.py` (Python puts the script's folder first on
 sys.path).

@@ -325,10 +325,10 @@ def quantize_weights(module: nn.Module, mode: str = "int8") -> nn.Module:
     """Replace every `nn.Linear` inside `module` (in place) by its weight-only `mode` variant; returns `module`.
 
     mode: "bf16", "int8" or "int4". E.g. `quantize_weights(mg.lm, "int8")` for the MusicGen LM (its layers, heads
-    and text projection). The fp32 `BlockedLinear`s of `kernels/linear.py` (what a load gives on some CPUs) are
-    linears too, and are quantised from their (N, K) weight. Other modules (norms, embeddings) and buffers are left as they are. int4: a linear whose
-    shape the CPU kernel cannot take (`Int4Linear.fits`; e.g. MusicGen Melody's 12-bin chroma projection, which
-    runs once per generation) keeps its weights.
+    and text projection); the fp32 `BlockedLinear`s of `kernels/linear.py` (what a load gives on some CPUs) are
+    linears too, quantised from their (N, K) weight. Other modules (norms, embeddings) and buffers are left as they
+    are. int4: a linear whose shape the CPU kernel cannot take (`Int4Linear.fits`; e.g. MusicGen Melody's 12-bin
+    chroma projection, which runs once per generation) keeps its weights.
     """
     if mode not in MODES:
         raise ValueError(f"quantize_weights mode must be one of {MODES}, got {mode!r}")
