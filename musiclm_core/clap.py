@@ -18,6 +18,8 @@ of window attention (8x8 windows with a learned relative position bias; every se
 by 4 with a mask that keeps the wrapped-around regions apart), patch merging (2x2 -> 1, channels doubled)
 between stages. "Feature fusion" (the fused checkpoints' extra local-crop branch) is not implemented: no
 official unfused checkpoint uses it, and loading one that does is a clear error.
+
+The tokenizer runs on the `tokenizers` library (a run-time dependency, imported by `CLAPTokenizer`).
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ class CLAPConfig:
 PRESETS: dict[str, CLAPConfig] = {
     # laion/clap-htsat-unfused: roberta-base text tower, HTS-AT tiny (96 channels, depths 2-2-6-2).
     "htsat-unfused": CLAPConfig(),
-    # laion/larger_clap_music: the same text tower, HTS-AT base (128 channels, depths 2-2-12-2, 1024 at the end).
+    # laion/larger_clap_music: the same text tower, HTS-AT base (128 channels, depths 2-2-12-2, 1024 at the end),
+    # as its model card says; its config.json could not be read here (offline), `from_pretrained` reads it anyway.
     # The text_encoder of ucsd-reach/musicldm and cvssp/audioldm2* has this shape too (specs/ldm.md §6.1).
     "larger-music": CLAPConfig(patch_dim=128, depths=(2, 2, 12, 2), audio_dim=1024),
     # For tests: the official geometry (64 mel bins, 256x256 image, 8x8 windows, four stages) at small widths.
@@ -479,6 +482,19 @@ def _clips(wav: Tensor | np.ndarray | Sequence[Tensor | np.ndarray]) -> list[Ten
     return list(wav)
 
 
+def format_scores(scores: Tensor, texts: Sequence[str], names: Sequence[str]) -> str:
+    """A (len(texts), len(names)) score matrix as a plain-text table: one row per text, one column per audio
+    file, 4 decimals (what `musiclm clap` prints)."""
+    if tuple(scores.shape) != (len(texts), len(names)):
+        raise ValueError(f"scores {tuple(scores.shape)} do not match {len(texts)} texts x {len(names)} files")
+    width = max(len(t) for t in texts)
+    columns = [max(len(str(n)), 7) for n in names]
+    lines = [" " * width + "  " + "  ".join(str(n).rjust(c) for n, c in zip(names, columns))]
+    for text, row in zip(texts, scores.tolist()):
+        lines.append(text.ljust(width) + "  " + "  ".join(f"{v:.4f}".rjust(c) for v, c in zip(row, columns)))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -507,14 +523,14 @@ class CLAPTokenizer:
         tok.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]),
                                                           trim_offsets=trim_offsets,
                                                           add_prefix_space=add_prefix_space)
-        tok.add_special_tokens([
-            AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
-                       rstrip=t.get("rstrip", False), normalized=t.get("normalized", False), special=True)
-            for t in added_tokens if t.get("special", True)])
-        tok.add_tokens([
-            AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
-                       rstrip=t.get("rstrip", False), normalized=t.get("normalized", True), special=False)
-            for t in added_tokens if not t.get("special", True)])
+
+        def added(t: dict, special: bool) -> AddedToken:
+            return AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
+                              rstrip=t.get("rstrip", False), normalized=t.get("normalized", not special),
+                              special=special)
+
+        tok.add_special_tokens([added(t, True) for t in added_tokens if t.get("special", True)])
+        tok.add_tokens([added(t, False) for t in added_tokens if not t.get("special", True)])
         self._tok = tok
         self.add_prefix_space, self.trim_offsets = add_prefix_space, trim_offsets
         self.pad_id = vocab["<pad>"]

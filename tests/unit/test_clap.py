@@ -11,8 +11,8 @@ import torch
 tokenizers = pytest.importorskip("tokenizers")
 
 from musiclm_core import hub  # noqa: E402
-from musiclm_core.clap import (PRESETS, CLAP, CLAPConfig, CLAPTokenizer, mel_filters,  # noqa: E402
-                               relative_position_index, shifted_window_mask, window_order)
+from musiclm_core.clap import (PRESETS, CLAP, CLAPConfig, CLAPTokenizer, format_scores,  # noqa: E402
+                               mel_filters, relative_position_index, shifted_window_mask, window_order)
 from musiclm_core.convert import clap as convert  # noqa: E402
 
 SR = 48_000
@@ -140,6 +140,11 @@ def test_score_and_logits(model, tmp_path):
         paths.append(tmp_path / f"clip{i}.wav")
         sf.write(paths[-1], clip.numpy(), SR, subtype="FLOAT")
     assert (model.score_files(texts, paths) - cos).abs().max() <= TOL
+    table = format_scores(cos, texts, [p.name for p in paths]).splitlines()
+    assert len(table) == 3 and "clip1.wav" in table[0] and table[2].startswith("loud drums")
+    assert f"{cos[1, 1].item():.4f}" in table[2]
+    with pytest.raises(ValueError, match="do not match"):
+        format_scores(cos, texts, ["one file"])
 
 
 # ----- bad input
