@@ -11,7 +11,10 @@
   GPT2Model (the LM head's logits are computed and ignored; `hidden_states[-1]` is the GPT2Model's last hidden
   state). That runs the pipeline's exact code: its `prepare_inputs_for_generation` (inputs_embeds only, the last
   one once a cache exists, no position ids) and transformers' `_update_model_kwargs_for_generation` (a 1
-  appended to the mask each step, the KV cache carried over).
+  appended to the mask each step, the KV cache carried over). Checked once (2026-12-03) in the environment where
+  the stock pipeline runs unchanged (transformers 4.51.3, diffusers 0.39.0, specs/NOTES.md): its
+  generate_language_model with the GPT2Model itself, max_new_tokens from the config, agrees with
+  `GPT2.generate` to 8e-7 at this tiny config, with and without padding (middle and left).
 * The projection: diffusers `AudioLDM2ProjectionModel` at tiny dims, saved with `save_pretrained`, loaded with
   `AudioLDM2Projection.from_pretrained`; and both parts loaded from one diffusers-style pipeline folder.
 
