@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from musiclm_core.convert import gpt2 as convert
+from musiclm_core.convert.keys import rename
 from musiclm_core.gpt2 import (PRESETS, PROJECTION_PRESETS, GPT2, AudioLDM2Projection, GPT2Config,
                                ProjectionConfig)
 from musiclm_core.hub import CheckpointError
@@ -234,19 +235,11 @@ def test_projection_bad_inputs():
 
 
 def hf_layout(model: GPT2) -> dict[str, torch.Tensor]:
-    """Our tiny model's weights under transformers' GPT2Model names, Conv1D weights (in, out)."""
-    inverse = {ours.replace("{i}", "(\\d+)"): theirs for theirs, ours in convert.TABLE}
-    import re
-
-    out = {}
-    for key, tensor in model.state_dict().items():
-        for pattern, theirs in inverse.items():
-            m = re.fullmatch(pattern.replace(".", "\\."), key)
-            if m:
-                name = theirs.replace("{i}", m.group(1)) if m.groups() else theirs
-                out[name] = tensor.t().contiguous() if name.endswith(convert.CONV1D_WEIGHTS) else tensor.clone()
-    assert len(out) == len(model.state_dict())
-    return out
+    """Our tiny model's weights under transformers' GPT2Model names (the key table read backwards), Conv1D
+    weights (in, out)."""
+    backwards = [(ours, theirs) for theirs, ours in convert.TABLE]
+    state = rename({k: v.clone() for k, v in model.state_dict().items()}, backwards, source="ours")
+    return convert.transpose_conv1d(state)  # a transpose is its own inverse
 
 
 def hf_config(config: GPT2Config, **extra) -> dict:
