@@ -1,11 +1,13 @@
 """GPT-2 as AudioLDM 2 uses it, and AudioLDM 2's projection model (Liu et al. 2023, "AudioLDM 2: Learning
-Holistic Audio Generation with Self-supervised Pretraining", §2.3: the "language of audio" generator).
+Holistic Audio Generation with Self-supervised Pretraining": GPT-2 turns the text conditioning into a short
+sequence of "language of audio" vectors).
 
 AudioLDM 2 never feeds GPT-2 a token. Its text conditioning reaches GPT-2 as embeddings:
 
-    CLAP text embedding (B, 1, 512)  --projection + [SOS ; . ; EOS]-->  (B, 3, 768)      \\
-    Flan-T5 states      (B, L, 1024) --projection_1 + [SOS1 ; . ; EOS1]--> (B, L + 2, 768) -> cat -> (B, L + 5, 768)
-                                                                    -> GPT-2 `generate` -> (B, 8, 768)
+    CLAP text embedding (B, 1, 512)  -> projection,   [SOS ; . ; EOS]   -> (B, 3, 768)
+    Flan-T5 states      (B, L, 1024) -> projection_1, [SOS1 ; . ; EOS1] -> (B, L + 2, 768)
+    joined                                                              -> (B, L + 5, 768)
+    GPT-2 `generate`                                                    -> (B, 8, 768)
 
 and `generate` appends GPT-2's own last hidden state as the next input embedding, 8 times: the 8 vectors it
 makes are the UNet's first cross-attention context. So `GPT2` here takes embeddings, not ids; the token table
