@@ -12,10 +12,12 @@ noise, written with save_pretrained and loaded by `UNet.from_pretrained`, so bot
   second row is masked after 12 tokens.
 
 Columns: diffusers fp32 as it comes (its default NCHW layout and attention processors); ours fp32 (channels-last,
-fused q/k/v, 1x1 projections as linears); ours bf16 weights and activations. Max abs difference of each against
-diffusers' fp32 output, whose magnitude is printed alongside. CPU with 2 threads and OMP_WAIT_POLICY=PASSIVE (on a
+fused q/k/v, 1x1 projections as linears); both again with bf16 weights and activations. Max abs difference of each
+of ours against diffusers' fp32 output, whose magnitude is printed alongside, and of diffusers' bf16 against its
+fp32 (what bf16 costs either way). A line above the table gives a 2048^3 fp32 and bf16 matmul's GFLOPS in the
+same run: the roofline a compute-bound UNet step works against. CPU with 2 threads and OMP_WAIT_POLICY=PASSIVE (on a
 shared 2-core machine spinning OpenMP threads slow everything down, specs/NOTES.md). Medians of the repeats after
-one warm-up; the three calls alternate so that they see the same load.
+one warm-up; the four calls alternate so that they see the same load.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when OpenMP starts, i.e. before torch is imported
 
+import copy  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import shutil  # noqa: E402
@@ -47,6 +50,19 @@ def cpu_flags() -> str:
     except OSError:
         return "?"
     return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags)
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(3))
+    return 2 * n ** 3 / best / 1e9
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def make_reference(name: str):
@@ -77,6 +93,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     load_start = os.getloadavg()
+    gflops = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
     rows = []
     for name in ("musicldm", "audioldm2"):
         torch.manual_seed(0)
@@ -92,11 +109,15 @@ def main() -> None:
             ours_bf16 = UNet.from_pretrained(folder, dtype=torch.bfloat16)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        reference_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
         x = torch.randn(2, 8, 256, 16, generator=torch.Generator().manual_seed(2))
         bf16_kwargs = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in our_kwargs.items()}
+        their_bf16_kwargs = {k: (v.bfloat16() if v is not None and v.is_floating_point() else v)
+                             for k, v in their_kwargs.items()}
         calls = {
             "diffusers": lambda: reference(x, 500, **their_kwargs).sample,
             "ours": lambda: ours(x, 500, **our_kwargs),
+            "diffusers bf16": lambda: reference_bf16(x.bfloat16(), 500, **their_bf16_kwargs).sample,
             "ours bf16": lambda: ours_bf16(x.bfloat16(), 500, **bf16_kwargs),
         }
         with torch.inference_mode():
@@ -104,13 +125,11 @@ def main() -> None:
             times = {k: [] for k in calls}
             for _ in range(args.reps):
                 for k, f in calls.items():
-                    start = time.perf_counter()
-                    f()
-                    times[k].append(time.perf_counter() - start)
+                    times[k].append(timed(f))
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        err = {k: (outs[k] - outs["diffusers"]).abs().max().item() for k in ("ours", "ours bf16")}
+        err = {k: (outs[k] - outs["diffusers"]).abs().max().item() for k in ("ours", "diffusers bf16", "ours bf16")}
         rows.append((name, ms, err, outs["diffusers"].abs().max().item()))
-        del reference, ours, ours_bf16, calls, outs
+        del reference, reference_bf16, ours, ours_bf16, calls, outs
         gc.collect()
     load_end = os.getloadavg()
 
@@ -118,17 +137,22 @@ def main() -> None:
         f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}), "
         f"torch {torch.__version__} with 2 threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, diffusers "
         f"{diffusers.__version__}. One UNet step, batch 2 (CFG), latent (2, 8, 256, 16) = 10.24 s, random weights "
-        f"at the official sizes. Median of {args.reps} after a warm-up, the three calls alternated. Load average "
+        f"at the official sizes. Median of {args.reps} after a warm-up, the four calls alternated. Load average "
         f"(1 min) {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end, on {os.cpu_count()} cores. "
-        f"`flock /tmp/heavy.lock python benchmarks/unet.py`.",
+        f"A 2048^3 matmul in the same run: fp32 {gflops[torch.float32]:.0f} GFLOPS, bf16 "
+        f"{gflops[torch.bfloat16]:.0f} GFLOPS. `flock /tmp/heavy.lock python benchmarks/unet.py`.",
         "",
-        "| config | diffusers fp32 (ms) | ours fp32 (ms) | speed-up | max abs diff | ours bf16 (ms) | speed-up "
-        "| bf16 max abs diff | output max abs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {name} | {ms['diffusers']:.0f} | {ms['ours']:.0f} | {ms['diffusers'] / ms['ours']:.2f} | "
-          f"{err['ours']:.1e} | {ms['ours bf16']:.0f} | {ms['diffusers'] / ms['ours bf16']:.2f} | "
-          f"{err['ours bf16']:.1e} | {scale:.2f} |" for name, ms, err, scale in rows],
+        "| config | dtype | diffusers (ms) | ours (ms) | speed-up (diffusers / ours) | ours vs diffusers fp32 "
+        "| diffusers vs diffusers fp32 | output max abs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    for name, ms, err, scale in rows:
+        lines.append(f"| {name} | fp32 | {ms['diffusers']:.0f} | {ms['ours']:.0f} | "
+                     f"{ms['diffusers'] / ms['ours']:.2f} | {err['ours']:.1e} | 0 | {scale:.2f} |")
+        lines.append(f"| {name} | bf16 | {ms['diffusers bf16']:.0f} | {ms['ours bf16']:.0f} | "
+                     f"{ms['diffusers bf16'] / ms['ours bf16']:.2f} (vs diffusers fp32: "
+                     f"{ms['diffusers'] / ms['ours bf16']:.2f}) | {err['ours bf16']:.1e} | "
+                     f"{err['diffusers bf16']:.1e} | {scale:.2f} |")
     report("## UNet", lines, write=args.write)
 
 
