@@ -17,31 +17,17 @@ slowly).
 
 from __future__ import annotations
 
-import datetime
-import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 
-from _common import cpu_model, median_s, parse_args, report  # benchmarks/ (the script's folder is on sys.path)
+# benchmarks/ (the script's folder is on sys.path)
+from _common import load_line, machine_lines, median_s, parse_args, report
 
 SECONDS = 10.24
 FRAMES = 1024  # mel frames of a 10.24 s clip (hop 160 at 16 kHz)
-
-
-def cpu_flags() -> str:
-    """The vector extensions that matter for these kernels, as lscpu lists them."""
-    try:
-        flags = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "flags unknown"
-    line = next((ln for ln in flags.splitlines() if ln.startswith("Flags:")), "")
-    present = set(line.split()[1:])
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-    return "/".join(f for f in wanted if f in present) or "none of avx2/avx512"
 
 
 def build_vae(folder: Path):
@@ -106,8 +92,7 @@ def main() -> None:
 
     z = torch.randn(1, 8, FRAMES // 4, 16, generator=torch.Generator().manual_seed(1))
     mel = torch.randn(1, FRAMES, 64, generator=torch.Generator().manual_seed(2))
-    ref_vae_cl = None
-    load_before = os.getloadavg()
+    header = machine_lines()  # with the load average before the runs
     rows = []  # (what, ours s, reference s, max abs diff, reference output max abs)
     with torch.inference_mode():
         expected = ref_vae.decode(z).sample
@@ -119,7 +104,7 @@ def main() -> None:
         rows.append(("VAE decode, ours bf16", *median_s(lambda: vae_bf16.decode(z.bfloat16()),
                                                         lambda: ref_vae.decode(z), args.reps),
                      err, scale, "diffusers fp32"))
-        ref_vae_cl = ref_vae.to(memory_format=torch.channels_last)
+        ref_vae_cl = ref_vae.to(memory_format=torch.channels_last)  # in place: the last VAE row
         z_cl = z.contiguous(memory_format=torch.channels_last)
         err = (ref_vae_cl.decode(z_cl).sample - expected).abs().max().item()
         rows.append(("VAE decode, fp32 (reference channels-last)",
@@ -132,17 +117,16 @@ def main() -> None:
             rows.append(("vocoder 1024 frames, fp32", *median_s(lambda: vocoder(mel), lambda: ref_vocoder(mel),
                                                                  args.reps),
                          err, expected.abs().max().item(), "transformers"))
-    load_after = os.getloadavg()
 
     lines = [
-        f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}), "
-        f"torch {torch.__version__} with 2 threads, diffusers {diffusers.__version__}, transformers "
-        f"{transformers.__version__}. Official AutoencoderKL and SpeechT5HifiGan configs, random weights; "
-        f"{SECONDS} s clip: latents (1, 8, 256, 16) -> mel (1, 1, 1024, 64) -> 163 872 samples. Median of "
-        f"{args.reps} runs after a warm-up, ours and the reference alternated. Load average (1/5/15 min) before "
-        f"{'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)} "
-        f"(a shared machine: absolute times move with the load, the ratio less so). "
-        f"`python benchmarks/ldm_parts.py --write`.",
+        *header,
+        f"# {load_line('after')}",
+        "",
+        f"diffusers {diffusers.__version__}, transformers {transformers.__version__}. Official AutoencoderKL and "
+        f"SpeechT5HifiGan configs, random weights, fp32 unless the row says otherwise; {SECONDS} s clip: latents "
+        f"(1, 8, 256, 16) -> mel (1, 1, 1024, 64) -> 163 872 samples. Median of {args.reps} runs after a warm-up, "
+        f"ours and the reference alternated (a shared machine: absolute times move with the load, the ratio less "
+        f"so). `python benchmarks/ldm_parts.py --write`.",
         "",
         "| what | reference | ours (ms) | reference (ms) | speed-up (reference / ours) | max abs diff "
         "| reference output max abs |",

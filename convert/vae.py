@@ -124,7 +124,8 @@ def load_diffusers(config: dict[str, Any], state: dict[str, torch.Tensor], *, so
     legacy = sorted(k for k in state if any(part in k for part in _LEGACY_ATTENTION))
     if legacy:
         raise CheckpointError(f"{source}: the mid-block attention uses diffusers' pre-0.14 names ({legacy[:4]}); "
-                              f"load and save it once with a recent diffusers to rename them to to_q/to_k/to_v/to_out.0")
+                              f"load and save it once with a recent diffusers to rename them to "
+                              f"to_q/to_k/to_v/to_out.0")
     state = rename(state, diffusers_table(), source=source)
     return build(lambda: AutoencoderKL(ours), state, source=source, dtype=dtype)
 

@@ -188,7 +188,7 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not inference_on_cpu(x):
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        B, C, H, W = x.shape
+        B, C, H, W = x.shape  # H: time frames, W: mel bins
         # Folded on every call (a few ms at 512 channels) rather than cached: a cache could outlive a new weight.
         weight = upsample_conv_weights(self.conv.weight)
         x = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
@@ -216,7 +216,7 @@ class AttentionBlock(nn.Module):
         self.to_out = nn.Linear(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
+        B, C, H, W = x.shape  # H: time frames, W: mel bins; H * W positions attend to each other
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C); a view when channels-last
         q, k, v = (proj(h)[:, None] for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, H*W, C): one head
         out = self.to_out(attention(q, k, v)[:, 0])  # (B, H*W, C), scores scaled by C ** -0.5
@@ -270,11 +270,11 @@ class Encoder(nn.Module):
         self.conv_out = Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv_in(x)
+        x = self.conv_in(x)  # (B, C_0, T, F): 2-D convs with time as the height and mel bins as the width
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x)  # (B, C_i, T / 2^i, F / 2^i) after stage i's down-sampling
         x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(F.silu(self.norm_out(x)))  # (B, 2 * latent, t, f): mean and log-variance
 
 
 class Decoder(nn.Module):
@@ -294,9 +294,9 @@ class Decoder(nn.Module):
         self.conv_out = Conv2d(widths[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        x = self.mid(self.conv_in(z))
+        x = self.mid(self.conv_in(z))  # (B, C_widest, t, f)
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x)  # each stage but the last doubles t and f
         return self.conv_out(F.silu(self.norm_out(x))).contiguous()  # NCHW whatever the routes inside chose
 
 
@@ -367,10 +367,11 @@ class AutoencoderKL(nn.Module):
         return self.config.downsample_factor
 
     def encode(self, mel: Tensor) -> DiagonalGaussian:
-        """(B, in_channels, T, mel_bins) log-mel -> the posterior over (B, latent, T // f // ..., mel_bins / factor).
+        """(B, in_channels, T, mel_bins) log-mel -> the posterior over (B, latent_channels, T', latent_bins).
 
-        T needs at least `downsample_factor` frames; T that is not a multiple of it loses its last frames (each
-        down-sampling rounds down, as diffusers' does)."""
+        T' is T halved, rounding down, at each down-sampling: floor(floor(T / 2) / 2) for the official models, so
+        a T that is not a multiple of 4 loses its last frames (as in diffusers). T needs at least
+        `downsample_factor` frames."""
         mel = self._check(mel, "mel", self.config.in_channels, self.config.mel_bins, self.downsample_factor)
         return DiagonalGaussian(self.quant_conv(self.encoder(mel)))
 
