@@ -116,6 +116,8 @@ def test_bad_input(model):
         model.encode(torch.randn(1, 1, 1, 16))
     with pytest.raises(ValueError, match="0 frames"):
         model.decode(torch.randn(1, 8, 0, 8))
+    with pytest.raises(ValueError, match="empty batch"):
+        model.decode(torch.randn(0, 8, 4, 8))
     mel = torch.randn(1, 1, 12, 16)
     mel[0, 0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match="mel holds 1 NaN"):
