@@ -23,6 +23,20 @@ _EXPORTS: dict[str, str] = {
     "EnCodecConfig": "musiclm_core.encodec",
     "T5Encoder": "musiclm_core.t5",
     "T5Tokenizer": "musiclm_core.t5",
+    "CLAP": "musiclm_core.clap",
+    "CLAPConfig": "musiclm_core.clap",
+    "GPT2": "musiclm_core.gpt2",
+    "GPT2Config": "musiclm_core.gpt2",
+    "AudioLDM2Projection": "musiclm_core.gpt2",
+    "ProjectionConfig": "musiclm_core.gpt2",
+    "UNet": "musiclm_core.unet",
+    "UNetConfig": "musiclm_core.unet",
+    "AutoencoderKL": "musiclm_core.vae",
+    "VAEConfig": "musiclm_core.vae",
+    "HifiGan": "musiclm_core.hifigan",
+    "HifiGanConfig": "musiclm_core.hifigan",
+    "wav_to_mel": "musiclm_core.mel",
+    "load_scheduler": "musiclm_core.schedulers",
 }
 
 __all__ = list(_EXPORTS)
@@ -48,3 +62,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from musiclm_core.melody import MusicGenMelody
     from musiclm_core.musicgen import MusicGen, MusicGenConfig, MusicGenLM
     from musiclm_core.t5 import T5Encoder, T5Tokenizer
+    from musiclm_core.clap import CLAP, CLAPConfig
+    from musiclm_core.gpt2 import GPT2, AudioLDM2Projection, GPT2Config, ProjectionConfig
+    from musiclm_core.hifigan import HifiGan, HifiGanConfig
+    from musiclm_core.mel import wav_to_mel
+    from musiclm_core.schedulers import load_scheduler
+    from musiclm_core.unet import UNet, UNetConfig
+    from musiclm_core.vae import AutoencoderKL, VAEConfig
