@@ -135,10 +135,7 @@ class EnCodecConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "EnCodecConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise hub.CheckpointError(f"{source}: unknown EnCodecConfig fields {unknown}")
+        hub.check_config(cls, data, source=source)  # unknown fields and values of the wrong type, named
         try:
             return cls(**data)
         except (TypeError, ValueError) as err:

@@ -245,7 +245,7 @@ class T5Encoder(nn.Module):
         layout = hub.detect_layout(folder)
         if layout == "native":
             fields, state = hub.load_native(folder, NATIVE_KIND)
-            config = T5Config(**fields)
+            config = T5Config(**hub.check_config(T5Config, fields, source=str(folder / "config.json")))
             model = convert_t5.build_native(config, state, source=str(folder), dtype=dtype)
         elif layout == "transformers":
             model = convert_t5.load_transformers(hub.read_json(folder / "config.json"), hub.load_state_dict(folder),

@@ -69,12 +69,12 @@ def test_prefix_layout(lm):
         projected = lm.chroma_proj(chroma)
         # tiled after the projection to exactly 235 frames: frame i is chroma frame i mod F
         assert prefix.shape == (B, 235 + 5, 64)
-        assert torch.equal(prefix[:, :235], projected[:, torch.arange(235) % F])
+        torch.testing.assert_close(prefix[:, :235], projected[:, torch.arange(235) % F], atol=1e-6, rtol=0)
         # text: projected, then masked (the bias does not leak into padding)
-        assert torch.equal(prefix[:, 235:], lm.text_proj(text) * mask[..., None])
+        torch.testing.assert_close(prefix[:, 235:], lm.text_proj(text) * mask[..., None], atol=1e-6, rtol=0)
         assert not prefix[1, 237:].any() and prefix[0, 237:].abs().sum() > 0
         long = torch.nn.functional.one_hot(torch.randint(0, 12, (B, 300)), 12).float()
-        assert torch.equal(lm.prefix(long)[:, :235], lm.chroma_proj(long)[:, :235])  # longer: cut
+        torch.testing.assert_close(lm.prefix(long)[:, :235], lm.chroma_proj(long)[:, :235], atol=1e-6, rtol=0)  # cut
         assert lm.prefix(null_chroma(B)).shape == (B, 235, 64)  # no text: the chroma alone
     for bad, match in [(torch.zeros(B, 0, 12), "F >= 1"), (torch.zeros(B, 3, 11), "12"), (torch.zeros(3, 12), "B, F")]:
         with pytest.raises(ValueError, match=match):

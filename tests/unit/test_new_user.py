@@ -410,3 +410,22 @@ def test_audiocraft_config_value_of_the_wrong_type():
     with pytest.raises(hub.CheckpointError, match=r"^audiocraft xp\.cfg: field transformer_lm\.num_layers = 'two' "
                                                   r"is not an integer$"):
         convert.config_from_audiocraft(xp.replace("num_layers: 2", "num_layers: two"))
+
+
+def test_native_t5_and_encodec_configs_of_the_wrong_type(tiny_folder, tmp_path):
+    """The T5 and EnCodec parts of a native folder check their field types as the LM's does."""
+    import shutil
+
+    from musiclm_core import EnCodec, T5Encoder
+
+    for part, field, load in [("text_encoder", "num_layers", T5Encoder.from_pretrained),
+                              ("codec", "num_filters", EnCodec.from_pretrained)]:
+        broken = tmp_path / part
+        shutil.copytree(tiny_folder / part, broken)
+        config = json.loads((broken / "config.json").read_text())
+        assert field in config["config"], sorted(config["config"])
+        config["config"][field] = "two"
+        (broken / "config.json").write_text(json.dumps(config))
+        with pytest.raises(hub.CheckpointError, match=rf"^{broken / 'config.json'}: field {field} = 'two' is not "
+                                                      r"an integer$"):
+            load(broken)
