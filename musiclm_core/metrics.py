@@ -1,0 +1,413 @@
+"""Evaluation of generated music: Fréchet audio distance (FAD) on CLAP or EnCodec embeddings, and CLAP score.
+
+    audio files -> embeddings (n, D) per file -> pooled mean (D,) and covariance (D, D), float64
+    FAD = |mu_g - mu_r|^2 + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^(1/2))        (Fréchet distance of two Gaussians)
+    CLAP score = mean over generated files of cos(text_embeds(caption), audio_embeds(clip))   (MusicLDM, §4.1)
+
+Embeddings follow fadtk (Gui et al. 2024, "Adapting Fréchet Audio Distance for Generative Music Evaluation";
+microsoft/fadtk `fadtk/model_loader.py`), which recommends CLAP-music and EnCodec for music:
+
+* `EnCodecEmbedding`: the continuous output of the EnCodec encoder before quantisation, one D = 128 vector per
+  frame (75 per second at 24 kHz), audio converted to the codec's rate and channels. As fadtk, the encoder is
+  called directly: no loudness normalisation, and a chunked codec (48 kHz) is run on back-to-back 1 s chunks.
+* `ClapEmbedding`: the CLAP audio tower (D = 512) on 10 s windows every `hop_s` seconds (fadtk: 1 s). A clip of
+  10 s or less is one window, filled as CLAP fills it (repeat-pad); fadtk zero-pads windows that run past the
+  end, which embeds mostly silence for the last windows of every clip: here the windows end at the clip's end.
+
+The statistics pool the frames or windows of all files (as fadtk does), so FAD needs at least D + 1 embeddings
+in each set for a full-rank covariance (`check_count` says how many more). A reference folder's statistics are
+computed once and cached (`reference_stats`), keyed by the folder, the embedding model and a fingerprint of the
+files (names, sizes, modification times): a changed folder is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from musiclm_core.audio import _FORMATS as AUDIO_FORMATS, load_audio
+
+STATS_FORMAT = "musiclm_core.fad_stats"
+STATS_VERSION = "1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix through its eigendecomposition; eigenvalues that
+    round-off made slightly negative are taken as 0."""
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """Fréchet distance between N(mu1, cov1) and N(mu2, cov2), in float64:
+
+        |mu1 - mu2|^2 + tr(cov1) + tr(cov2) - 2 tr((cov1 cov2)^(1/2))
+
+    The trace of the square root is taken as tr((A cov2 A)^(1/2)) with A = cov1^(1/2): cov1 cov2 = A (A cov2 A)
+    A^-1 is similar to A cov2 A, so both have the same eigenvalues, and A cov2 A is symmetric positive
+    semi-definite, whose square root `eigh` gives with real, non-negative eigenvalues. The route of pytorch-fid and
+    fadtk, `scipy.linalg.sqrtm(cov1 @ cov2)` on the non-symmetric product, returns complex parts from round-off
+    and fails on singular covariances (they add eps to the diagonals and drop the imaginary part); this one does
+    not. The result is clipped at 0 (round-off can make it -1e-12).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    D = mu1.shape[-1]
+    if mu1.shape != (D,) or mu2.shape != (D,) or cov1.shape != (D, D) or cov2.shape != (D, D):
+        raise ValueError(f"expected means (D,) and covariances (D, D) of one D, got {mu1.shape}, {cov1.shape}, "
+                         f"{mu2.shape}, {cov2.shape}")
+    root1 = _psd_sqrt((cov1 + cov1.T) / 2)
+    middle = root1 @ cov2 @ root1
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    diff = mu1 - mu2
+    return max(float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt), 0.0)
+
+
+@dataclass
+class EmbeddingStats:
+    """Mean (D,) and covariance (D, D, ddof 1) of `count` embeddings, float64; `embedding` names the model
+    that made them (`Embedding.name`); `fingerprint` the files they came from ("" when not from files)."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+    count: int
+    embedding: str
+    fingerprint: str = ""
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    @classmethod
+    def from_embeddings(cls, x: np.ndarray | Tensor, embedding: str) -> "EmbeddingStats":
+        acc = StatsAccumulator()
+        acc.add(x)
+        return acc.stats(embedding)
+
+    def save(self, path: str | os.PathLike, *, source: str = "") -> None:
+        """A safetensors file (mean, cov as float64; the rest as metadata), written atomically."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        metadata = {"format": STATS_FORMAT, "version": STATS_VERSION, "count": str(self.count),
+                    "embedding": self.embedding, "fingerprint": self.fingerprint, "source": source}
+        try:
+            save_file({"mean": self.mean, "cov": self.cov}, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "EmbeddingStats":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = f.metadata() or {}
+                mean, cov = f.get_tensor("mean"), f.get_tensor("cov")
+        except Exception as err:  # SafetensorError, a missing key, OSError
+            raise ValueError(f"{path} is not an embedding statistics file ({type(err).__name__}: {err})") from err
+        if meta.get("format") != STATS_FORMAT or not meta.get("count", "").isdigit():
+            raise ValueError(f"{path} is not an embedding statistics file (format {meta.get('format')!r})")
+        D = mean.shape[0] if mean.ndim == 1 else -1
+        if mean.ndim != 1 or cov.shape != (D, D):
+            raise ValueError(f"{path}: mean {mean.shape} and cov {cov.shape} are not (D,) and (D, D)")
+        return cls(mean.astype(np.float64), cov.astype(np.float64), int(meta["count"]), meta.get("embedding", ""),
+                   meta.get("fingerprint", ""))
+
+
+class StatsAccumulator:
+    """Mean and covariance of embeddings added a batch at a time, in float64, merged with Chan et al.'s pairwise
+    update (no sum of squares: it loses the covariance to cancellation when the mean is large)."""
+
+    def __init__(self):
+        self.count, self.mean, self.scatter = 0, None, None  # scatter: sum of (x - mean)(x - mean)^T
+
+    def add(self, x: np.ndarray | Tensor) -> None:
+        x = x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, np.float64)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"embeddings must be (n, D) with n >= 1, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"embeddings hold {int((~np.isfinite(x)).sum())} NaN or infinite value(s)")
+        n, mean = x.shape[0], x.mean(0)
+        centred = x - mean
+        scatter = centred.T @ centred  # (D, D)
+        if self.count == 0:
+            self.count, self.mean, self.scatter = n, mean, scatter
+            return
+        if x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"embeddings of dimension {x.shape[1]} added to statistics of dimension "
+                             f"{self.mean.shape[0]}")
+        total = self.count + n
+        delta = mean - self.mean
+        self.scatter = self.scatter + scatter + np.outer(delta, delta) * (self.count * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.count = total
+
+    def stats(self, embedding: str, fingerprint: str = "") -> EmbeddingStats:
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 embeddings, got {self.count}")
+        return EmbeddingStats(self.mean, self.scatter / (self.count - 1), self.count, embedding, fingerprint)
+
+
+def check_count(count: int, dim: int, *, what: str, files: int) -> None:
+    """ValueError unless `count` embeddings (from `files` files) are enough for a full-rank (dim, dim) covariance:
+    dim + 1 at least. Fewer leave it singular, and FAD then measures the sample size more than the audio."""
+    if count > dim:
+        return
+    per_file = count / max(files, 1)
+    more = math.ceil((dim + 1 - count) / per_file) if per_file > 0 else dim + 1
+    raise ValueError(f"{what}: {count} embeddings from {files} file(s), but a covariance of {dim}-dimensional "
+                     f"embeddings needs at least {dim + 1}: add about {more} more file(s) of this length")
+
+
+def fad(generated: EmbeddingStats, reference: EmbeddingStats) -> float:
+    """FAD between two sets' statistics, which must come from the same embedding."""
+    if generated.embedding != reference.embedding or generated.dim != reference.dim:
+        raise ValueError(f"statistics of different embeddings: {generated.embedding} ({generated.dim}-dim) vs "
+                         f"{reference.embedding} ({reference.dim}-dim)")
+    return frechet_distance(generated.mean, generated.cov, reference.mean, reference.cov)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+class EnCodecEmbedding:
+    """Frame embeddings of the EnCodec encoder (fadtk's `encodec-emb`): (C, N) audio at the codec's rate ->
+    (T, D) float32, T = ceil(N / hop) (summed over 1 s chunks for a chunked codec)."""
+
+    kind = "encodec"
+
+    def __init__(self, codec, model: str):
+        self.codec = codec.eval()
+        self.name = f"encodec:{model}"
+        self.dim = codec.config.dimension
+        self.sample_rate, self.channels = codec.sample_rate, codec.channels
+
+    @torch.inference_mode()
+    def __call__(self, wav: Tensor) -> Tensor:
+        C, N = wav.shape
+        length = self.codec.config.chunk_length or N  # fadtk: back-to-back segments, no overlap
+        param = next(self.codec.parameters())
+        frames = [self.codec.encoder(wav[None, :, i: i + length].to(param))[0] for i in range(0, N, length)]
+        return torch.cat(frames, dim=-1).T.float().cpu()  # (T, D)
+
+
+class ClapEmbedding:
+    """CLAP audio-tower embeddings of 10 s windows `hop_s` apart (fadtk's `clap-laion-music` with hop 1 s):
+    (1, N) audio at 48 kHz -> (windows, D) float32, L2-normalised. The windows end at the clip's end (the last
+    one is moved back to end there); a clip of 10 s or less is one window, repeat-padded by CLAP."""
+
+    kind = "clap"
+
+    def __init__(self, clap, model: str, hop_s: float = 1.0):
+        if not hop_s > 0:
+            raise ValueError(f"hop_s must be a positive number of seconds, got {hop_s}")
+        self.clap = clap.eval()
+        self.name = f"clap:{model}"
+        self.dim = clap.config.projection_dim
+        self.sample_rate, self.channels = clap.config.sample_rate, 1
+        self.window = clap.config.max_samples
+        self.hop = max(1, round(hop_s * self.sample_rate))
+
+    def windows(self, wav: Tensor) -> list[Tensor]:
+        clip = wav[0]  # (N,)
+        N = clip.shape[-1]
+        if N <= self.window:
+            return [clip]
+        starts = list(range(0, N - self.window + 1, self.hop))
+        if starts[-1] != N - self.window:
+            starts.append(N - self.window)
+        return [clip[s: s + self.window] for s in starts]
+
+    def __call__(self, wav: Tensor) -> Tensor:
+        return self.clap.audio_embeds(self.windows(wav), self.sample_rate).float().cpu()  # (windows, D)
+
+
+def audio_files(folder: str | os.PathLike, *, what: str = "folder") -> list[Path]:
+    """The audio files (.wav, .flac, .ogg) under `folder`, recursively, sorted; an error if there are none.
+    Hidden files (a temporary file of an unfinished write) are left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{what} {folder} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_FORMATS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise ValueError(f"{what} {folder} holds no audio file ({', '.join(sorted(AUDIO_FORMATS))})")
+    return files
+
+
+def load_for(embedding, path: Path) -> Tensor:
+    """(C, N) audio of `path` at the embedding's rate and channels; an unreadable or empty file is an error
+    naming it."""
+    wav, _ = load_audio(path, sample_rate=embedding.sample_rate, channels=embedding.channels)
+    if wav.shape[-1] == 0:
+        raise ValueError(f"{path} holds no audio (0 samples)")
+    return wav
+
+
+def embed_file(embedding, path: Path, wav: Tensor | None = None) -> Tensor:
+    """(n, D) embeddings of one file; errors from the model name the file."""
+    wav = load_for(embedding, path) if wav is None else wav
+    try:
+        return embedding(wav)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def files_fingerprint(folder: Path, files: Sequence[Path]) -> str:
+    """16 hex digits of the SHA-256 of each file's relative path, size and modification time: what changes when
+    a file is added, removed, renamed or rewritten."""
+    digest = hashlib.sha256()
+    for path in files:
+        info = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def folder_stats(folder: str | os.PathLike, embedding, *, what: str = "folder",
+                 progress: Callable[[int, int], None] | None = None) -> EmbeddingStats:
+    """Statistics of every audio file under `folder`, not cached."""
+    folder = Path(folder)
+    files = audio_files(folder, what=what)
+    acc = StatsAccumulator()
+    for i, path in enumerate(files):
+        acc.add(embed_file(embedding, path))
+        if progress is not None:
+            progress(i + 1, len(files))
+    check_count(acc.count, embedding.dim, what=f"{what} {folder}", files=len(files))
+    return acc.stats(embedding.name, files_fingerprint(folder, files))
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "musiclm_core" / "fad_stats"
+
+
+def reference_stats(folder: str | os.PathLike, embedding, *, cache_dir: str | os.PathLike | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[EmbeddingStats, bool]:
+    """(statistics of `folder`, whether they came from the cache). The cache file is named by the folder's
+    absolute path and the embedding; it is used only while the files' fingerprint is unchanged, and rewritten
+    otherwise."""
+    folder = Path(folder).resolve()
+    files = audio_files(folder, what="reference folder")
+    fingerprint = files_fingerprint(folder, files)
+    key = hashlib.sha256(json.dumps([str(folder), embedding.name]).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / f"{embedding.kind}-{key}.safetensors"
+    if path.is_file():
+        try:
+            cached = EmbeddingStats.load(path)
+        except ValueError:
+            cached = None  # unreadable: recompute and replace it
+        if cached is not None and cached.fingerprint == fingerprint and cached.embedding == embedding.name:
+            return cached, True
+    stats = folder_stats(folder, embedding, what="reference folder", progress=progress)
+    stats.save(path, source=str(folder))
+    return stats, False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Captions and CLAP score
+
+
+def read_captions(folder: str | os.PathLike, files: Sequence[Path],
+                  captions: str | os.PathLike | None = None) -> dict[Path, str] | None:
+    """The caption of each of `files` (under `folder`): from `captions`, a JSON-lines file of {"path", "caption"}
+    (paths relative to the captions file's folder, or absolute), or else from a sidecar `.txt` next to each file
+    (`a.wav` -> `a.txt`). None when there is no captions file and no sidecar at all. Captions that do not match
+    the files (a file without one, a line naming no file of the folder, a path twice) are an error naming them."""
+    files = [Path(f).resolve() for f in files]
+    if captions is None:
+        found = {f: f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()}
+        if not found:
+            return None
+        missing = [f for f in files if f not in found]
+        if missing:
+            raise ValueError(f"{len(missing)} of {len(files)} audio files in {folder} have no caption file "
+                             f"(.txt next to them): {', '.join(str(m) for m in missing[:5])}")
+        texts = {f: found[f].read_text(encoding="utf-8").strip() for f in files}
+        empty = [str(found[f]) for f, t in texts.items() if not t]
+        if empty:
+            raise ValueError(f"empty caption file(s): {', '.join(empty[:5])}")
+        return texts
+    captions = Path(captions)
+    texts: dict[Path, str] = {}
+    wanted = set(files)
+    for number, line in enumerate(captions.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{captions} line {number} is not JSON ({err})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str) \
+                or not isinstance(record.get("caption"), str) or not record["caption"].strip():
+            raise ValueError(f'{captions} line {number}: expected {{"path": ..., "caption": ...}} with a '
+                             f"non-empty caption, got {line.strip()[:100]}")
+        path = (captions.parent / record["path"]).resolve()
+        if path not in wanted:
+            raise ValueError(f"{captions} line {number}: {record['path']} is not an audio file of {folder}")
+        if path in texts:
+            raise ValueError(f"{captions} line {number}: {record['path']} has a caption already")
+        texts[path] = record["caption"].strip()
+    missing = [f for f in files if f not in texts]
+    if missing:
+        raise ValueError(f"{captions} has no caption for {len(missing)} of the {len(files)} audio files in "
+                         f"{folder}: {', '.join(str(m) for m in missing[:5])}")
+    return texts
+
+
+def clap_scores(clap, captions: Sequence[str], audio_embeds: Tensor, *, batch_size: int = 32) -> Tensor:
+    """(B,) cosine similarity of each caption with its clip's (B, D) L2-normalised CLAP audio embedding: the
+    per-sample CLAP score (their mean is the set's)."""
+    if len(captions) != audio_embeds.shape[0]:
+        raise ValueError(f"{len(captions)} captions for {audio_embeds.shape[0]} audio embeddings")
+    text = torch.cat([clap.text_embeds(list(captions[i: i + batch_size]))
+                      for i in range(0, len(captions), batch_size)])  # (B, D)
+    return (text.float().cpu() * audio_embeds.float()).sum(-1)
+
+
+def generated_stats(folder: str | os.PathLike, files: Sequence[Path], embedding, *, clap=None,
+                    captions: dict[Path, str] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[EmbeddingStats, Tensor | None]:
+    """(statistics of `files`, their (B,) CLAP scores or None): each file is read once. With `captions` (keyed
+    by resolved path) and a `clap`, each file's score is its caption against CLAP's embedding of the clip (for a
+    clip of 10 s or less that is its one `ClapEmbedding` window, reused)."""
+    acc, audio = StatsAccumulator(), []
+    for i, path in enumerate(files):
+        wav = load_for(embedding, path)
+        embeds = embed_file(embedding, path, wav)
+        acc.add(embeds)
+        if captions is not None:
+            if isinstance(embedding, ClapEmbedding) and embeds.shape[0] == 1:
+                audio.append(embeds[0])
+            else:
+                mono, rate = load_audio(path, channels=1)  # (1, N)
+                audio.append(clap.audio_embeds(mono, rate)[0].float().cpu())
+        if progress is not None:
+            progress(i + 1, len(files))
+    check_count(acc.count, embedding.dim, what=f"generated folder {folder}", files=len(files))
+    stats = acc.stats(embedding.name, files_fingerprint(Path(folder), files))
+    if captions is None:
+        return stats, None
+    texts = [captions[Path(f).resolve()] for f in files]
+    return stats, clap_scores(clap, texts, torch.stack(audio))
