@@ -289,6 +289,9 @@ class UNet(nn.Module):
     >>> eps = musicldm_unet(latents, t, class_embed=clap_text_embeds)
     """
 
+    # The layout forward runs in; from_pretrained puts the convolution weights in it too.
+    memory_format = torch.channels_last
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
@@ -350,7 +353,7 @@ class UNet(nn.Module):
 
         # Channels-last throughout: oneDNN's CPU convolutions skip their layout copies, and the transformers'
         # (B, C, T, F) -> (B, T*F, C) token views need no copy (benchmarks/unet.py).
-        h = self.conv_in(sample.to(dtype=weight.dtype, memory_format=torch.channels_last))  # (B, C0, T, F)
+        h = self.conv_in(sample.to(dtype=weight.dtype, memory_format=self.memory_format))  # (B, C0, T, F)
         skips = [h]
         for level in self.down:
             for layer in level.layers:
@@ -455,7 +458,7 @@ class UNet(nn.Module):
             model = keys.build(lambda: cls(config), state, source=str(folder), dtype=dtype)
         else:
             model = convert.load_diffusers_folder(folder, dtype=dtype)
-        return model.to(memory_format=torch.channels_last)  # the layout forward runs in (see there)
+        return model.to(memory_format=cls.memory_format)
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
         hub.save_native(folder, KIND, self.config.to_dict(), self.state_dict(), overwrite=overwrite)
