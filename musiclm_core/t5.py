@@ -233,10 +233,13 @@ class T5Encoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                        revision: str | None = None) -> "T5Encoder":
+                        revision: str | None = None,
+                        tokenizer_folder: str | os.PathLike | None = None) -> "T5Encoder":
         """A hub id ("t5-base", "google/flan-t5-large"), a transformers folder or a native folder.
 
-        The folder must hold `spiece.model` (transformers T5 repos keep it at their root).
+        The folder must hold `spiece.model` (transformers T5 repos keep it at their root), unless
+        `tokenizer_folder` names the local folder that does: a diffusers AudioLDM 2 pipeline keeps the encoder in
+        text_encoder_2/ and its tokenizer in tokenizer_2/.
         """
         from musiclm_core.convert import t5 as convert_t5  # convert/ imports this module: import at call time
 
@@ -253,7 +256,8 @@ class T5Encoder(nn.Module):
         else:
             raise hub.CheckpointError(f"{folder} holds a {layout} checkpoint; T5Encoder.from_pretrained reads "
                                       f"native and transformers folders")
-        model.tokenizer = T5Tokenizer.from_folder(folder, max_length=model.config.max_length)
+        model.tokenizer = T5Tokenizer.from_folder(folder if tokenizer_folder is None else tokenizer_folder,
+                                                  max_length=model.config.max_length)
         return model
 
     def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
