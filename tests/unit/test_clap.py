@@ -4,7 +4,6 @@ the native round trip, the converter's refusals. Parity with transformers is in 
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
