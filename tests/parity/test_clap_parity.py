@@ -301,8 +301,9 @@ def test_pytorch_model_bin(tmp_path, reference, hf_tokenizer, extractor):
     _check_same(CLAP.from_pretrained(tmp_path / "bin"), model, hf_tokenizer, extractor)
 
 
-def test_diffusers_pipeline_folder(tmp_path, reference, hf_tokenizer, extractor):
-    """text_encoder/ (ClapModel), tokenizer/, feature_extractor/ beside model_index.json, as MusicLDM's."""
+def test_diffusers_pipeline_folder(tmp_path, reference, hf_tokenizer, extractor, monkeypatch):
+    """text_encoder/ (ClapModel), tokenizer/, feature_extractor/ beside model_index.json, as MusicLDM's; also
+    as a hub id, which fetches the small files first and then only the text encoder's weights."""
     folder, model = reference
     pipe = tmp_path / "pipe"
     (pipe / "text_encoder").mkdir(parents=True)
@@ -315,6 +316,15 @@ def test_diffusers_pipeline_folder(tmp_path, reference, hf_tokenizer, extractor)
         "tokenizer": ["transformers", "RobertaTokenizerFast"],
         "feature_extractor": ["transformers", "ClapFeatureExtractor"]}))
     _check_same(CLAP.from_pretrained(pipe), model, hf_tokenizer, extractor)
+    asked = []
+
+    def resolve(name, *, revision=None, allow_patterns=None):  # stands in for the download
+        asked.append(allow_patterns)
+        return pipe
+
+    monkeypatch.setattr(hub, "resolve", resolve)
+    _check_same(CLAP.from_pretrained("ucsd-reach/musicldm"), model, hf_tokenizer, extractor)
+    assert asked == [["*.json", "*.txt"], ["*.json", "*.txt", "text_encoder/*.safetensors"]]
 
 
 def test_native_round_trip(tmp_path, ours, reference, hf_tokenizer, extractor):
