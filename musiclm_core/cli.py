@@ -409,11 +409,19 @@ def _add_generate(subparsers) -> None:
                     "..., and -o FOLDER/ (an existing folder, or a path ending in /) writes FOLDER/0.wav, "
                     "FOLDER/1.wav, ... (from 10 prompts on, the numbers are zero-padded to one width: 00, 01, ...). "
                     "Every output path is checked before the model is loaded: an existing file is only replaced "
-                    "with --overwrite. Progress goes to stderr: a bar on a terminal, a line every 10 s elsewhere.")
+                    "with --overwrite. Progress goes to stderr: a bar on a terminal, a line every 10 s elsewhere. "
+                    "An evaluation set instead: --prompts prompts.jsonl --out DIR (see --prompts).")
     p.add_argument("prompt", nargs="?", help="the text prompt (or --prompts-file)")
-    p.add_argument("-o", "--output", required=True,
+    p.add_argument("-o", "--output",
                    help="audio file to write (.wav, .flac or .ogg), or a folder (see above)")
     p.add_argument("--prompts-file", type=Path, help="UTF-8 text file, one prompt per line; blank lines are skipped")
+    p.add_argument("--prompts", type=Path, metavar="JSONL",
+                   help='evaluation set: a JSON-lines file of {"id", "caption"}; writes OUT/<id>.wav and its caption '
+                        "OUT/<id>.txt (what `musiclm eval --generated OUT` reads), skips the ids already written "
+                        "(a stopped run restarts where it stopped), and under torchrun each rank (RANK, WORLD_SIZE) "
+                        "takes every WORLD_SIZE-th prompt. The seed of each batch is --seed (default 0 here) plus "
+                        "the index of its first prompt, so with --batch-size 1 a file depends only on its line")
+    p.add_argument("--out", type=Path, metavar="DIR", help="--prompts: the folder to write")
     p.add_argument("--model", default="facebook/musicgen-small",
                    help="hub id or folder (transformers, audiocraft or native layout)")
     p.add_argument("--duration", type=float, default=8.0,
@@ -546,9 +554,9 @@ class Progress:
     shows it is alive without filling the log with redraws. A count reported twice is drawn once.
     """
 
-    def __init__(self, label: str, stream=None, width: int = 30, every: float = 10.0):
+    def __init__(self, label: str, stream=None, width: int = 30, every: float = 10.0, unit: str = "frames"):
         self.stream = sys.stderr if stream is None else stream
-        self.label, self.width, self.every = label, width, every
+        self.label, self.width, self.every, self.unit = label, width, every, unit
         self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self.start = self.printed = time.monotonic()
         self.drawn = 0  # length of the line on screen, to blank what a shorter line leaves
@@ -561,7 +569,7 @@ class Progress:
         now = time.monotonic()
         rate = done / max(now - self.start, 1e-6)
         left = f", {(total - done) / rate:.0f} s left" if rate > 0 and done < total else ""
-        status = f"{done}/{total} frames, {rate:.1f} frames/s{left}"
+        status = f"{done}/{total} {self.unit}, {rate:.1f} {self.unit}/s{left}"
         if self.terminal:
             filled = self.width * min(done, total) // max(total, 1)
             line = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {status}"
@@ -573,7 +581,31 @@ class Progress:
         self.stream.flush()
 
 
+def _load_generator(args: argparse.Namespace, device, dtype):
+    """The pipeline of --model on `device`, for --melody / --continue as given (a clear error where the model
+    family takes neither)."""
+    from musiclm_core.musicgen import MusicGen
+
+    pipeline = MusicGen
+    if _checkpoint_kind(args.model)[1] == "musicgen_melody":  # the same generate, plus melody=
+        from musiclm_core.melody import MusicGenMelody
+
+        pipeline = MusicGenMelody
+        if args.continue_from is not None:
+            raise CLIError("--continue is not supported by MusicGen Melody checkpoints")
+    elif args.melody is not None:
+        raise CLIError(f"--melody needs a MusicGen Melody checkpoint; {args.model} is not one")
+    model = pipeline.from_pretrained(args.model, dtype=dtype, quantize=args.quantize).to(device)
+    if args.compile:
+        model.lm.compile_decode()
+    return model
+
+
 def _generate(args: argparse.Namespace) -> int:
+    if args.prompts is not None or args.out is not None:
+        return _generate_set(args)
+    if args.output is None:
+        raise UsageError("give -o/--output FILE (or --prompts JSONL --out DIR for an evaluation set)")
     # Everything that can be checked without the model first: loading it takes a while.
     prompts = _read_prompts(args)
     if args.batch_size < 1:
@@ -585,7 +617,6 @@ def _generate(args: argparse.Namespace) -> int:
 
     from musiclm_core import generate as gen
     from musiclm_core.audio import load_audio, save_audio
-    from musiclm_core.musicgen import MusicGen
 
     try:
         gen.check_sampling(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
@@ -602,18 +633,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.melody is not None:
         _check_input(args.melody)
 
-    pipeline = MusicGen
-    if _checkpoint_kind(args.model)[1] == "musicgen_melody":  # the same generate, plus melody=
-        from musiclm_core.melody import MusicGenMelody
-
-        pipeline = MusicGenMelody
-        if args.continue_from is not None:
-            raise CLIError("--continue is not supported by MusicGen Melody checkpoints")
-    elif args.melody is not None:
-        raise CLIError(f"--melody needs a MusicGen Melody checkpoint; {args.model} is not one")
-    model = pipeline.from_pretrained(args.model, dtype=dtype, quantize=args.quantize).to(device)
-    if args.compile:
-        model.lm.compile_decode()
+    model = _load_generator(args, device, dtype)
     conditioning = {}  # inputs besides the text, the same for every prompt: (C, N) audio at the model's rate
     if args.melody is not None:
         melody, melody_rate = load_audio(args.melody)  # as it is: the chroma mixes it down and resamples it
@@ -653,6 +673,257 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# generate --prompts: an evaluation set
+
+_SET_SEED = 0  # the default --seed of an evaluation set: a restarted run makes what the first would have made
+
+
+def _read_prompt_set(path: Path) -> list[tuple[str, str]]:
+    """(id, caption) of each line of a --prompts file; ids must be unique plain file names."""
+    if not path.is_file():
+        raise CLIError(f"--prompts {path} is not a file")
+    items, seen = [], {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CLIError(f"--prompts {path} line {number} is not JSON ({err})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)) \
+                or not isinstance(record.get("caption"), str) or not record["caption"].strip():
+            raise CLIError(f'--prompts {path} line {number}: expected {{"id": ..., "caption": ...}} with a '
+                           f"non-empty caption, got {line.strip()[:100]}")
+        name = str(record["id"])
+        if not re.fullmatch(r"[^/\\\x00.][^/\\\x00]{0,199}", name) or name != name.strip():
+            raise CLIError(f"--prompts {path} line {number}: id {name!r} cannot be a file name (1-200 characters, "
+                           f"no / or \\, not starting with '.', no spaces at the ends)")
+        if name in seen:
+            raise CLIError(f"--prompts {path} line {number}: id {name!r} is used on line {seen[name]} already")
+        seen[name] = number
+        items.append((name, record["caption"].strip()))
+    if not items:
+        raise CLIError(f"--prompts {path} holds no prompt (one JSON object per line)")
+    return items
+
+
+def _rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's RANK and WORLD_SIZE, (0, 1) without them."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as err:
+        raise CLIError(f"RANK / WORLD_SIZE must be integers ({err})") from err
+    if not 0 <= rank < world:
+        raise CLIError(f"RANK {rank} is not in [0, WORLD_SIZE {world})")
+    return rank, world
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _generate_set(args: argparse.Namespace) -> int:
+    if args.prompts is None or args.out is None:
+        raise UsageError("an evaluation set needs both --prompts JSONL and --out DIR")
+    if args.prompt is not None or args.prompts_file is not None or args.output is not None:
+        raise UsageError("--prompts/--out take no prompt, --prompts-file or -o/--output")
+    if args.melody is not None or args.continue_from is not None:
+        raise UsageError("--melody and --continue are not supported with --prompts")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    items = _read_prompt_set(args.prompts)
+    rank, world = _rank()
+    mine = list(range(rank, len(items), world))  # indices into items: this rank's share
+    _check_duration(args, len(mine))
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is not a folder")
+    audio = [out / f"{name}.wav" for name, _ in items]
+
+    def written(i: int) -> bool:
+        """The prompt's audio is there, from this caption (else an error: the folder holds another set)."""
+        if args.overwrite or not audio[i].exists():
+            return False
+        caption = audio[i].with_suffix(".txt")
+        if not caption.is_file() or caption.read_text(encoding="utf-8").strip() != items[i][1]:
+            raise CLIError(f"{audio[i]} exists but {caption.name} does not hold its caption from --prompts: it was "
+                           f"made from another prompt; remove it or pass --overwrite")
+        return True
+
+    todo = [i for i in mine if not written(i)]
+    share = f" (rank {rank} of {world}: {len(mine)} prompts)" if world > 1 else ""
+    print(f"{len(items)} prompts{share}, {len(mine) - len(todo)} written already, {len(todo)} to generate -> {out}",
+          file=sys.stderr)
+    if not todo:
+        return 0
+
+    import torch
+
+    from musiclm_core import generate as gen
+    from musiclm_core.audio import save_audio
+
+    seed = None if args.greedy else (_SET_SEED if args.seed is None else args.seed)
+    try:
+        gen.check_sampling(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, do_sample=not args.greedy, seed=seed)
+    except ValueError as err:
+        raise UsageError(_flag_names(str(err))) from err
+    device = _device(args.device)
+    if args.device is None and device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device, the model would run on {device}")
+    if args.compile and device.type != "cpu":
+        raise UsageError(f"--compile is for CPU decoding, the model would run on {device} (on CUDA: --cuda-graph)")
+    model = _load_generator(args, device, getattr(torch, args.dtype))
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(duration=args.duration, guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
+                    temperature=args.temperature, do_sample=not args.greedy, cuda_graph=args.cuda_graph)
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start: start + args.batch_size]
+        batch_seed = None if seed is None else (seed + batch[0]) % 2**64
+        with torch.no_grad():
+            wavs = model.generate([items[i][1] for i in batch], seed=batch_seed,
+                                  progress=Progress(f"{items[batch[0]][0]}.wav"), **settings)  # (B, C, N)
+        for i, wav in zip(batch, wavs):
+            # The caption first: an audio file is only ever there with its caption next to it.
+            _write_text(audio[i].with_suffix(".txt"), items[i][1] + "\n")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                save_audio(audio[i], wav.float().cpu(), model.sample_rate,
+                           normalize=None if args.normalize == "none" else args.normalize, overwrite=True)
+            for warning in caught:
+                print(f"musiclm generate: warning: {audio[i]}: {warning.message}", file=sys.stderr)
+        done = sum(path.exists() for path in audio)  # over the whole set: every rank's files count
+        print(f"{done}/{len(items)} of the set written; {', '.join(audio[i].name for i in batch)}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clap
+
+
+def _add_clap(subparsers) -> None:
+    p = _command(subparsers, "clap", help="CLAP scores of texts against audio files",
+                 description="Print the CLAP cosine similarity of each text (rows) with each audio file (columns). "
+                             "Audio longer than 10 s is cropped at a start drawn from seed 0, as CLAP's feature "
+                             "extractor does.")
+    p.add_argument("text", help="a text")
+    p.add_argument("audio", nargs="+", type=Path, help="audio files (any rate; channels are averaged)")
+    p.add_argument("--text", dest="more_texts", action="append", default=[], metavar="TEXT",
+                   help="another text (a row more); repeat it for more")
+    p.add_argument("--model", default="laion/larger_clap_music", help="CLAP: hub id or folder")
+    p.set_defaults(run=_clap)
+
+
+def _clap(args: argparse.Namespace) -> int:
+    texts = [args.text, *args.more_texts]
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise UsageError("a text is empty: describe the music to score the audio against")
+    for path in args.audio:
+        _check_input(path)
+    from musiclm_core.clap import CLAP, format_scores
+
+    clap = CLAP.from_pretrained(args.model).eval()
+    scores = clap.score_files(texts, args.audio)
+    print(format_scores(scores, texts, [str(p) for p in args.audio]))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _add_eval(subparsers) -> None:
+    p = _command(subparsers, "eval", help="FAD and CLAP score of generated audio, and a listening report",
+                 description="Compute the Fréchet audio distance between a folder of generated audio and a "
+                             "reference folder on CLAP or EnCodec embeddings (as fadtk: CLAP on 10 s windows, "
+                             "EnCodec per frame), and the CLAP score of the generated files against their "
+                             "captions when there are any (--captions, or a .txt next to each file, as `musiclm "
+                             "generate --prompts` writes them). Writes OUT/metrics.json and OUT/report.html (a "
+                             "static page: players, mel spectrograms, scores, worst first). The reference "
+                             "folder's statistics are cached (--cache-dir) until its files change.")
+    p.add_argument("--generated", type=Path, required=True, help="folder of generated audio (.wav/.flac/.ogg)")
+    p.add_argument("--reference", type=Path, required=True, help="folder of reference audio")
+    p.add_argument("--captions", type=Path, default=None,
+                   help='JSON lines of {"path", "caption"} for the generated files, paths relative to this file '
+                        "(default: the .txt next to each file, if any)")
+    p.add_argument("--embedding", choices=["clap", "encodec"], required=True, help="embedding of the FAD")
+    p.add_argument("--clap", default="laion/larger_clap_music", help="CLAP model: hub id or folder")
+    p.add_argument("--encodec", default="facebook/encodec_24khz", help="EnCodec model: hub id or folder")
+    p.add_argument("--hop", type=float, default=1.0, help="--embedding clap: seconds between 10 s windows")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and report.html")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where reference statistics are kept (default: $XDG_CACHE_HOME or ~/.cache, "
+                        "musiclm_core/fad_stats)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT/metrics.json and OUT/report.html")
+    p.set_defaults(run=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from musiclm_core import metrics
+
+    if not args.hop > 0:
+        raise UsageError(f"--hop must be a positive number of seconds, got {args.hop}")
+    generated = metrics.audio_files(args.generated, what="--generated")
+    metrics.audio_files(args.reference, what="--reference")  # an empty folder fails before a model loads
+    if args.captions is not None:
+        _check_input(args.captions)
+    captions = metrics.read_captions(args.generated, generated, args.captions)
+    for name in ("metrics.json", "report.html"):
+        _check_output(args.out / name, args.overwrite)
+    device = _device(args.device)
+
+    clap = None
+    if args.embedding == "clap" or captions is not None:
+        from musiclm_core.clap import CLAP
+
+        clap = CLAP.from_pretrained(args.clap).to(device).eval()
+    if args.embedding == "clap":
+        embedding = metrics.ClapEmbedding(clap, args.clap, hop_s=args.hop)
+    else:
+        from musiclm_core.encodec import EnCodec
+
+        embedding = metrics.EnCodecEmbedding(EnCodec.from_pretrained(args.encodec).to(device), args.encodec)
+    stats, scores = metrics.generated_stats(args.generated, generated, embedding, clap=clap, captions=captions,
+                                            progress=Progress("generated", unit="files"))
+    reference, cached = metrics.reference_stats(args.reference, embedding, cache_dir=args.cache_dir,
+                                                progress=Progress("reference", unit="files"))
+    fad = metrics.fad(stats, reference)
+    clap_score = None if scores is None else float(scores.mean())
+    n_reference = len(metrics.audio_files(args.reference))
+    result = {"fad": fad, "clap_score": clap_score, "n_generated": len(generated), "n_reference": n_reference,
+              "embedding": args.embedding, "embedding_model": args.clap if args.embedding == "clap" else args.encodec,
+              "embeddings_generated": stats.count, "embeddings_reference": reference.count,
+              "clap_model": args.clap if clap_score is not None else None}
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_text(args.out / "metrics.json", json.dumps(result, indent=2) + "\n")
+
+    from musiclm_core.report import Sample, write_report
+
+    samples = [Sample(path, None if captions is None else captions[path.resolve()],
+                      None if scores is None else float(scores[i])) for i, path in enumerate(generated)]
+    write_report(args.out / "report.html", samples, {
+        "FAD": fad, "CLAP score": clap_score, "generated files": len(generated), "reference files": n_reference,
+        "embedding": embedding.name, "generated embeddings": stats.count, "reference embeddings": reference.count,
+        "generated folder": str(args.generated.resolve()), "reference folder": str(args.reference.resolve())})
+    print(f"FAD ({embedding.name}): {fad:.6g}  [{len(generated)} generated files ({stats.count} embeddings), "
+          f"{n_reference} reference files ({reference.count} embeddings{', cached statistics' if cached else ''})]")
+    if clap_score is not None:
+        print(f"CLAP score ({args.clap}): {clap_score:.4f}  [{len(generated)} captioned files]")
+    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.html'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -664,6 +935,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode(subparsers)
     _add_convert(subparsers)
     _add_generate(subparsers)
+    _add_clap(subparsers)
+    _add_eval(subparsers)
     return parser
 
 

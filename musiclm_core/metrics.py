@@ -270,7 +270,7 @@ def embed_file(embedding, path: Path, wav: Tensor | None = None) -> Tensor:
     wav = load_for(embedding, path) if wav is None else wav
     try:
         return embedding(wav)
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:  # RuntimeError: torch on a clip too short for a convolution
         raise ValueError(f"{path}: {err}") from err
 
 
