@@ -219,3 +219,14 @@ def test_key_accounting_is_strict():
         layout = UNet(config)
     with pytest.raises(CheckpointError, match="attention projections missing"):
         convert.fuse_projections({}, layout)
+
+
+def test_memory_formats_agree():
+    """Channels-last (the default) and row-major layouts are the same computation."""
+    model = tiny("tiny-audioldm2")
+    x, cond = audioldm2_inputs(T=13, F=6)
+    with torch.no_grad():
+        default = model(x, 10, **cond)
+        model.memory_format = torch.contiguous_format
+        row_major = model(x, 10, **cond)
+    torch.testing.assert_close(row_major, default, atol=1e-5, rtol=0)
