@@ -51,7 +51,7 @@ IGNORED = {
 }
 
 # Fields whose diffusers default is the only value our code implements (both classes' defaults; a field one
-# class lacks reads as its default).
+# class lacks reads as its default). ALSO_ACCEPTED: other values that mean the same.
 REQUIRED = {
     "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "mid_block_scale_factor": 1,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "resnet_time_scale_shift": "default",
@@ -63,6 +63,7 @@ REQUIRED = {
     "attention_type": "default", "mid_block_only_cross_attention": None, "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
 }
+ALSO_ACCEPTED = {"mid_block_only_cross_attention": (False,)}  # None means "as only_cross_attention" (False)
 
 # Fields translated in `config_from_diffusers`, with the diffusers defaults for a config.json that omits them.
 TRANSLATED = {
@@ -97,7 +98,7 @@ def config_from_diffusers(d: dict[str, Any], *, source: str = "diffusers config"
     if unknown:
         raise CheckpointError(f"{source}: UNet config fields the converter does not know: {unknown}")
     for field, value in REQUIRED.items():
-        if d.get(field, value) != value:
+        if d.get(field, value) != value and d[field] not in ALSO_ACCEPTED.get(field, ()):
             raise CheckpointError(f"{source}: {field}={d[field]!r} is not supported (only {value!r})")
     c = {**TRANSLATED, **{k: v for k, v in d.items() if k in TRANSLATED}}
 
@@ -155,8 +156,8 @@ def _context_dims(cls: str, dims: Any, channels: list[int], attention: list[bool
         # MusicLDM: attn2 gets no context, so its to_k/to_v read the C-wide tokens: cross_attention_dim must be
         # each level's channels; that is a self-attention slot. A real text context is not what this class serves.
         per_level = list(dims) if isinstance(dims, (list, tuple)) else [dims] * n
-        if class_embed_dim is None or len(per_level) != n or any(
-                a and d != c for a, d, c in zip(attention, per_level, channels)):
+        if class_embed_dim is None or len(per_level) != n or per_level[-1] != channels[-1] or any(
+                a and d != c for a, d, c in zip(attention, per_level, channels)):  # [-1]: the mid block's
             raise CheckpointError(f"{source}: UNet2DConditionModel with cross_attention_dim={dims!r} is not supported "
                                   f"(only MusicLDM's: a class embedding and cross_attention_dim = block_out_channels "
                                   f"{channels}, i.e. no text context)")

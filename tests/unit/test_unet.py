@@ -198,6 +198,9 @@ def test_musicldm_needs_its_own_layout():
                     class_embed_type="simple_projection", projection_class_embeddings_input_dim=512,
                     class_embeddings_concat=True)
     assert convert.config_from_diffusers(musicldm) == PRESETS["musicldm"]
+    assert convert.config_from_diffusers(dict(musicldm, mid_block_only_cross_attention=False)) == PRESETS["musicldm"]
+    with pytest.raises(CheckpointError, match="mid_block_only_cross_attention=True is not supported"):
+        convert.config_from_diffusers(dict(musicldm, mid_block_only_cross_attention=True))
     with pytest.raises(CheckpointError, match="UNet2DConditionModel with cross_attention_dim=768 is not supported"):
         convert.config_from_diffusers(dict(musicldm, cross_attention_dim=768))
     with pytest.raises(CheckpointError, match="'simple_projection' concatenated"):
