@@ -88,6 +88,21 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def differentiable_attention():
+    """Route `kernels.attention` to its PyTorch path (MUSICLM_ATTENTION=torch) while the block runs: the Triton
+    kernels, which auto would pick on CUDA, have no backward pass."""
+    before = os.environ.get("MUSICLM_ATTENTION")
+    os.environ["MUSICLM_ATTENTION"] = "torch"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MUSICLM_ATTENTION"]
+        else:
+            os.environ["MUSICLM_ATTENTION"] = before
+
+
 def rng_state() -> dict:
     """torch's, Python's and numpy's global RNG states, in types that `torch.load(weights_only=True)` reads."""
     version, words, gauss = random.getstate()

@@ -24,7 +24,7 @@ from musiclm_core.cache import CrossMemory
 from musiclm_core.kernels import linear
 from musiclm_core.train import losses
 from musiclm_core.train.data import EncodedClip, MusicGenBatch, MusicGenBatches
-from musiclm_core.train.loop import Trainer, TrainConfig, autocast
+from musiclm_core.train.loop import STATE_FILE, Trainer, TrainConfig, autocast, differentiable_attention
 
 
 def plain_linears(module: nn.Module) -> nn.Module:
@@ -158,6 +158,21 @@ def prepare_lm(pipeline, *, lora_rank: int = 0, lora_alpha: float | None = None)
     return lm
 
 
+def load_for_training(pipeline_class, model: str | os.PathLike, out: str | os.PathLike, *, resume: bool,
+                      lora_rank: int = 0, device: torch.device | str = "cpu"):
+    """The pipeline a run starts from: `model`, or with `resume` (without LoRA) the run folder's latest weights.
+    A run folder that holds a run is only continued with resume=True (FileExistsError otherwise)."""
+    out = Path(out)
+    has_state = (out / STATE_FILE).is_file()
+    if resume and not has_state:
+        raise FileNotFoundError(f"no checkpoint to resume from: {out / STATE_FILE} does not exist")
+    if not resume and has_state:
+        raise FileExistsError(f"{out} holds a training run ({STATE_FILE}): resume it (CLI: --resume), or choose "
+                              f"another output folder")
+    source = out if resume and not lora_rank else model
+    return pipeline_class.from_pretrained(source).to(device)
+
+
 def train_musicgen(pipeline, clips: Sequence[EncodedClip], out: str | os.PathLike, config: TrainConfig, *,
                    batch_size: int = 2, segment_frames: int = 500, cond_dropout: float = 0.2,
                    lora_rank: int = 0, lora_alpha: float | None = None, checkpointing: bool = False,
@@ -191,7 +206,7 @@ def train_musicgen(pipeline, clips: Sequence[EncodedClip], out: str | os.PathLik
         batch = batches.batch(step, micro)
         states, mask, chroma = conditioning(pipeline, batch, device)
         codes = batch.codes.to(device)
-        with autocast(device, config.bf16):
+        with autocast(device, config.bf16), differentiable_attention():
             loss, _ = objective(codes, states, mask, chroma)
         return loss, int((codes != lm.config.special).sum())
 
