@@ -6,6 +6,7 @@
     musiclm convert --random-tiny DIR       # a small random MusicGen (T5, EnCodec, LM) for smoke tests, offline
     musiclm generate "80s pop track with bassy drums and synth" --model facebook/musicgen-small --duration 8 -o out.wav
     musiclm generate --prompts-file prompts.txt --duration 8 -o out.wav      # out_0.wav, out_1.wav, ...
+    musiclm train musicgen --data DIR --model facebook/musicgen-small --out runs/x --steps N [--lora R] [--resume]
 
 Adding a command: write `_add_<name>(subparsers)`, which declares the arguments on `_command(subparsers, ...)`
 (it shows every default in --help) and ends with `p.set_defaults(run=_<name>)`, and `_<name>(args) -> int`,
@@ -926,6 +927,79 @@ def _eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# train
+
+
+def _add_train(subparsers) -> None:
+    p = _command(subparsers, "train", help="fine-tune a model on a folder of captioned audio",
+                 description="Fine-tune a model on a folder of audio files with captions (sidecar a.txt next to "
+                             "a.wav, or captions.jsonl of {\"path\", \"caption\"}). The run folder --out gets the "
+                             "latest weights (it loads with the model's from_pretrained and `musiclm generate "
+                             "--model OUT`), trainer_state.pt and metrics.jsonl (one record per step). Under "
+                             "torchrun, add --distributed ddp (or fsdp).")
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    m = _command(tasks, "musicgen", help="MusicGen LM (the codec and T5 stay frozen)",
+                 description="Fine-tune the MusicGen LM: teacher forcing on delayed EnCodec codes (encoded once, "
+                             "cached in --cache), cross-entropy averaged over codebooks, condition dropout for "
+                             "classifier-free guidance, AdamW with warm-up and cosine decay.")
+    m.add_argument("--data", type=Path, required=True, help="folder of audio files with captions (only read)")
+    m.add_argument("--model", default="facebook/musicgen-small", help="hub id or folder to start from")
+    m.add_argument("--out", type=Path, required=True, help="the run folder")
+    m.add_argument("--steps", type=int, required=True, help="the run's total number of optimiser steps")
+    m.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    m.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end only)")
+    m.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="train rank-R LoRA adapters on the attention projections instead of every weight")
+    m.add_argument("--batch-size", type=int, default=2, help="clips per micro-batch (per process)")
+    m.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    m.add_argument("--segment", type=float, default=10.0, help="seconds of each clip per example (a random crop)")
+    m.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    m.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    m.add_argument("--cond-dropout", type=float, default=0.2, help="fraction of rows trained without conditioning")
+    m.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    m.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the data order, crops and dropout")
+    m.add_argument("--cache", type=Path, help="folder of the cached codes (default: OUT/cache)")
+    m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    m.add_argument("--distributed", choices=("ddp", "fsdp"), help="under torchrun: DDP or FSDP")
+    m.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.save_every < 0 or args.lora < 0 or args.warmup < 0 or not args.segment > 0:
+        raise UsageError("--save-every, --lora and --warmup must be >= 0 and --segment > 0")
+    data, out = args.data.resolve(), args.out.resolve()
+    if out == data or data in out.parents or (args.cache and data in args.cache.resolve().parents):
+        raise UsageError(f"--out and --cache must lie outside --data ({args.data}), which is only read")
+    import torch  # noqa: F401  (after the flag checks)
+
+    from musiclm_core.melody import MusicGenMelody
+    from musiclm_core.musicgen import MusicGen
+    from musiclm_core.train import data as train_data, distributed, loop, musicgen as train_musicgen
+
+    rank, _ = distributed.rank_and_world(args.distributed)
+    device = _device(args.device)
+    pipeline_class = MusicGenMelody if "melody" in _checkpoint_kind(args.model)[1] else MusicGen
+    pipeline = train_musicgen.load_for_training(pipeline_class, args.model, args.out, resume=args.resume,
+                                                lora_rank=args.lora, device=device)
+    clips = train_data.encode_folder(args.data, pipeline, args.cache or args.out / "cache",
+                                     chroma=pipeline_class is MusicGenMelody, progress=rank == 0)
+    config = loop.TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, grad_accum=args.grad_accum,
+                              bf16=args.bf16, save_every=args.save_every, seed=args.seed)
+    losses = train_musicgen.train_musicgen(
+        pipeline, clips, args.out, config, batch_size=args.batch_size,
+        segment_frames=max(1, int(args.segment * pipeline.frame_rate)), cond_dropout=args.cond_dropout,
+        lora_rank=args.lora, checkpointing=args.checkpointing, resume=args.resume, distributed=args.distributed,
+        progress=True)
+    if rank == 0:
+        print(f"trained to step {args.steps} (loss {losses[-1]:.4f}) -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musiclm", description="Text-to-music models and their audio codec.",
                                      formatter_class=_HelpFormatter)
@@ -937,6 +1011,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_clap(subparsers)
     _add_eval(subparsers)
+    _add_train(subparsers)
     return parser
 
 

@@ -1,0 +1,85 @@
+"""`musiclm train musicgen` end to end on the tiny random MusicGen (`musiclm convert --random-tiny`): a run,
+its metrics and progress line, resume to a larger --steps, the run folder loading and generating, LoRA, and
+the usage errors."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from musiclm_core.cli import main
+from musiclm_core.musicgen import MusicGen
+from musiclm_core.train import lora
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()  # tiny models: a second thread only waits (see test_train_musicgen.py)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_cli")
+    data = root / "data"
+    data.mkdir()
+    t = np.arange(32000) / 32000
+    for i in range(3):
+        sf.write(data / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32), 32000)
+    (data / "captions.jsonl").write_text("".join(json.dumps({"path": f"c{i}.wav", "caption": f"tone {i}"}) + "\n"
+                                                 for i in range(3)))
+    assert main(["convert", "--random-tiny", str(root / "tiny")]) == 0
+    return root, data
+
+
+def train(root, data, out, *extra):
+    return main(["train", "musicgen", "--data", str(data), "--model", str(root / "tiny"), "--out", str(out),
+                 "--segment", "0.4", "--lr", "1e-3", *extra])
+
+
+def test_train_resume_and_generate(setup, capsys):
+    root, data = setup
+    out = root / "runs" / "x"
+    assert train(root, data, out, "--steps", "3", "--save-every", "2") == 0
+    err = capsys.readouterr().err
+    assert "step      3 / 3" in err and "tokens/s" in err and "loss" in err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
+    assert train(root, data, out, "--steps", "3") == 1  # a run is there: only --resume continues it
+    assert "holds a training run" in capsys.readouterr().err
+    assert train(root, data, out, "--steps", "5", "--resume") == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    pipe = MusicGen.from_pretrained(out)
+    start = MusicGen.from_pretrained(root / "tiny")
+    moved = max((pipe.lm.state_dict()[k] - v).abs().max() for k, v in start.lm.state_dict().items())
+    assert moved > 1e-4  # the run folder holds the trained weights
+    wav = pipe.generate(["tone 1"], duration=0.2, seed=0)
+    assert wav.shape == (1, 1, 6400) and torch.isfinite(wav).all()
+    assert sorted(p.name for p in data.iterdir()) == ["c0.wav", "c1.wav", "c2.wav", "captions.jsonl"]
+
+
+def test_lora_run(setup):
+    root, data = setup
+    out = root / "runs" / "lora"
+    assert train(root, data, out, "--steps", "2", "--lora", "2") == 0
+    assert (out / lora.ADAPTER_FILE).is_file()
+    assert train(root, data, out, "--steps", "3", "--lora", "2", "--resume") == 0
+    assert MusicGen.from_pretrained(out).lm.state_dict().keys() == MusicGen.from_pretrained(root / "tiny").lm \
+        .state_dict().keys()
+
+
+@pytest.mark.parametrize("flags, status, message", [
+    (["--steps", "0"], 2, "--steps must be >= 1, got 0"),
+    (["--steps", "2", "--resume"], 1, "no checkpoint to resume from"),
+    (["--steps", "2", "--cache", "DATA/cache"], 2, "--out and --cache must lie outside --data"),
+])
+def test_usage_errors(setup, capsys, flags, status, message):
+    root, data = setup
+    flags = [f.replace("DATA", str(data)) for f in flags]
+    assert train(root, data, root / "runs" / "bad", *flags) == status
+    assert message in capsys.readouterr().err
