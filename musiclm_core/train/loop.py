@@ -248,6 +248,11 @@ class Trainer:
                 (loss / c.grad_accum).backward()
             total += loss.item() / c.grad_accum
             tokens += count
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the logged loss and token count are the global batch's (the gradients are averaged by DDP)
+            totals = torch.tensor([total, tokens], dtype=torch.float64, device=self.params[0].device)
+            torch.distributed.all_reduce(totals)
+            total, tokens = totals[0].item() / torch.distributed.get_world_size(), int(totals[1])
         if not math.isfinite(total):
             raise FloatingPointError(f"the loss is {total} at step {self.step}: lower the learning rate or check "
                                      f"the data")
