@@ -6,6 +6,9 @@
     musiclm convert --random-tiny DIR       # a small random MusicGen (T5, EnCodec, LM) for smoke tests, offline
     musiclm generate "80s pop track with bassy drums and synth" --model facebook/musicgen-small --duration 8 -o out.wav
     musiclm generate --prompts-file prompts.txt --duration 8 -o out.wav      # out_0.wav, out_1.wav, ...
+    musiclm generate --prompts prompts.jsonl --out DIR [--batch-size N]     # an evaluation set: DIR/<id>.wav + .txt
+    musiclm eval --generated DIR --reference DIR --embedding clap|encodec --out DIR   # FAD, CLAP score, report
+    musiclm clap "text" a.wav b.wav [--model M]                             # CLAP score matrix
     musiclm train musicgen --data DIR --model facebook/musicgen-small --out runs/x --steps N [--lora R] [--resume]
 
 Adding a command: write `_add_<name>(subparsers)`, which declares the arguments on `_command(subparsers, ...)`
@@ -889,11 +892,12 @@ def _eval(args: argparse.Namespace) -> int:
 
         clap = CLAP.from_pretrained(args.clap).to(device).eval()
     if args.embedding == "clap":
-        embedding = metrics.ClapEmbedding(clap, args.clap, hop_s=args.hop)
+        embedding = metrics.ClapEmbedding(clap, metrics.model_reference(args.clap), hop_s=args.hop)
     else:
         from musiclm_core.encodec import EnCodec
 
-        embedding = metrics.EnCodecEmbedding(EnCodec.from_pretrained(args.encodec).to(device), args.encodec)
+        codec = EnCodec.from_pretrained(args.encodec).to(device)
+        embedding = metrics.EnCodecEmbedding(codec, metrics.model_reference(args.encodec))
     stats, scores = metrics.generated_stats(args.generated, generated, embedding, clap=clap, captions=captions,
                                             progress=Progress("generated", unit="files"))
     reference, cached = metrics.reference_stats(args.reference, embedding, cache_dir=args.cache_dir,

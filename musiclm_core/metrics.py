@@ -284,6 +284,16 @@ def files_fingerprint(folder: Path, files: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_reference(name: str) -> str:
+    """What names an embedding model in cached statistics: a hub id as given, or a folder's absolute path plus
+    the fingerprint of its files (retrained weights in the same folder are another model)."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return name
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return f"{folder.resolve()}@{files_fingerprint(folder, files)}"
+
+
 def folder_stats(folder: str | os.PathLike, embedding, *, what: str = "folder",
                  progress: Callable[[int, int], None] | None = None) -> EmbeddingStats:
     """Statistics of every audio file under `folder`, not cached."""

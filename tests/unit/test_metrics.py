@@ -335,3 +335,12 @@ def test_captions_sidecar_and_jsonl(tmp_path):
     jsonl.write_text("{not json")
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         metrics.read_captions(folder, files, jsonl)
+
+
+def test_model_reference_sees_a_changed_model_folder(tmp_path):
+    assert metrics.model_reference("laion/larger_clap_music") == "laion/larger_clap_music"
+    (tmp_path / "model.safetensors").write_bytes(b"1")
+    first = metrics.model_reference(str(tmp_path))
+    assert first.startswith(f"{tmp_path.resolve()}@") and metrics.model_reference(str(tmp_path)) == first
+    (tmp_path / "model.safetensors").write_bytes(b"22")  # retrained weights: other cached statistics
+    assert metrics.model_reference(str(tmp_path)) != first
