@@ -117,12 +117,13 @@ PRESETS: dict[str, HifiGanConfig] = {
 
 
 # Speed (CPU): the time goes into the residual blocks' convolutions, which torch runs through oneDNN, as it does
-# for transformers' model. Routes tried and measured against it (single thread, 2026-12-03, AMD EPYC): oneDNN
-# convs with the leaky ReLU and the residual add fused in (torch.ops.mkldnn._convolution_pointwise) 0.91-1.01x;
-# the transposed convs as one matrix product plus an overlap-add 0.72-1.21x; one GEMM per kernel tap or one
-# im2col GEMM 0.2-0.7x; 2-D channels-last convs 0.85-1.04x; FFT (overlap-save) convolution 2x for the kernel-11 undilated convs at 256-512 channels
-# only, at the price of 350 MB of precomputed spectra. None is kept: the plain ops below, plus the two passes
-# over the activations saved by sharing a stage's first leaky ReLU among its residual blocks.
+# for transformers' model. Routes tried and measured against it (single thread, 2026-12-03, AMD EPYC, a loaded
+# machine): oneDNN convs with the leaky ReLU and the residual add fused in (torch.ops.mkldnn._convolution_pointwise)
+# 0.91-1.01x; the transposed convs as one matrix product plus an overlap-add 0.72-1.21x; one GEMM per kernel tap,
+# or one im2col GEMM, 0.2-0.7x; 2-D channels-last convs 0.85-1.04x; FFT (overlap-save) convolution 2x for the
+# undilated kernel-11 convs at 256-512 channels only, and 0.7-1.3x elsewhere, at the price of ~350 MB of
+# precomputed spectra. None is kept: the plain ops below, plus the two passes over the activations saved by
+# sharing a stage's first leaky ReLU among its residual blocks.
 
 
 class ResBlock1(nn.Module):
