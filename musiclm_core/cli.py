@@ -686,18 +686,14 @@ def _read_prompt_set(path: Path) -> list[tuple[str, str]]:
     """(id, caption) of each line of a --prompts file; ids must be unique plain file names."""
     if not path.is_file():
         raise CLIError(f"--prompts {path} is not a file")
+    from musiclm_core.metrics import jsonl_records
+
     items, seen = [], {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CLIError(f"--prompts {path} line {number} is not JSON ({err})") from err
-        if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)) \
-                or not isinstance(record.get("caption"), str) or not record["caption"].strip():
+    for number, record in jsonl_records(path, f"--prompts {path}"):
+        if not isinstance(record.get("id"), (str, int)) or not isinstance(record.get("caption"), str) \
+                or not record["caption"].strip():
             raise CLIError(f'--prompts {path} line {number}: expected {{"id": ..., "caption": ...}} with a '
-                           f"non-empty caption, got {line.strip()[:100]}")
+                           f"non-empty caption, got {json.dumps(record)[:100]}")
         name = str(record["id"])
         if not re.fullmatch(r"[^/\\\x00.][^/\\\x00]{0,199}", name) or name != name.strip():
             raise CLIError(f"--prompts {path} line {number}: id {name!r} cannot be a file name (1-200 characters, "
@@ -720,16 +716,6 @@ def _rank() -> tuple[int, int]:
     if not 0 <= rank < world:
         raise CLIError(f"RANK {rank} is not in [0, WORLD_SIZE {world})")
     return rank, world
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _generate_set(args: argparse.Namespace) -> int:
@@ -771,6 +757,7 @@ def _generate_set(args: argparse.Namespace) -> int:
 
     from musiclm_core import generate as gen
     from musiclm_core.audio import save_audio
+    from musiclm_core.report import write_text
 
     seed = None if args.greedy else (_SET_SEED if args.seed is None else args.seed)
     try:
@@ -797,7 +784,7 @@ def _generate_set(args: argparse.Namespace) -> int:
                                   progress=Progress(f"{items[batch[0]][0]}.wav"), **settings)  # (B, C, N)
         for i, wav in zip(batch, wavs):
             # The caption first: an audio file is only ever there with its caption next to it.
-            _write_text(audio[i].with_suffix(".txt"), items[i][1] + "\n")
+            write_text(audio[i].with_suffix(".txt"), items[i][1] + "\n")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 save_audio(audio[i], wav.float().cpu(), model.sample_rate,
@@ -909,10 +896,9 @@ def _eval(args: argparse.Namespace) -> int:
               "embedding": args.embedding, "embedding_model": args.clap if args.embedding == "clap" else args.encodec,
               "embeddings_generated": stats.count, "embeddings_reference": reference.count,
               "clap_model": args.clap if clap_score is not None else None}
-    args.out.mkdir(parents=True, exist_ok=True)
-    _write_text(args.out / "metrics.json", json.dumps(result, indent=2) + "\n")
+    from musiclm_core.report import Sample, write_report, write_text
 
-    from musiclm_core.report import Sample, write_report
+    write_text(args.out / "metrics.json", json.dumps(result, indent=2) + "\n")
 
     samples = [Sample(path, None if captions is None else captions[path.resolve()],
                       None if scores is None else float(scores[i])) for i, path in enumerate(generated)]

@@ -339,6 +339,21 @@ def reference_stats(folder: str | os.PathLike, embedding, *, cache_dir: str | os
 # Captions and CLAP score
 
 
+def jsonl_records(path: str | os.PathLike, what: str):
+    """(line number, object) of each non-blank line of a JSON-lines file; a line that is not a JSON object is
+    an error naming `what` (e.g. "--prompts x.jsonl") and the line."""
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what} line {number} is not JSON ({err})") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{what} line {number}: expected a JSON object, got {line.strip()[:100]}")
+        yield number, record
+
+
 def read_captions(folder: str | os.PathLike, files: Sequence[Path],
                   captions: str | os.PathLike | None = None) -> dict[Path, str] | None:
     """The caption of each of `files` (under `folder`): from `captions`, a JSON-lines file of {"path", "caption"}
@@ -362,17 +377,11 @@ def read_captions(folder: str | os.PathLike, files: Sequence[Path],
     captions = Path(captions)
     texts: dict[Path, str] = {}
     wanted = set(files)
-    for number, line in enumerate(captions.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{captions} line {number} is not JSON ({err})") from err
-        if not isinstance(record, dict) or not isinstance(record.get("path"), str) \
-                or not isinstance(record.get("caption"), str) or not record["caption"].strip():
+    for number, record in jsonl_records(captions, str(captions)):
+        if not isinstance(record.get("path"), str) or not isinstance(record.get("caption"), str) \
+                or not record["caption"].strip():
             raise ValueError(f'{captions} line {number}: expected {{"path": ..., "caption": ...}} with a '
-                             f"non-empty caption, got {line.strip()[:100]}")
+                             f"non-empty caption, got {json.dumps(record)[:100]}")
         path = (captions.parent / record["path"]).resolve()
         if path not in wanted:
             raise ValueError(f"{captions} line {number}: {record['path']} is not an audio file of {folder}")

@@ -124,11 +124,11 @@ th, td {{ border: 1px solid #ccc; padding: 0.4em 0.6em; text-align: left; vertic
 """
 
 
-def write_report(path: str | os.PathLike, samples: list[Sample], summary: dict[str, object]) -> Path:
-    """Write the report page atomically (a temporary file in the same folder, then a rename)."""
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a UTF-8 text file atomically: a hidden temporary file in the same folder, then a rename, so that an
+    interrupted write leaves the old file or none, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = render(samples, summary, path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -137,3 +137,8 @@ def write_report(path: str | os.PathLike, samples: list[Sample], summary: dict[s
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_report(path: str | os.PathLike, samples: list[Sample], summary: dict[str, object]) -> Path:
+    """Write the report page (atomically, `write_text`)."""
+    return write_text(path, render(samples, summary, Path(path)))

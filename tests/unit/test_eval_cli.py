@@ -138,18 +138,6 @@ def test_eval_clap_embedding(models, tmp_path, capsys):
     assert result["embedding"] == "clap" and result["embeddings_generated"] == 18 and result["fad"] <= 1e-6
 
 
-def test_eval_captions_jsonl(models, sets, tmp_path, capsys):
-    generated, reference = sets
-    captions = tmp_path / "captions.jsonl"
-    captions.write_text("".join(json.dumps({"path": str(generated / f"{i}.wav"), "caption": c}) + "\n"
-                                for i, c in enumerate(reversed(CAPTIONS))))
-    assert _eval(models, generated, reference, tmp_path / "out", "--captions", str(captions)) == 0
-    page = (tmp_path / "out" / "report.html").read_text()
-    assert all(c in page for c in CAPTIONS)
-    sidecar = json.loads(capsys.readouterr().out and (tmp_path / "out" / "metrics.json").read_text())
-    assert sidecar["clap_score"] is not None
-
-
 @pytest.mark.parametrize("case, message, status", [
     ("empty", r"--generated .*empty holds no audio file", 1),
     ("unreadable", r"broken.wav could not be read as audio", 1),
