@@ -13,6 +13,7 @@ microsoft/fadtk `fadtk/model_loader.py`), which recommends CLAP-music and EnCode
 * `ClapEmbedding`: the CLAP audio tower (D = 512) on 10 s windows every `hop_s` seconds (fadtk: 1 s). A clip of
   10 s or less is one window, filled as CLAP fills it (repeat-pad); fadtk zero-pads windows that run past the
   end, which embeds mostly silence for the last windows of every clip: here the windows end at the clip's end.
+  fadtk also rounds the audio to 16 bits first; 16-bit PCM files (what `musiclm generate` writes) are already.
 
 The statistics pool the frames or windows of all files (as fadtk does), so FAD needs at least D + 1 embeddings
 in each set for a full-rank covariance (`check_count` says how many more). A reference folder's statistics are
