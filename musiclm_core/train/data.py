@@ -91,7 +91,7 @@ def fingerprint(model: torch.nn.Module, config: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_name(path: Path, model_print: str) -> str:
+def cache_name(path: Path, model_print: str) -> str:
     stat = path.stat()
     key = f"{CACHE_VERSION}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{model_print}"
     return hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors"
@@ -122,7 +122,7 @@ def encode_folder(folder: str | os.PathLike, pipeline, cache_dir: str | os.PathL
     codec_print = fingerprint(pipeline.codec, pipeline.codec.config.to_dict())
     encoded = []
     for i, clip in enumerate(clips):
-        cached = cache_dir / _cache_name(clip.path, codec_print + ("+chroma" if chroma else ""))
+        cached = cache_dir / cache_name(clip.path, codec_print + ("+chroma" if chroma else ""))
         if cached.is_file():
             tensors = load_file(str(cached))
         else:
@@ -149,6 +149,17 @@ def encode_folder(folder: str | os.PathLike, pipeline, cache_dir: str | os.PathL
 def step_generator(seed: int, step: int, part: int = 0) -> torch.Generator:
     """A generator for one purpose at one step: the draws of step n never depend on the steps before it."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + part)
+
+
+def clip_indices(seed: int, start: int, count: int, num_clips: int) -> list[int]:
+    """Clips at positions start .. start + count - 1 of the run's sequence: one permutation per epoch, drawn from
+    (seed, epoch)."""
+    out = []
+    for position in range(start, start + count):
+        epoch, i = divmod(position, num_clips)
+        order = torch.randperm(num_clips, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(order[i]))
+    return out
 
 
 @dataclass
@@ -182,19 +193,10 @@ class MusicGenBatches:
         self.rank, self.world_size = rank, world_size
         self.chroma_frames_per_frame = chroma_frames_per_frame
 
-    def _indices(self, start: int, count: int) -> list[int]:
-        n = len(self.clips)
-        out = []
-        for position in range(start, start + count):
-            epoch, i = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            out.append(int(order[i]))
-        return out
-
     def batch(self, step: int, micro: int = 0) -> MusicGenBatch:
         global_rows = self.batch_size * self.world_size
         start = (step * self.grad_accum + micro) * global_rows
-        indices = self._indices(start, global_rows)
+        indices = clip_indices(self.seed, start, global_rows, len(self.clips))
         g = step_generator(self.seed, step, micro)
         offsets = torch.rand(global_rows, generator=g)  # crops, drawn for the global batch: same on every rank
         dropped = torch.rand(global_rows, generator=g) < self.cond_dropout

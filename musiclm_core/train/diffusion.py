@@ -1,0 +1,230 @@
+"""Diffusion UNet fine-tuning on VAE latents of mel spectrograms (MusicLDM, AudioLDM 2).
+
+    clip (16 kHz) --wav_to_mel--> log-mel (1, 1024, 64) --VAE encoder--> posterior N(mean, std) [cached]
+    step n:  z0 = scaling_factor * (mean + std * e)      e, noise ~ N(0, 1), t ~ U{0 .. T-1}, from (seed, n)
+             x_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise                 (the checkpoint's noise schedule)
+             loss = || UNet(x_t, t, conditioning) - target ||^2,   target = noise (epsilon) or
+                                                                   sqrt(abar_t) noise - sqrt(1 - abar_t) z0 (v)
+
+The VAE and the conditioning encoders stay frozen; the conditioning of each clip is computed once, when it is
+encoded, by a `condition` function, and cached with its latents:
+
+    MusicLDM     {"class_embed": CLAP audio embedding of the clip} (`clap_audio_condition`): MusicLDM trains on
+                 the audio embedding and generates from the text one (CLAP aligns the two; specs/ldm.md §16)
+    AudioLDM 2   {"encoder_hidden_states": the 8 GPT-2 vectors, "encoder_hidden_states_1": the Flan-T5 states,
+                 "encoder_attention_mask_1": their mask}, precomputed by the caller's function (padded to one
+                 length for every clip)
+
+Condition dropout replaces a row's conditioning by `null_condition` (MusicLDM: the CLAP text embedding of "",
+probability 0.1 in its training config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from musiclm_core.train import losses
+from musiclm_core.train.data import cache_name, clip_indices, fingerprint, read_captions, step_generator
+from musiclm_core.train.loop import STATE_FILE, Trainer, TrainConfig, autocast, differentiable_attention
+
+CONDITION_KEYS = ("class_embed", "encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_1",
+                  "encoder_attention_mask_1")  # the UNet's conditioning arguments
+
+
+@dataclass
+class LatentClip:
+    mean: Tensor                  # (C, t, f) the VAE posterior's mean (unscaled)
+    std: Tensor                   # (C, t, f)
+    condition: dict[str, Tensor]  # per clip, without a batch axis: a subset of CONDITION_KEYS
+    caption: str
+
+
+def clap_audio_condition(clap) -> Callable[[Tensor, int, str], dict[str, Tensor]]:
+    """MusicLDM's training condition: the CLAP audio embedding of the clip."""
+    def condition(wav: Tensor, sample_rate: int, caption: str) -> dict[str, Tensor]:
+        return {"class_embed": clap.audio_embeds(wav, sample_rate)[0].float().cpu()}
+    return condition
+
+
+def encode_latent_folder(folder: str | os.PathLike, vae: nn.Module, cache_dir: str | os.PathLike, *,
+                         condition: Callable[[Tensor, int, str], dict[str, Tensor]], condition_name: str,
+                         target_frames: int = 1024, mel_config=None, progress: bool = False) -> list[LatentClip]:
+    """Each captioned clip of `folder` (as `data.read_captions`) as VAE posterior moments of its mel
+    (`mel.wav_to_mel`, cut or padded to `target_frames`, 1024 = 10.24 s) and `condition(wav (1, N), sample_rate,
+    caption)`; cached in `cache_dir` under a key of the clip, the VAE's weights and `condition_name`."""
+    from safetensors.torch import load_file, save_file
+
+    from musiclm_core.audio import load_audio
+    from musiclm_core.mel import PRESETS, wav_to_mel
+
+    mel_config = mel_config or PRESETS["16khz"]
+    folder, cache_dir = Path(folder).resolve(), Path(cache_dir)
+    clips = read_captions(folder)
+    if cache_dir.resolve() == folder or folder in cache_dir.resolve().parents:
+        raise ValueError(f"the cache folder {cache_dir} must lie outside the data folder {folder} (which is only "
+                         f"read)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = fingerprint(vae, {"vae": vae.config.to_dict(), "condition": condition_name, "frames": target_frames,
+                            "mel": repr(mel_config)})
+    out = []
+    for i, clip in enumerate(clips):
+        cached = cache_dir / cache_name(clip.path, key)
+        if cached.is_file():
+            tensors = load_file(str(cached))
+        else:
+            try:
+                wav, sr = load_audio(clip.path, sample_rate=mel_config.sample_rate, channels=1)
+            except (ValueError, OSError) as err:
+                raise ValueError(f"cannot read training audio {clip.path}: {err}") from err
+            if wav.shape[-1] == 0:
+                raise ValueError(f"training audio {clip.path} is empty")
+            with torch.no_grad():
+                mel = wav_to_mel(wav, sr, target_frames, mel_config)  # (1, 1, T, n_mels)
+                posterior = vae.encode(mel.to(next(vae.parameters()).device))
+                tensors = {"mean": posterior.mean[0].float().cpu(), "std": posterior.std[0].float().cpu()}
+                tensors.update({f"condition.{k}": v for k, v in condition(wav, sr, clip.caption).items()})
+            unknown = [k for k in tensors if k.startswith("condition.") and k[10:] not in CONDITION_KEYS]
+            if unknown:
+                raise ValueError(f"condition gave {unknown}; the UNet takes {CONDITION_KEYS}")
+            tmp = cached.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, cached)
+        condition_part = {k[10:]: v for k, v in tensors.items() if k.startswith("condition.")}
+        out.append(LatentClip(tensors["mean"], tensors["std"], condition_part, clip.caption))
+        if progress:
+            print(f"\rencoded {i + 1} / {len(clips)} clips", end="\n" if i + 1 == len(clips) else "", flush=True)
+    return out
+
+
+@dataclass
+class LatentBatch:
+    z0: Tensor                    # (B, C, t, f) scaled latents
+    noise: Tensor                 # (B, C, t, f)
+    timesteps: Tensor             # (B,) int64
+    condition: dict[str, Tensor]  # batched, dropped rows set to the null condition
+    dropped: Tensor               # (B,) bool
+
+
+class LatentBatches:
+    """Batches of step n, micro-batch m: clips in per-epoch permutations as `data.MusicGenBatches`; the posterior
+    sample, the noise, the timesteps and the condition dropout are drawn from (seed, n, m)."""
+
+    def __init__(self, clips: Sequence[LatentClip], *, batch_size: int, scaling_factor: float,
+                 num_train_timesteps: int, null_condition: dict[str, Tensor] | None = None, cond_dropout: float = 0.0,
+                 seed: int = 0, grad_accum: int = 1, rank: int = 0, world_size: int = 1):
+        if cond_dropout > 0 and null_condition is None:
+            raise ValueError("cond_dropout > 0 needs a null_condition (MusicLDM: the CLAP text embedding of \"\")")
+        keys = set(clips[0].condition) if clips else set()
+        if null_condition is not None and set(null_condition) != keys:
+            raise ValueError(f"null_condition has {sorted(null_condition)}, the clips' conditions {sorted(keys)}")
+        self.clips, self.batch_size, self.scaling_factor = list(clips), batch_size, scaling_factor
+        self.num_train_timesteps, self.null, self.cond_dropout = num_train_timesteps, null_condition, cond_dropout
+        self.seed, self.grad_accum, self.rank, self.world_size = seed, grad_accum, rank, world_size
+
+    def batch(self, step: int, micro: int = 0) -> LatentBatch:
+        rows = self.batch_size * self.world_size
+        start = (step * self.grad_accum + micro) * rows
+        indices = clip_indices(self.seed, start, rows, len(self.clips))
+        g = step_generator(self.seed, step, micro)
+        mean = torch.stack([self.clips[i].mean for i in indices])  # (B', C, t, f), the global batch
+        std = torch.stack([self.clips[i].std for i in indices])
+        z0 = self.scaling_factor * (mean + std * torch.randn(mean.shape, generator=g))
+        noise = torch.randn(mean.shape, generator=g)
+        timesteps = torch.randint(0, self.num_train_timesteps, (rows,), generator=g)
+        dropped = torch.rand(rows, generator=g) < self.cond_dropout
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        condition = {}
+        for key in self.clips[indices[0]].condition:
+            values = torch.stack([self.clips[i].condition[key] for i in indices])
+            if self.null is not None:
+                null = self.null[key].to(values.dtype).expand_as(values)
+                values = torch.where(dropped.view(-1, *[1] * (values.dim() - 1)), null, values)
+            condition[key] = values[mine]
+        return LatentBatch(z0[mine], noise[mine], timesteps[mine], condition, dropped[mine])
+
+
+class DiffusionObjective(nn.Module):
+    """forward(z0, noise, timesteps, conditioning...) -> the MSE of the UNet's prediction against the target of
+    `prediction_type` (default: the schedule's) on the schedule's noisy latents."""
+
+    def __init__(self, unet: nn.Module, schedule, prediction_type: str | None = None):
+        super().__init__()
+        self.unet, self.schedule = unet, schedule
+        self.prediction_type = prediction_type or schedule.prediction_type
+
+    def forward(self, z0: Tensor, noise: Tensor, timesteps: Tensor, *, class_embed: Tensor | None = None,
+                encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,
+                encoder_hidden_states_1: Tensor | None = None,
+                encoder_attention_mask_1: Tensor | None = None) -> Tensor:
+        x_t = self.schedule.add_noise(z0, noise, timesteps)
+        prediction = self.unet(x_t, timesteps, class_embed=class_embed, encoder_hidden_states=encoder_hidden_states,
+                               encoder_attention_mask=encoder_attention_mask,
+                               encoder_hidden_states_1=encoder_hidden_states_1,
+                               encoder_attention_mask_1=encoder_attention_mask_1)
+        target = losses.diffusion_target(z0, noise, timesteps, self.schedule, self.prediction_type)
+        return losses.diffusion_loss(prediction, target)
+
+
+def train_unet(unet: nn.Module, schedule, clips: Sequence[LatentClip], out: str | os.PathLike,
+               config: TrainConfig, *, scaling_factor: float, batch_size: int = 2, cond_dropout: float = 0.1,
+               null_condition: dict[str, Tensor] | None = None, prediction_type: str | None = None,
+               lora_rank: int = 0, lora_alpha: float | None = None, resume: bool = False,
+               distributed: str | None = None, progress: bool = False,
+               log: Callable[[dict], None] | None = None) -> list[float]:
+    """Fine-tune `unet` on `clips` (`encode_latent_folder`) to `config.steps`; returns the losses of the steps
+    taken. out/unet is a native UNet folder with the latest weights (merged with the LoRA adapter, which is also
+    saved alone in out/), next to trainer_state.pt and metrics.jsonl. With resume=True (and no LoRA) pass the
+    UNet loaded from out/unet."""
+    from musiclm_core import hub
+    from musiclm_core.train import distributed as dist_setup, lora
+    from musiclm_core.unet import KIND
+
+    out = Path(out)
+    rank, world_size = dist_setup.rank_and_world(distributed)
+    device = next(unet.parameters()).device
+    unet.requires_grad_(True)
+    if lora_rank:
+        lora.add_lora(unet, lora_rank, lora_alpha)
+        if resume:
+            lora.load_adapter(unet, out)
+    objective = dist_setup.wrap(DiffusionObjective(unet, schedule, prediction_type), distributed)
+    batches = LatentBatches(clips, batch_size=batch_size, scaling_factor=scaling_factor,
+                            num_train_timesteps=schedule.num_train_timesteps, null_condition=null_condition,
+                            cond_dropout=cond_dropout, seed=config.seed, grad_accum=config.grad_accum, rank=rank,
+                            world_size=world_size)
+
+    def step_loss(step: int, micro: int) -> tuple[Tensor, int]:
+        b = batches.batch(step, micro)
+        condition = {k: v.to(device) for k, v in b.condition.items()}
+        with autocast(device, config.bf16), differentiable_attention():
+            loss = objective(b.z0.to(device), b.noise.to(device), b.timesteps.to(device), **condition)
+        return loss, b.z0.numel()
+
+    def save_weights(folder: Path, step: int) -> None:
+        hub.save_native(folder / "unet", KIND, unet.config.to_dict(), lora.merged_state_dict(unet), overwrite=True)
+        if lora_rank:
+            lora.save_adapter(unet, folder)
+        tmp = folder / "training.json.tmp"
+        tmp.write_text(json.dumps({"step": step}) + "\n")
+        os.replace(tmp, folder / "training.json")
+
+    settings = {"batch_size": batch_size, "cond_dropout": cond_dropout, "lora_rank": lora_rank,
+                "lora_alpha": lora_alpha, "prediction_type": objective_prediction(objective),
+                "world_size": world_size, "clips": len(clips), **vars(config)}
+    trainer = Trainer(objective, config, out, step_loss, save_weights, rank=rank, settings=settings)
+    if resume:
+        if not (out / STATE_FILE).is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from: {out / STATE_FILE} does not exist")
+        trainer.resume(json.loads((out / "training.json").read_text())["step"])
+    return trainer.train(progress=progress, log=log)
+
+
+def objective_prediction(objective: nn.Module) -> str:
+    return getattr(objective, "module", objective).prediction_type
