@@ -68,8 +68,9 @@ def roberta_tokenizer(folder: Path):
     tok.train_from_iterator(corpus, trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.model.save(str(folder))
-    return RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
-                                model_max_length=512)
+    # from_pretrained: transformers 5's RobertaTokenizerFast(vocab_file=..., merges_file=...) does not use the files
+    # (every text becomes "</s> <unk>", padded with <s>)
+    return RobertaTokenizerFast.from_pretrained(str(folder), model_max_length=512)
 
 
 def move_off_init(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
@@ -88,7 +89,9 @@ def _clap(tokenizer, official: bool, scale: float):
     config = ClapConfig(text_config=text, audio_config=OFFICIAL_CLAP_AUDIO if official else TINY_CLAP_AUDIO,
                         projection_dim=512 if official else 16, projection_hidden_act="relu")
     torch.manual_seed(1)
-    model = move_off_init(ClapModel(config), scale, seed=1)
+    # Twice the noise at tiny sizes: with the others' 0.1, the text embeddings of different prompts are within
+    # cos 0.99 of each other, and the pipelines barely listen to the prompt.
+    model = move_off_init(ClapModel(config), scale if official else 2 * scale, seed=1)
     bn = model.audio_model.audio_encoder.batch_norm  # statistics of log-mel dB features, not 0 and 1
     g = torch.Generator().manual_seed(2)
     bn.running_mean.copy_(-40 + 5 * torch.randn(bn.running_mean.shape, generator=g))
@@ -124,10 +127,14 @@ def write_musicldm(root: Path, *, official: bool = False, scale: float | None = 
     unet = UNet2DConditionModel(**base, cross_attention_dim=base["block_out_channels"],
                                 class_embed_type="simple_projection", class_embeddings_concat=True,
                                 projection_class_embeddings_input_dim=clap.config.projection_dim)
+    move_off_init(unet, scale, seed=5)
+    if not official:  # the CLAP vector enters only here; at init scale it moves the tiny output by ~1e-3
+        with torch.no_grad():
+            unet.class_embedding.weight.mul_(10)
     vae, vocoder = _tail(official, scale)
     pipe = MusicLDMPipeline(vae=vae, text_encoder=clap, tokenizer=tokenizer,
                             feature_extractor=ClapFeatureExtractor(**FEATURES),
-                            unet=move_off_init(unet, scale, seed=5), scheduler=DDIMScheduler(**SCHEDULER),
+                            unet=unet, scheduler=DDIMScheduler(**SCHEDULER),
                             vocoder=vocoder)
     pipe.save_pretrained(root / "musicldm")
     return root / "musicldm"
@@ -210,3 +217,126 @@ def reference_audioldm2(folder: Path):
     pipe.generate_language_model = generate_language_model
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
+                     "euler": "EulerDiscreteScheduler", "lms": "LMSDiscreteScheduler"}
+
+
+def reference_audio(pipe, prompts, *, scheduler: str = "ddim", **options) -> torch.Tensor:
+    """The reference pipeline's waveforms (B·n, N) float32, with its scheduler switched as a user of diffusers
+    switches it: `OtherScheduler.from_config(pipe.scheduler.config)`."""
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, SCHEDULER_CLASSES[scheduler]).from_config(pipe.scheduler.config)
+    return pipe(prompts, output_type="pt", **options).audios
+
+
+def latents_for(pipe, rows: int, seconds: float, seed: int = 0) -> torch.Tensor:
+    """Initial noise (rows, 8, frames / 4, 16) for `seconds` of audio (frames as the pipelines count them)."""
+    from musiclm_core.ldm import audio_frames
+
+    frames, _ = audio_frames(seconds, default_frames=None, hop_s=0.01, factor=4, sample_rate=16000)
+    return torch.randn(rows, pipe.unet.config.in_channels, frames // 4, 16,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def source_rows(ranked: torch.Tensor, candidates: torch.Tensor, atol: float) -> list[int]:
+    """For each row of `ranked` (R, N), the row of `candidates` (C, N) it equals to atol (-1 if none)."""
+    rows = []
+    for wav in ranked.reshape(ranked.shape[0], -1):
+        diff = (candidates.reshape(candidates.shape[0], -1) - wav).abs().amax(dim=1)
+        rows.append(int(diff.argmin()) if float(diff.min()) <= atol else -1)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks both parity test files run (each on its own pipeline pair)
+
+ATOL = 1e-4  # max abs difference of the waveforms (fp32; the waveforms are of order 0.1-1)
+PROMPTS = ["rock piano", "calm jazz with drums and a slow beat"]
+NEGATIVES = ["low quality", "loud noise with bass"]
+SECONDS, STEPS = 0.3, 4  # 0.3 s: int(0.3 / 0.01) = 29 frames (float division), rounded up to 32; 4800 samples
+
+
+def check_parity(ours, ref, scheduler: str, negative, *, seconds: float = SECONDS, steps: int = STEPS) -> None:
+    latents = latents_for(ours, len(PROMPTS), seconds)
+    expected = reference_audio(ref, PROMPTS, scheduler=scheduler, negative_prompt=negative,
+                               audio_length_in_s=seconds, num_inference_steps=steps, latents=latents.clone())
+    got = ours.generate(PROMPTS, scheduler=scheduler, negative_prompt=negative, audio_length_in_s=seconds,
+                        num_inference_steps=steps, latents=latents.clone())
+    assert got.dtype == torch.float32 and got.shape == (len(PROMPTS), 1, int(seconds * 16000))
+    assert float(expected.abs().max()) > 0.05  # a waveform, not silence
+    assert (got[:, 0] - expected).abs().max() <= ATOL
+
+
+def check_listens(ours) -> None:
+    """A different prompt and a negative prompt each move the waveform by far more than the tolerance."""
+    latents = latents_for(ours, 2, SECONDS)
+    run = dict(audio_length_in_s=SECONDS, num_inference_steps=STEPS)
+    base = ours.generate(PROMPTS, latents=latents.clone(), **run)
+    other = ours.generate(["ambient synth", PROMPTS[1]], latents=latents.clone(), **run)
+    negative = ours.generate(PROMPTS, negative_prompt=NEGATIVES, latents=latents.clone(), **run)
+    again = ours.generate(PROMPTS, latents=latents.clone(), **run)
+    assert (again - base).abs().max() <= ATOL  # deterministic given the latents
+    assert (other[0] - base[0]).abs().max() > 100 * ATOL
+    assert (other[1] - base[1]).abs().max() <= ATOL  # prompt rows do not mix
+    assert ((negative - base).abs().amax(dim=(1, 2)) > 100 * ATOL).all()
+
+
+def check_lengths_and_seed(ours, ref) -> None:
+    """The default length (unet sample_size · 4 · 0.01 s) and a truncated one, drawn from a seed on both sides:
+    the same CPU generator draws the same initial latents."""
+    for seconds in (None, 0.29):  # 0.29 s: 28 frames (int truncation), 4640 samples
+        expected = reference_audio(ref, PROMPTS[:1], audio_length_in_s=seconds, num_inference_steps=2,
+                                   generator=torch.Generator().manual_seed(7))
+        got = ours.generate(PROMPTS[:1], audio_length_in_s=seconds, num_inference_steps=2, seed=7)
+        # 0.29 s asks for int(0.29 · 16000) = 4640 samples, but 28 frames make only 4480 here (4512 with the
+        # official vocoder): the reference returns fewer samples than asked, and so do we.
+        frames = ours.sample_size * 4 if seconds is None else 28
+        assert got.shape[-1] == expected.shape[-1] == min(ours.vocoder.config.output_length(frames),
+                                                          int((seconds or frames / 100) * 16000))
+        assert (got[:, 0] - expected).abs().max() <= ATOL
+
+
+def check_eta(ours, ref) -> None:
+    """DDIM with eta > 0 draws noise each step from the seeded generator, after the initial latents."""
+    run = dict(audio_length_in_s=SECONDS, num_inference_steps=3, eta=0.7)
+    expected = reference_audio(ref, PROMPTS, generator=torch.Generator().manual_seed(3), **run)
+    got = ours.generate(PROMPTS, seed=3, **run)
+    deterministic = ours.generate(PROMPTS, seed=3, **dict(run, eta=0.0))
+    assert (got[:, 0] - expected).abs().max() <= ATOL
+    assert (got - deterministic).abs().max() > 100 * ATOL
+
+
+def _candidates(ours, prompts, n, latents, **run):
+    """The unranked candidates: each prompt repeated n times, one waveform each (the same rows, seen apart)."""
+    return ours.generate([p for p in prompts for _ in range(n)], latents=latents.clone(), **run)
+
+
+def check_ranking_one_prompt(ours, ref, seed: int) -> None:
+    """One prompt, 3 candidates: the same order as the reference's score_waveforms, and not the order made."""
+    run = dict(audio_length_in_s=SECONDS, num_inference_steps=3)
+    latents = latents_for(ours, 3, SECONDS, seed=seed)
+    expected = reference_audio(ref, PROMPTS[:1], num_waveforms_per_prompt=3, latents=latents.clone(), **run)
+    got = ours.generate(PROMPTS[:1], num_waveforms_per_prompt=3, latents=latents.clone(), **run)
+    candidates = _candidates(ours, PROMPTS[:1], 3, latents, **run)
+    order = source_rows(got, candidates, ATOL)
+    assert sorted(order) == [0, 1, 2] and order != [0, 1, 2]
+    assert (got[:, 0] - expected).abs().max() <= ATOL
+
+
+def check_ranking_within_prompts(ours, ref, seed: int) -> None:
+    """Two prompts, 2 candidates each: the reference hands a prompt another prompt's waveform (it ranks all
+    four for each prompt); ours returns each prompt's own two, best first."""
+    run = dict(audio_length_in_s=SECONDS, num_inference_steps=3)
+    latents = latents_for(ours, 4, SECONDS, seed=seed)
+    candidates = _candidates(ours, PROMPTS, 2, latents, **run)
+    expected = reference_audio(ref, PROMPTS, num_waveforms_per_prompt=2, latents=latents.clone(), **run)
+    got = ours.generate(PROMPTS, num_waveforms_per_prompt=2, latents=latents.clone(), **run)
+    theirs, mine = source_rows(expected, candidates, ATOL), source_rows(got, candidates, ATOL)
+    assert sorted(mine[:2]) == [0, 1] and sorted(mine[2:]) == [2, 3]
+    assert any(row not in block for row, block in zip(theirs, ([0, 1], [0, 1], [2, 3], [2, 3])))
+    scores = ours.clap.score(PROMPTS, candidates[:, 0], 16000, scaled=True)
+    for i in range(2):  # best first within the block
+        assert scores[i, mine[2 * i]] >= scores[i, mine[2 * i + 1]]

@@ -1,0 +1,76 @@
+"""MusicLDM against diffusers' MusicLDMPipeline, on pipeline folders diffusers wrote (save_pretrained) and
+`MusicLDM.from_pretrained` read.
+
+The reference is the stock diffusers 0.42.1 pipeline run under transformers 5 with one call site patched: its
+`_encode_prompt` uses `ClapModel.get_text_features(...)` as a tensor, which transformers 5 returns wrapped in a
+`BaseModelOutputWithPooling` (specs/ldm.md §15.20), so the fixture returns the wrapper's `.pooler_output`, the
+tensor transformers 4 returned. Chosen over a pinned older environment (diffusers <= 0.39 + transformers 4.51,
+specs/NOTES.md) because it runs in the test environment itself, with the same CLAP, VAE and vocoder code the
+component parity tests use; all of the pipeline's own code (prompt encoding, negative-prompt padding, guidance,
+the scheduler loop, VAE, vocoder, cutting, score_waveforms with librosa) runs as shipped.
+
+Every model is moved off its initialisation (tests/ldm_fixtures.py). Checked, with the same initial latents: DDIM
+(the checkpoint's scheduler) and DPM-Solver++ (plus PNDM, Euler and LMS once each), with and without negative
+prompts; the default and a truncated length from a seeded generator; DDIM with eta > 0; the CLAP ranking of 3
+candidates of one prompt (the reference's order), and of 2 prompts x 2 (the reference hands a prompt another
+prompt's waveform, ours does not). A different prompt and a negative prompt move the output by > 100x the
+tolerance. The official sizes (random weights, 0.5 s, 2 steps) run under `-m slow`.
+
+Tolerance: waveform max abs difference <= 1e-4 (fp32; the waveforms reach 0.1-1).
+"""
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("librosa")  # the reference skips its ranking without it
+
+import ldm_fixtures as lf  # noqa: E402
+
+from musiclm_core.musicldm import MusicLDM  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = lf.write_musicldm(tmp_path_factory.mktemp("musicldm"))
+    return MusicLDM.from_pretrained(folder), lf.reference_musicldm(folder)
+
+
+@pytest.mark.parametrize("negative", [None, lf.NEGATIVES], ids=["no-negative", "negative"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_parity(pair, scheduler, negative):
+    lf.check_parity(*pair, scheduler, negative)
+
+
+def test_other_schedulers(pair):
+    for scheduler in ("pndm", "euler", "lms"):
+        lf.check_parity(*pair, scheduler, None)
+
+
+def test_fixture_listens(pair):
+    lf.check_listens(pair[0])
+
+
+def test_lengths_and_seed(pair):
+    lf.check_lengths_and_seed(*pair)
+
+
+def test_ddim_eta(pair):
+    lf.check_eta(*pair)
+
+
+def test_ranking_one_prompt(pair):
+    lf.check_ranking_one_prompt(*pair, seed=1)
+
+
+def test_ranking_stays_within_each_prompt(pair):
+    lf.check_ranking_within_prompts(*pair, seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_official_config_parity(tmp_path, scheduler):
+    """ucsd-reach/musicldm's sizes with random weights: 0.5 s, 2 steps, with and without negative prompts."""
+    folder = lf.write_musicldm(tmp_path, official=True)
+    ours, ref = MusicLDM.from_pretrained(folder), lf.reference_musicldm(folder)
+    for negative in (None, lf.NEGATIVES):
+        lf.check_parity(ours, ref, scheduler, negative, seconds=0.5, steps=2)
