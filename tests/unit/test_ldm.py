@@ -1,0 +1,184 @@
+"""The shared latent-diffusion pipeline code (musiclm_core/ldm.py): length bookkeeping, inputs, initial latents,
+samplers, and the errors `generate` and `from_pretrained` give, on the tiny MusicLDM folder of the parity tests.
+Parity with the reference pipelines is in tests/parity/test_{musicldm,audioldm2}_parity.py."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from musiclm_core import hub, schedulers
+from musiclm_core.ldm import audio_frames, check_prompts, initial_latents, make_sampler
+
+SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "beta_start": 0.0015, "beta_end": 0.0195,
+                    "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+                    "steps_offset": 1, "num_train_timesteps": 1000}
+OFFICIAL = dict(default_frames=1024, hop_s=0.01, factor=4, sample_rate=16000)
+
+
+@pytest.mark.parametrize("seconds, expected", [
+    (None, (1024, 163840)),   # unet sample_size 256 · 4 frames: 10.24 s
+    (10.24, (1024, 163840)),
+    (10.0, (1000, 160000)),
+    (2.5, (252, 40000)),      # 250 frames rounded up to a multiple of 4
+    (12.3, (1232, 196800)),   # 1230 (int(12.3 / 0.01) = 1230) -> 1232
+    (0.29, (28, 4640)),       # int(0.29 / 0.01) = 28: the float division truncates, 28 is a multiple of 4
+    (0.3, (32, 4800)),        # int(0.3 / 0.01) = 29 -> 32
+    (0.04, (4, 640)),         # the shortest: one latent frame
+    (3, (300, 48000)),        # an int
+])
+def test_audio_frames(seconds, expected):
+    assert audio_frames(seconds, **OFFICIAL) == expected
+
+
+@pytest.mark.parametrize("seconds, message", [
+    (0, "at least 0.04 s"), (-1.0, "at least 0.04 s"), (0.039, "at least 0.04 s"),
+    (float("nan"), "finite number"), (float("inf"), "finite number"), ("5", "finite number"), (True, "finite"),
+])
+def test_audio_frames_errors(seconds, message):
+    with pytest.raises(ValueError, match=message):
+        audio_frames(seconds, **OFFICIAL)
+
+
+def test_audio_frames_without_default():
+    with pytest.raises(ValueError, match="no sample_size"):
+        audio_frames(None, **dict(OFFICIAL, default_frames=None))
+
+
+def test_check_prompts():
+    assert check_prompts("rock", None) == (["rock"], None)
+    assert check_prompts(["a", "b"], "noise") == (["a", "b"], ["noise", "noise"])
+    assert check_prompts(("a", "b"), ["x", ""]) == (["a", "b"], ["x", ""])  # an empty negative is fine
+
+
+@pytest.mark.parametrize("prompts, negative, error, message", [
+    ([], None, ValueError, "non-empty list"),
+    ("", None, ValueError, r"prompt\(s\) \[0\] are empty"),
+    (["a", "  "], None, ValueError, r"\[1\] are empty"),
+    (["a", 3], None, TypeError, "must be strings"),
+    (["a", "b"], ["x"], ValueError, "1 entries for 2 prompt"),
+    (["a"], [None], TypeError, "negative_prompt must be"),
+])
+def test_check_prompts_errors(prompts, negative, error, message):
+    with pytest.raises(error, match=message):
+        check_prompts(prompts, negative)
+
+
+def test_initial_latents():
+    ddim = make_sampler(SCHEDULER_CONFIG, None, 0.0)
+    shape = (2, 8, 4, 16)
+    drawn = initial_latents(shape, ddim, latents=None, generator=torch.Generator().manual_seed(5),
+                            dtype=torch.float32, device=torch.device("cpu"))
+    assert torch.equal(drawn, torch.randn(shape, generator=torch.Generator().manual_seed(5)))  # same draw
+    euler = make_sampler(SCHEDULER_CONFIG, "euler", 0.0)
+    euler.set_timesteps(10)
+    given = torch.ones(shape)
+    scaled = initial_latents(shape, euler, latents=given, generator=None, dtype=torch.float32,
+                             device=torch.device("cpu"))
+    assert euler.init_noise_sigma > 10 and torch.allclose(scaled, given * euler.init_noise_sigma)
+    for bad in (torch.ones(2, 8, 5, 16), torch.ones(8, 4, 16), torch.ones(shape, dtype=torch.long), [1.0]):
+        with pytest.raises(ValueError, match=r"latents must be a float tensor of shape \(2, 8, 4, 16\)"):
+            initial_latents(shape, ddim, latents=bad, generator=None, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_make_sampler():
+    assert isinstance(make_sampler(SCHEDULER_CONFIG, None, 0.3), schedulers.DDIM)
+    assert make_sampler(SCHEDULER_CONFIG, None, 0.3).eta == 0.3
+    assert isinstance(make_sampler(SCHEDULER_CONFIG, "dpm", 0.0), schedulers.DPMSolver)
+    with pytest.raises(ValueError, match="unknown scheduler 'heun'"):
+        make_sampler(SCHEDULER_CONFIG, "heun", 0.0)
+    with pytest.raises(ValueError, match="eta=0.5 is DDIM's"):
+        make_sampler(SCHEDULER_CONFIG, "dpm", 0.5)
+    with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\]"):
+        make_sampler(SCHEDULER_CONFIG, None, -0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    import ldm_fixtures
+
+    return ldm_fixtures.write_musicldm(tmp_path_factory.mktemp("musicldm"))
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    from musiclm_core.musicldm import MusicLDM
+
+    return MusicLDM.from_pretrained(folder)
+
+
+RUN = dict(audio_length_in_s=0.2, num_inference_steps=2)
+
+
+def test_output_seed_and_progress(pipe):
+    calls = []
+    wav = pipe.generate(["rock", "jazz"], num_waveforms_per_prompt=2, seed=3, progress=lambda *a: calls.append(a),
+                        **RUN)
+    assert wav.shape == (4, 1, 3200) and wav.dtype == torch.float32 and pipe.sample_rate == 16000
+    assert calls == [(1, 2), (2, 2)]
+    again = pipe.generate(["rock", "jazz"], num_waveforms_per_prompt=2, seed=3, **RUN)
+    other = pipe.generate(["rock", "jazz"], num_waveforms_per_prompt=2, seed=4, **RUN)
+    assert (again - wav).abs().max() <= 1e-6
+    assert (other - wav).abs().max() > 1e-2
+    unguided = pipe.generate("rock", guidance_scale=1.0, seed=3, **RUN)
+    assert unguided.shape == (1, 1, 3200) and (unguided[0] - wav[:2]).abs().amax() > 1e-2
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(audio_length_in_s=0), "audio_length_in_s must be at least 0.04 s"),
+    (dict(audio_length_in_s=-2.0), "audio_length_in_s must be at least 0.04 s"),
+    (dict(audio_length_in_s=0.03), "one latent frame"),
+    (dict(num_inference_steps=0), "num_inference_steps must be a positive integer, got 0"),
+    (dict(num_inference_steps=-5), "num_inference_steps must be a positive integer"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be a positive integer"),
+    (dict(num_inference_steps=1001), r"num_inference_steps must be an integer in \[1, num_train_timesteps=1000\]"),
+    (dict(num_waveforms_per_prompt=0), "num_waveforms_per_prompt must be a positive integer"),
+    (dict(negative_prompt=["a", "b", "c"]), "negative_prompt has 3 entries for 2 prompt"),
+    (dict(latents=torch.zeros(2, 8, 3, 16)), r"latents must be a float tensor of shape \(2, 8, 8, 16\)"),
+    (dict(latents=torch.zeros(1, 8, 8, 16)), r"shape \(2, 8, 8, 16\)"),
+    (dict(scheduler="ddpm"), "unknown scheduler 'ddpm'"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63\)"),
+    (dict(scheduler="dpm", eta=0.5), "DDIM's stochasticity"),
+])
+def test_generate_errors(pipe, options, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.generate(["rock", "jazz"], **{**RUN, "audio_length_in_s": 0.3, **options})
+
+
+def test_generate_empty_prompt(pipe):
+    with pytest.raises(ValueError, match="are empty: describe the audio"):
+        pipe.generate(["rock", ""], **RUN)
+    with pytest.raises(ValueError, match="non-empty list"):
+        pipe.generate([], **RUN)
+
+
+def test_from_pretrained_errors(folder, tmp_path):
+    from musiclm_core.audioldm2 import AudioLDM2
+    from musiclm_core.musicldm import MusicLDM
+
+    with pytest.raises(hub.CheckpointError, match="_class_name is 'MusicLDMPipeline'; AudioLDM2 loads "
+                                                  "AudioLDM2Pipeline folders"):
+        AudioLDM2.from_pretrained(folder)
+    with pytest.raises(hub.CheckpointError, match="no model_index.json"):
+        MusicLDM.from_pretrained(folder / "unet")
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(hub.CheckpointError, match="has no scheduler/scheduler_config.json"):
+        MusicLDM.from_pretrained(copy)
+    shutil.copytree(folder, copy, dirs_exist_ok=True)
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    del config["sample_size"]
+    (copy / "unet" / "config.json").write_text(json.dumps(config))
+    model = MusicLDM.from_pretrained(copy)
+    assert model.sample_size is None
+    with pytest.raises(ValueError, match="no sample_size, so there is no default length: pass audio_length_in_s"):
+        model.generate("rock", num_inference_steps=1)
+    assert model.generate("rock", audio_length_in_s=0.1, num_inference_steps=1).shape == (1, 1, 1600)
