@@ -10,6 +10,7 @@
     musiclm eval --generated DIR --reference DIR --embedding clap|encodec --out DIR   # FAD, CLAP score, report
     musiclm clap "text" a.wav b.wav [--model M]                             # CLAP score matrix
     musiclm train musicgen --data DIR --model facebook/musicgen-small --out runs/x --steps N [--lora R] [--resume]
+    musiclm train ldm --data DIR --model ucsd-reach/musicldm --out runs/y --steps N [--lora R] [--resume]
 
 Adding a command: write `_add_<name>(subparsers)`, which declares the arguments on `_command(subparsers, ...)`
 (it shows every default in --help) and ends with `p.set_defaults(run=_<name>)`, and `_<name>(args) -> int`,
@@ -954,40 +955,101 @@ def _add_train(subparsers) -> None:
     m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     m.add_argument("--distributed", choices=("ddp", "fsdp"), help="under torchrun: DDP or FSDP")
     m.set_defaults(run=_train)
+    d = _command(tasks, "ldm", help="MusicLDM's diffusion UNet (the VAE and CLAP stay frozen)",
+                 description="Fine-tune the UNet of a MusicLDM pipeline on the VAE latents of the clips' mels "
+                             "(encoded once, cached in --cache), conditioned on each clip's CLAP audio embedding, "
+                             "with the pipeline's noise schedule; the null condition (CLAP text embedding of \"\") "
+                             "for --cond-dropout of the rows. OUT/unet loads with UNet.from_pretrained.")
+    d.add_argument("--data", type=Path, required=True, help="folder of audio files with captions (only read)")
+    d.add_argument("--model", default="ucsd-reach/musicldm", help="MusicLDM pipeline: hub id or diffusers folder")
+    d.add_argument("--out", type=Path, required=True, help="the run folder")
+    d.add_argument("--steps", type=int, required=True, help="the run's total number of optimiser steps")
+    d.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    d.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end only)")
+    d.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R LoRA adapters instead")
+    d.add_argument("--batch-size", type=int, default=2, help="clips per micro-batch (per process)")
+    d.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    d.add_argument("--seconds", type=float, default=10.24, help="seconds of each clip (cut or padded)")
+    d.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    d.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    d.add_argument("--cond-dropout", type=float, default=0.1, help="fraction of rows trained without conditioning")
+    d.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="what the UNet learns to predict (default: the pipeline scheduler's)")
+    d.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    d.add_argument("--seed", type=int, default=0, help="seed of the data order, noise, timesteps and dropout")
+    d.add_argument("--cache", type=Path, help="folder of the cached latents (default: OUT/cache)")
+    d.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    d.add_argument("--distributed", choices=("ddp", "fsdp"), help="under torchrun: DDP or FSDP")
+    d.set_defaults(run=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    if args.save_every < 0 or args.lora < 0 or args.warmup < 0 or not args.segment > 0:
-        raise UsageError("--save-every, --lora and --warmup must be >= 0 and --segment > 0")
+    seconds = args.segment if args.task == "musicgen" else args.seconds
+    if args.save_every < 0 or args.lora < 0 or args.warmup < 0 or not seconds > 0:
+        raise UsageError(f"--save-every, --lora and --warmup must be >= 0 and "
+                         f"{'--segment' if args.task == 'musicgen' else '--seconds'} > 0")
     data, out = args.data.resolve(), args.out.resolve()
     if out == data or data in out.parents or (args.cache and data in args.cache.resolve().parents):
         raise UsageError(f"--out and --cache must lie outside --data ({args.data}), which is only read")
-    import torch  # noqa: F401  (after the flag checks)
-
-    from musiclm_core.melody import MusicGenMelody
-    from musiclm_core.musicgen import MusicGen
-    from musiclm_core.train import data as train_data, distributed, loop, musicgen as train_musicgen
+    from musiclm_core.train import distributed, loop
 
     rank, _ = distributed.rank_and_world(args.distributed)
     device = _device(args.device)
+    config = loop.TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, grad_accum=args.grad_accum,
+                              bf16=args.bf16, save_every=args.save_every, seed=args.seed)
+    losses = (_train_musicgen if args.task == "musicgen" else _train_ldm)(args, config, device, rank)
+    if rank == 0:
+        print(f"trained to step {args.steps} (loss {losses[-1]:.4f}) -> {args.out}")
+    return 0
+
+
+def _train_musicgen(args: argparse.Namespace, config, device, rank: int) -> list[float]:
+    from musiclm_core.melody import MusicGenMelody
+    from musiclm_core.musicgen import MusicGen
+    from musiclm_core.train import data as train_data, musicgen as train_musicgen
+
     pipeline_class = MusicGenMelody if "melody" in _checkpoint_kind(args.model)[1] else MusicGen
     pipeline = train_musicgen.load_for_training(pipeline_class, args.model, args.out, resume=args.resume,
                                                 lora_rank=args.lora, device=device)
     clips = train_data.encode_folder(args.data, pipeline, args.cache or args.out / "cache",
                                      chroma=pipeline_class is MusicGenMelody, progress=rank == 0)
-    config = loop.TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, grad_accum=args.grad_accum,
-                              bf16=args.bf16, save_every=args.save_every, seed=args.seed)
-    losses = train_musicgen.train_musicgen(
+    return train_musicgen.train_musicgen(
         pipeline, clips, args.out, config, batch_size=args.batch_size,
         segment_frames=max(1, int(args.segment * pipeline.frame_rate)), cond_dropout=args.cond_dropout,
         lora_rank=args.lora, checkpointing=args.checkpointing, resume=args.resume, distributed=args.distributed,
         progress=True)
-    if rank == 0:
-        print(f"trained to step {args.steps} (loss {losses[-1]:.4f}) -> {args.out}")
-    return 0
+
+
+def _train_ldm(args: argparse.Namespace, config, device, rank: int) -> list[float]:
+    import torch
+
+    from musiclm_core import schedulers
+    from musiclm_core.musicldm import MusicLDM
+    from musiclm_core.train import diffusion
+    from musiclm_core.train.loop import STATE_FILE
+    from musiclm_core.unet import UNet
+
+    if (args.out / STATE_FILE).is_file() != args.resume:
+        raise CLIError(f"{args.out} holds a training run: pass --resume to continue it, or choose another --out"
+                       if not args.resume else f"no checkpoint to resume from in {args.out}")
+    pipe = MusicLDM.from_pretrained(args.model)
+    unet = UNet.from_pretrained(args.out / "unet") if args.resume and not args.lora else pipe.unet
+    schedule = schedulers.from_config(pipe.scheduler_config).schedule
+    clap, vae = pipe.clap.to(device).eval(), pipe.vae.to(device).eval()
+    clips = diffusion.encode_latent_folder(args.data, vae, args.cache or args.out / "cache",
+                                           condition=diffusion.clap_audio_condition(clap),
+                                           condition_name=f"clap-audio {args.model}",
+                                           target_frames=max(4, round(args.seconds * 100)), progress=rank == 0)
+    with torch.no_grad():
+        null = {"class_embed": clap.text_embeds([""])[0].float().cpu()}
+    return diffusion.train_unet(unet.to(device), schedule, clips, args.out, config,
+                                scaling_factor=vae.scaling_factor, batch_size=args.batch_size,
+                                cond_dropout=args.cond_dropout, null_condition=null,
+                                prediction_type=args.prediction_type, lora_rank=args.lora, resume=args.resume,
+                                distributed=args.distributed, progress=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,3 +83,35 @@ def test_usage_errors(setup, capsys, flags, status, message):
     flags = [f.replace("DATA", str(data)) for f in flags]
     assert train(root, data, root / "runs" / "bad", *flags) == status
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def musicldm_folder(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    import ldm_fixtures
+
+    return ldm_fixtures.write_musicldm(tmp_path_factory.mktemp("train_musicldm"))
+
+
+def test_train_ldm_resume_and_load(setup, musicldm_folder, capsys):
+    from musiclm_core.unet import UNet
+
+    root, _ = setup
+    data = root / "data16k"
+    data.mkdir()
+    t = np.arange(16000) / 16000
+    for i in range(2):
+        sf.write(data / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * 330 * (i + 1) * t)).astype(np.float32), 16000)
+        (data / f"c{i}.txt").write_text(f"tone {i}")
+    out = root / "runs" / "ldm"
+    base = ["train", "ldm", "--data", str(data), "--model", str(musicldm_folder), "--out", str(out),
+            "--seconds", "0.32", "--lr", "1e-3", "--cond-dropout", "0.5"]
+    assert main([*base, "--steps", "2"]) == 0
+    assert "step      2 / 2" in capsys.readouterr().err
+    assert main([*base, "--steps", "2"]) == 1
+    assert "holds a training run" in capsys.readouterr().err
+    assert main([*base, "--steps", "3", "--resume"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
+    trained, start = UNet.from_pretrained(out / "unet").state_dict(), UNet.from_pretrained(musicldm_folder)
+    assert max((trained[k] - v).abs().max() for k, v in start.state_dict().items()) > 1e-5
