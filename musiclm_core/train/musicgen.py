@@ -118,8 +118,7 @@ def save_run_weights(pipeline, out: Path, lm_state: dict[str, Tensor], step: int
     the training step: `weights_step`)."""
     lm = pipeline.lm
     config = lm.melody_config.to_dict() if is_melody(lm) else lm.config.to_dict()
-    hub.save_native(out / "lm", _lm_kind(lm), config, lm_state,
-                    overwrite=True)
+    hub.save_native(out / "lm", _lm_kind(lm), config, lm_state, overwrite=True)
     if not (out / "codec" / "config.json").is_file():
         pipeline.codec.save_pretrained(out / "codec", overwrite=True)
     if not (out / "text_encoder" / "config.json").is_file():

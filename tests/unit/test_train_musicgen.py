@@ -302,3 +302,23 @@ def test_run_folder_loads_and_generates(clips, tmp_path):
     assert all(torch.equal(v, trained[k]) for k, v in loaded.lm.state_dict().items())
     wav = loaded.generate(["tone number 1"], duration=0.2, seed=0)
     assert wav.shape == (1, 1, 10 * 640) and torch.isfinite(wav).all()
+
+
+def test_melody_run_with_chroma_from_the_clips(tmp_path):
+    from musiclm_core.melody import PRESETS, MusicGenMelody, MusicGenMelodyLM
+
+    tiny = random_tiny_musicgen(4)
+    torch.manual_seed(0)
+    pipe = MusicGenMelody(MusicGenMelodyLM(PRESETS["tiny"]), tiny.codec, tiny.text_encoder)
+    clips = data.encode_folder(write_clips(tmp_path / "d", n=3, seconds=2.0), pipe, tmp_path / "cache", chroma=True)
+    assert clips[0].chroma.shape == (1 + 64000 // 4096, 12) and (clips[0].chroma.sum(-1) == 1).all()
+    assert (clips[0].chroma[:, 9] == 1).all() and (clips[2].chroma[:, 4] == 1).all()  # 110 Hz: A, 330 Hz: E
+    batch = data.MusicGenBatches(clips, batch_size=2, segment_frames=50, special=2048, cond_dropout=1.0,
+                                 chroma_frames_per_frame=640 / 4096).batch(0)
+    _, _, chroma = tm.conditioning(pipe, batch, torch.device("cpu"))
+    assert chroma.shape == (2, 8, 12) and (chroma[..., 0] == 1).all()  # dropped rows: the null chroma
+    losses_ = tm.train_musicgen(pipe, clips, tmp_path / "run", loop.TrainConfig(steps=3, lr=1e-3), batch_size=2,
+                                segment_frames=50, cond_dropout=0.3)
+    assert len(losses_) == 3 and all(math.isfinite(x) for x in losses_)
+    loaded = MusicGenMelody.from_pretrained(tmp_path / "run")
+    assert all(torch.equal(v, pipe.lm.state_dict()[k]) for k, v in loaded.lm.state_dict().items())
