@@ -6,6 +6,7 @@
     musiclm convert --random-tiny DIR       # a small random MusicGen (T5, EnCodec, LM) for smoke tests, offline
     musiclm generate "80s pop track with bassy drums and synth" --model facebook/musicgen-small --duration 8 -o out.wav
     musiclm generate --prompts-file prompts.txt --duration 8 -o out.wav      # out_0.wav, out_1.wav, ...
+    musiclm generate "..." --model ucsd-reach/musicldm --steps 50 --scheduler dpm -n 3 -o out.wav  # also AudioLDM 2
     musiclm generate --prompts prompts.jsonl --out DIR [--batch-size N]     # an evaluation set: DIR/<id>.wav + .txt
     musiclm eval --generated DIR --reference DIR --embedding clap|encodec --out DIR   # FAD, CLAP score, report
     musiclm clap "text" a.wav b.wav [--model M]                             # CLAP score matrix
@@ -56,6 +57,10 @@ QUANT_MODES = ("int8", "int4", "bf16")
 LONG_DURATION = 300.0
 CPU_STEPS_PER_S = 20.0
 FRAME_RATE = 50  # of every released MusicGen codec: one decoding step per frame
+MUSICGEN_GUIDANCE_SCALE = 3.0  # generate's --guidance-scale for MusicGen (the diffusion pipelines have their own)
+# model_index.json `_class_name`s that `generate` runs (musiclm_core.musicldm / musiclm_core.audioldm2)
+DIFFUSION_PIPELINES = ("MusicLDMPipeline", "AudioLDM2Pipeline")
+DIFFUSION_STEPS = 200  # --steps default: the pipelines' num_inference_steps
 
 
 class CLIError(Exception):
@@ -225,6 +230,8 @@ def _checkpoint_kind(src: str) -> tuple[str, str]:
     if layout == "audiocraft":
         # The LM (state_dict.bin) and the codec (compression_state_dict.bin) of a MusicGen repo.
         return layout, "musicgen" if (folder / "state_dict.bin").is_file() else "encodec"
+    if layout == "diffusers":  # the pipeline class: MusicLDMPipeline, AudioLDM2Pipeline, ...
+        return layout, str(hub.read_json(folder / "model_index.json").get("_class_name"))
     return layout, "unknown"
 
 
@@ -397,7 +404,9 @@ def random_tiny_musicgen(seed: int = 0):
 
 # The API's argument names in its messages -> the flags that set them.
 _FLAG_NAMES = {"do_sample=False": "--greedy", "guidance_scale": "--guidance-scale", "top_k": "--top-k",
-               "top_p": "--top-p", "temperature": "--temperature", "seed": "--seed"}
+               "top_p": "--top-p", "temperature": "--temperature", "seed": "--seed",
+               "audio_length_in_s": "--duration", "num_inference_steps": "--steps",
+               "num_waveforms_per_prompt": "-n", "negative_prompt": "--negative-prompt"}
 
 
 def _flag_names(message: str) -> str:
@@ -408,8 +417,9 @@ def _flag_names(message: str) -> str:
 
 def _add_generate(subparsers) -> None:
     p = _command(
-        subparsers, "generate", help="text -> music (MusicGen)",
-        description="Generate music from a text prompt, or from each line of --prompts-file, with MusicGen. "
+        subparsers, "generate", help="text -> music (MusicGen, MusicLDM, AudioLDM 2)",
+        description="Generate music from a text prompt, or from each line of --prompts-file, with MusicGen, or "
+                    "with MusicLDM / AudioLDM 2 when --model is such a diffusers pipeline (model_index.json). "
                     "Several prompts give several files, in prompt order: -o out.wav writes out_0.wav, out_1.wav, "
                     "..., and -o FOLDER/ (an existing folder, or a path ending in /) writes FOLDER/0.wav, "
                     "FOLDER/1.wav, ... (from 10 prompts on, the numbers are zero-padded to one width: 00, 01, ...). "
@@ -437,8 +447,20 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="random seed in [0, 2**64 - 1] (default: a random one, which is printed; --greedy needs "
                         "none)")
-    p.add_argument("--guidance-scale", type=float, default=3.0,
-                   help="classifier-free guidance scale; 1 or less turns it off")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale; 1 or less turns it off (default: 3.0 for MusicGen, the "
+                        "pipeline's for MusicLDM (2.0) and AudioLDM 2 (3.5))")
+    p.add_argument("--steps", type=int, default=None,
+                   help="MusicLDM / AudioLDM 2: denoising steps (default 200, the pipelines'; DPM-Solver++ does well "
+                        "with 20-50)")
+    p.add_argument("--scheduler", choices=["ddim", "dpm", "pndm", "euler", "lms"], default=None,
+                   help="MusicLDM / AudioLDM 2: the sampler (default: the checkpoint's, DDIM; dpm = DPM-Solver++)")
+    p.add_argument("-n", "--num-waveforms", type=int, default=None,
+                   help="MusicLDM / AudioLDM 2: candidates per prompt, all written, best first by CLAP score (-o "
+                        "out.wav with -n 3 writes out_0.wav, out_1.wav, out_2.wav; default 1)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="MusicLDM / AudioLDM 2: what guidance steers away from, for every prompt (e.g. \"low "
+                        "quality\")")
     p.add_argument("--top-k", type=int, default=250, help="sample among the k most likely codes; 0 = off")
     p.add_argument("--top-p", type=float, default=0.0,
                    help="sample among the most likely codes that make up this probability; 0 = off")
@@ -588,11 +610,18 @@ class Progress:
 
 def _load_generator(args: argparse.Namespace, device, dtype):
     """The pipeline of --model on `device`, for --melody / --continue as given (a clear error where the model
-    family takes neither)."""
+    family takes neither). MusicGen's generate takes duration=, top_k=, ...; MusicLDM's and AudioLDM 2's take
+    audio_length_in_s=, num_inference_steps=, ... (see _generate_diffusion)."""
     from musiclm_core.musicgen import MusicGen
 
+    kind = _checkpoint_kind(args.model)[1]
+    if kind in DIFFUSION_PIPELINES:
+        if args.melody is not None or args.continue_from is not None:
+            raise CLIError(f"--melody and --continue are for MusicGen checkpoints; {args.model} is a {kind}")
+        pipeline = _diffusion_class(kind)
+        return pipeline.from_pretrained(args.model, dtype=dtype).to(device)
     pipeline = MusicGen
-    if _checkpoint_kind(args.model)[1] == "musicgen_melody":  # the same generate, plus melody=
+    if kind == "musicgen_melody":  # the same generate, plus melody=
         from musiclm_core.melody import MusicGenMelody
 
         pipeline = MusicGenMelody
@@ -607,6 +636,14 @@ def _load_generator(args: argparse.Namespace, device, dtype):
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if _diffusion_kind(args.model) is not None:
+        return _generate_diffusion(args)
+    for flag, value in (("--steps", args.steps), ("--scheduler", args.scheduler), ("-n", args.num_waveforms),
+                        ("--negative-prompt", args.negative_prompt)):
+        if value is not None:
+            raise UsageError(f"{flag} is for MusicLDM / AudioLDM 2 checkpoints; {args.model} is not one")
+    if args.guidance_scale is None:
+        args.guidance_scale = MUSICGEN_GUIDANCE_SCALE
     if args.prompts is not None or args.out is not None:
         return _generate_set(args)
     if args.output is None:
@@ -666,6 +703,83 @@ def _generate(args: argparse.Namespace) -> int:
         with torch.no_grad():
             audio = model.generate(batch, progress=Progress(label), **settings, **extra)  # (B, C, N)
         for path, wav in zip(paths[start: start + B], audio):
+            with warnings.catch_warnings(record=True) as caught:  # clipping is reported in one line
+                warnings.simplefilter("always")
+                save_audio(path, wav.float().cpu(), model.sample_rate,
+                           normalize=None if args.normalize == "none" else args.normalize, overwrite=args.overwrite)
+            for warning in caught:
+                print(f"musiclm generate: warning: {warning.message}", file=sys.stderr)
+            print(f"{path}: {wav.shape[-1] / model.sample_rate:.2f} s, {wav.shape[0]} channel(s) at "
+                  f"{model.sample_rate} Hz")
+    return 0
+
+
+def _diffusion_class(kind: str):
+    """The pipeline class for a model_index.json `_class_name` in DIFFUSION_PIPELINES."""
+    if kind == "MusicLDMPipeline":
+        from musiclm_core.musicldm import MusicLDM
+
+        return MusicLDM
+    from musiclm_core.audioldm2 import AudioLDM2
+
+    return AudioLDM2
+
+
+def _diffusion_kind(model: str) -> str | None:
+    """The `_class_name` of --model when it is a MusicLDM / AudioLDM 2 pipeline, else None (also when it cannot be
+    read: the MusicGen path then reports that as it always has)."""
+    from musiclm_core import hub
+
+    try:
+        kind = _checkpoint_kind(model)[1]
+    except hub.CheckpointError:
+        return None
+    return kind if kind in DIFFUSION_PIPELINES else None
+
+
+def _generate_diffusion(args: argparse.Namespace) -> int:
+    """`generate` for MusicLDM / AudioLDM 2: each prompt gives -n files (candidates best first by CLAP score),
+    --duration seconds each (the pipelines' length rules: a multiple of 40 ms is generated, then cut)."""
+    if args.prompts is not None or args.out is not None:
+        raise UsageError("--prompts/--out evaluation sets are for MusicGen checkpoints for now")
+    if args.output is None:
+        raise UsageError("give -o/--output FILE")
+    for flag, used in (("--melody", args.melody is not None), ("--continue", args.continue_from is not None),
+                       ("--quantize", args.quantize is not None), ("--greedy", args.greedy),
+                       ("--cuda-graph", args.cuda_graph), ("--compile", args.compile)):
+        if used:
+            raise UsageError(f"{flag} is for MusicGen checkpoints; {args.model} is a diffusion pipeline")
+    prompts = _read_prompts(args)
+    n = 1 if args.num_waveforms is None else args.num_waveforms
+    steps = DIFFUSION_STEPS if args.steps is None else args.steps
+    for flag, value in (("--batch-size", args.batch_size), ("-n", n), ("--steps", steps)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    _check_duration(args, len(prompts))
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
+    paths = _output_paths(args.output, len(prompts) * n, args.overwrite)
+
+    import torch
+
+    from musiclm_core.audio import save_audio
+
+    device = _device(args.device)
+    model = _load_generator(args, device, getattr(torch, args.dtype))
+    seed = args.seed
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+        print(f"seed {seed} (pass --seed {seed} to generate the same audio again)", file=sys.stderr)
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start: start + args.batch_size]
+        B = len(batch)
+        label = f"prompt {start + 1}/{len(prompts)}" if B == 1 else \
+            f"prompts {start + 1}-{start + B}/{len(prompts)}"
+        audio = model.generate(batch, audio_length_in_s=args.duration, num_inference_steps=steps,
+                               guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                               num_waveforms_per_prompt=n, scheduler=args.scheduler, seed=seed,
+                               progress=Progress(label, unit="steps"))  # (B·n, 1, N)
+        for path, wav in zip(paths[start * n: (start + B) * n], audio):
             with warnings.catch_warnings(record=True) as caught:  # clipping is reported in one line
                 warnings.simplefilter("always")
                 save_audio(path, wav.float().cpu(), model.sample_rate,
@@ -840,8 +954,8 @@ def _add_eval(subparsers) -> None:
                              "EnCodec per frame), and the CLAP score of the generated files against their "
                              "captions when there are any (--captions, or a .txt next to each file, as `musiclm "
                              "generate --prompts` writes them). Writes OUT/metrics.json and OUT/report.html (a "
-                             "static page: players, mel spectrograms, scores, worst first). The reference "
-                             "folder's statistics are cached (--cache-dir) until its files change.")
+                             "static page: players, mel spectrograms in OUT/mels/, scores, worst first). The "
+                             "reference folder's statistics are cached (--cache-dir) until its files change.")
     p.add_argument("--generated", type=Path, required=True, help="folder of generated audio (.wav/.flac/.ogg)")
     p.add_argument("--reference", type=Path, required=True, help="folder of reference audio")
     p.add_argument("--captions", type=Path, default=None,
@@ -856,7 +970,8 @@ def _add_eval(subparsers) -> None:
                    help="where reference statistics are kept (default: $XDG_CACHE_HOME or ~/.cache, "
                         "musiclm_core/fad_stats)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT/metrics.json and OUT/report.html")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT/metrics.json, OUT/report.html and its OUT/mels/")
     p.set_defaults(run=_eval)
 
 

@@ -2,14 +2,14 @@
 per generated sample, its caption, an <audio> player, a mel spectrogram and its CLAP score, worst first.
 
 The audio is not copied: each player points at the file by its path relative to the page (so the page and the
-generated folder move together, or the page is opened where it was written). The spectrograms are embedded as
-PNG data URIs, written here with zlib and struct (a PNG is a signature and three chunks: IHDR, IDAT, IEND, each
-length + type + data + CRC-32), so the package needs no imaging library.
+generated folder move together, or the page is opened where it was written). The spectrograms are PNG files in
+`mels/` next to the page, written here with zlib and struct (a PNG is a signature and three chunks: IHDR, IDAT,
+IEND, each length + type + data + CRC-32), so the package needs no imaging library. Players load nothing and
+images load lazily until they are needed: a page of thousands of samples opens at once.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 import os
@@ -85,22 +85,25 @@ def _number(value) -> str:
 
 
 def render(samples: list[Sample], summary: dict[str, object], page: Path) -> str:
-    """The report's HTML for `page` (audio paths are made relative to its folder); samples sorted by CLAP score,
-    lowest first (in path order without scores)."""
+    """The report's HTML for `page`, whose spectrograms it writes to `mels/NNNNN.png` next to it (audio paths are
+    made relative to the page's folder); samples sorted by CLAP score, lowest first (in path order without
+    scores)."""
     ordered = sorted(samples, key=lambda s: (math.inf if s.score is None else s.score, str(s.audio)))
+    mels = page.parent / "mels"
+    mels.mkdir(parents=True, exist_ok=True)
     rows = []
     for rank, sample in enumerate(ordered, 1):
         wav, rate = load_audio(sample.audio)
-        image = base64.b64encode(png(mel_image(wav, rate))).decode("ascii")
+        (mels / f"{rank:05d}.png").write_bytes(png(mel_image(wav, rate)))
         source = quote(Path(os.path.relpath(Path(sample.audio).resolve(), page.parent.resolve())).as_posix())
         name = html.escape(Path(sample.audio).name)
         caption = html.escape(sample.caption) if sample.caption is not None else "<i>no caption</i>"
         rows.append(
             f'<tr><td>{rank}</td><td class="score">{_number(sample.score)}</td>'
             f'<td><div class="caption">{caption}</div><div class="file">{name}</div></td>'
-            f'<td><audio controls preload="metadata" src="{source}" '
+            f'<td><audio controls preload="none" src="{source}" '
             f'data-type="{MIME.get(Path(sample.audio).suffix.lower(), "")}"></audio></td>'
-            f'<td><img src="data:image/png;base64,{image}" alt="mel spectrogram of {name}"></td></tr>')
+            f'<td><img src="mels/{rank:05d}.png" loading="lazy" alt="mel spectrogram of {name}"></td></tr>')
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{_number(v)}</td></tr>" for k, v in summary.items())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>musiclm eval report</title>

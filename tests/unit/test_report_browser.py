@@ -3,7 +3,8 @@
 The browser test renders report.html in headless Chromium (Debian's `chromium`; skipped with the install command
 where it is missing): a screenshot, and the DOM after a small script has waited for every <audio> to load its
 metadata (a playable source: the browser can play its type and reads a duration) and every <img> to decode.
-The audio files sit in a sibling folder with a space and a '#' in their names, in wav, flac and ogg.
+The audio files sit in a sibling folder with a space and a '#' in their names, in wav, flac and ogg; the page is
+long enough that some images are below the fold (loaded lazily).
 """
 
 import html
@@ -78,11 +79,13 @@ def _chromium() -> str:
 
 CHECK = """<script>
 (async () => {
-  const loaded = el => new Promise(done => {
-    if (el.readyState >= 1) return done(el.duration > 0);
+  const loaded = el => new Promise(done => {  // the players load nothing until asked (preload="none")
     el.addEventListener('loadedmetadata', () => done(el.duration > 0));
     el.addEventListener('error', () => done(false));
+    el.preload = 'metadata';
+    el.load();
   });
+  for (const im of document.images) im.loading = 'eager';  // lazy images below the fold would wait
   const audio = await Promise.all([...document.querySelectorAll('audio')].map(async el =>
     ({src: el.getAttribute('src'), playable: el.canPlayType(el.dataset.type) !== '' && await loaded(el)})));
   const images = await Promise.all([...document.images].map(im =>
@@ -104,12 +107,14 @@ def test_report_in_headless_chromium(tmp_path):
     audio.mkdir()
     t = torch.arange(SR) / SR
     samples = []
-    for i, (name, hz) in enumerate([("take #1.wav", 220), ("b flat.flac", 466), ("c.ogg", 1000)]):
+    names = [("take #1.wav", 220), ("b flat.flac", 466), ("c.ogg", 1000)] + [(f"n{k}.wav", 300 + 50 * k)
+                                                                            for k in range(6)]
+    for i, (name, hz) in enumerate(names):
         save_audio(audio / name, (0.3 * torch.sin(2 * torch.pi * hz * t))[None], SR)
         samples.append(Sample(audio / name, f"caption <{i}> & more", 0.3 - 0.1 * i))
     page = write_report(tmp_path / "out" / "report.html", samples, {"FAD": 1.5, "CLAP score": 0.2})
     text = page.read_text()
-    assert text.index("c.ogg") < text.index("b flat.flac") < text.index("take #1.wav")  # worst first
+    assert text.index("n5.wav") < text.index("c.ogg") < text.index("b flat.flac") < text.index("take #1.wav")
     assert "caption &lt;0&gt; &amp; more" in text and "take%20%231.wav" in text
 
     shot = tmp_path / "shot.png"
@@ -125,6 +130,7 @@ def test_report_in_headless_chromium(tmp_path):
     found = re.search(r'data-check="([^"]*)"', result.stdout)
     assert found, result.stderr[-2000:]
     state = json.loads(html.unescape(found.group(1)))
-    assert len(state["audio"]) == 3 and all(a["playable"] for a in state["audio"]), state
-    widths = [mel_image(torch.sin(2 * torch.pi * 220 * t), SR).shape[1]] * 3  # all 1 s long: one width
-    assert state["images"] == widths
+    assert len(state["audio"]) == 9 and all(a["playable"] for a in state["audio"]), state
+    width = mel_image(torch.sin(2 * torch.pi * 220 * t), SR).shape[1]  # all 1 s long: one width
+    assert state["images"] == [width] * 9
+    assert sorted(p.name for p in (page.parent / "mels").iterdir()) == [f"{k:05d}.png" for k in range(1, 10)]
