@@ -211,8 +211,8 @@ class LatentDiffusion(nn.Module):
         w = self.default_guidance_scale if guidance_scale is None else guidance_scale
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         factor = self.vae.downsample_factor
         hop_s = self.vocoder.config.hop_length / self.sample_rate
         frames, samples = audio_frames(audio_length_in_s, hop_s=hop_s, factor=factor, sample_rate=self.sample_rate,

@@ -144,7 +144,7 @@ def test_output_seed_and_progress(pipe):
     (dict(latents=torch.zeros(1, 8, 8, 16)), r"shape \(2, 8, 8, 16\)"),
     (dict(scheduler="ddpm"), "unknown scheduler 'ddpm'"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
-    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63\)"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*64\)"),
     (dict(scheduler="dpm", eta=0.5), "DDIM's stochasticity"),
 ])
 def test_generate_errors(pipe, options, message):
@@ -182,3 +182,49 @@ def test_from_pretrained_errors(folder, tmp_path):
     with pytest.raises(ValueError, match="no sample_size, so there is no default length: pass audio_length_in_s"):
         model.generate("rock", num_inference_steps=1)
     assert model.generate("rock", audio_length_in_s=0.1, num_inference_steps=1).shape == (1, 1, 1600)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# musiclm generate with a diffusion pipeline folder
+
+
+def test_cli_generate(folder, pipe, tmp_path, capsys):
+    from musiclm_core.audio import load_audio
+    from musiclm_core.cli import main
+
+    args = ["generate", "rock piano", "--model", str(folder), "--steps", "2", "--scheduler", "dpm", "-n", "2",
+            "--duration", "0.5", "--seed", "3", "--normalize", "none"]
+    assert main([*args, "-o", str(tmp_path / "a.wav")]) == 0
+    err = capsys.readouterr().err
+    assert "prompt 1/1: 2/2 steps" in err
+    assert main([*args, "-o", str(tmp_path / "b.wav")]) == 0
+    expected = pipe.generate("rock piano", audio_length_in_s=0.5, num_inference_steps=2, scheduler="dpm",
+                             num_waveforms_per_prompt=2, seed=3)
+    for i in range(2):
+        a, sr = load_audio(tmp_path / f"a_{i}.wav")
+        b, _ = load_audio(tmp_path / f"b_{i}.wav")
+        assert sr == 16000 and a.shape == (1, 8000)
+        assert torch.equal(a, b)  # the same file contents for the same seed (one path, one machine)
+        assert (a - expected[i].clamp(-1, 1)).abs().max() <= 1 / 32768 + 1e-4  # 16-bit files
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-n", "0"], "-n must be at least 1, got 0"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--melody", "x.wav"], "--melody is for MusicGen checkpoints"),
+    (["--greedy"], "--greedy is for MusicGen checkpoints"),
+    (["--prompts", "p.jsonl", "--out", "d"], "evaluation sets are for MusicGen checkpoints for now"),
+])
+def test_cli_generate_usage_errors(folder, tmp_path, capsys, flags, message):
+    from musiclm_core.cli import main
+
+    assert main(["generate", "rock", "--model", str(folder), "-o", str(tmp_path / "x.wav"), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_generate_pipeline_errors(folder, tmp_path, capsys):
+    from musiclm_core.cli import main
+
+    assert main(["generate", "rock", "--model", str(folder), "-o", str(tmp_path / "x.wav"), "--duration", "0.03",
+                 "--normalize", "none"]) == 1
+    assert "--duration must be at least 0.04 s" in capsys.readouterr().err
