@@ -207,17 +207,19 @@ def train_unet(unet: nn.Module, schedule, clips: Sequence[LatentClip], out: str 
             loss = objective(b.z0.to(device), b.noise.to(device), b.timesteps.to(device), **condition)
         return loss, b.z0.numel()
 
-    def save_weights(folder: Path, step: int) -> None:
-        hub.save_native(folder / "unet", KIND, unet.config.to_dict(), lora.merged_state_dict(unet), overwrite=True)
+    def save_weights(folder: Path, step: int, gathered: dict[str, Tensor] | None) -> None:
+        state = None if gathered is None else {k[len("unet."):]: v for k, v in gathered.items()}  # FSDP
+        hub.save_native(folder / "unet", KIND, unet.config.to_dict(), lora.merged_state_dict(unet, state),
+                        overwrite=True)
         if lora_rank:
-            lora.save_adapter(unet, folder)
+            lora.save_adapter(unet, folder, state)
         tmp = folder / "training.json.tmp"
         tmp.write_text(json.dumps({"step": step}) + "\n")
         os.replace(tmp, folder / "training.json")
 
     settings = {"batch_size": batch_size, "cond_dropout": cond_dropout, "lora_rank": lora_rank,
                 "lora_alpha": lora_alpha, "prediction_type": objective_prediction(objective),
-                "world_size": world_size, "clips": len(clips), **vars(config)}
+                "world_size": world_size, "distributed": distributed, "clips": len(clips), **vars(config)}
     trainer = Trainer(objective, config, out, step_loss, save_weights, rank=rank, settings=settings)
     if resume:
         if not (out / STATE_FILE).is_file():

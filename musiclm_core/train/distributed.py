@@ -7,8 +7,8 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `rank_and_world` initialises the 
 (NCCL on CUDA, gloo on the CPU) and puts each process on its local GPU. Every process takes `batch_size` rows of
 each global batch (`data.MusicGenBatches`), DDP averages the gradients in the backward pass, so a step equals a
 single-process step on the whole global batch (tests/unit/test_train_distributed.py checks that on the CPU with
-two gloo processes). FSDP (torch's `fully_shard`, FSDP2) shards each decoder layer's parameters, gradients and
-optimiser state across the processes, for models whose AdamW state does not fit one device.
+two gloo processes). FSDP (torch's `fully_shard`, FSDP2) shards the parameters, gradients and optimiser state
+across the processes, for models whose AdamW state does not fit one device; checkpoints gather them whole.
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ def wrap(model: nn.Module, mode: str | None) -> nn.Module:
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in getattr(getattr(model, "lm", model), "layers", []):
-            fully_shard(layer)
+        # One shard group for the whole model: the parameters are gathered for the forward and backward and
+        # freed after, the gradients and the AdamW state (two fp32 copies of the weights, the bulk of the memory)
+        # stay sharded. Not layer by layer: MusicGen's `cross_memory` calls every layer's cross-attention k and v
+        # projections outside that layer's forward, where a per-layer shard would not be gathered.
         fully_shard(model)
         return model
     raise ValueError(f"distributed must be None or one of {MODES}, got {mode!r}")

@@ -128,14 +128,17 @@ def set_rng_state(state: dict) -> None:
 class Trainer:
     """Runs `step_loss(step, micro) -> (loss, tokens)` for steps `start .. config.steps - 1`.
 
-    model: the module whose trainable parameters are optimised (a DDP wrapper's gradients are averaged by DDP).
-    save_weights(out, step): writes the weights the run folder loads with (at each checkpoint, by rank 0), and
-    records `step` with them, so that `resume` can tell weights and trainer state of different saves apart.
+    model: the module whose trainable parameters are optimised (DDP averages a DDP wrapper's gradients; an FSDP
+    module's parameters are sharded DTensors, gathered whole for each checkpoint).
+    save_weights(out, step, state): writes the weights the run folder loads with (at each checkpoint, by rank 0)
+    and records `step` with them, so that `resume` can tell weights and trainer state of different saves apart;
+    `state` is the model's gathered state dict under FSDP, None otherwise (read the model itself).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, out: str | os.PathLike,
-                 step_loss: Callable[[int, int], tuple[Tensor, int]], save_weights: Callable[[Path, int], None], *,
-                 rank: int = 0, settings: dict | None = None):
+                 step_loss: Callable[[int, int], tuple[Tensor, int]],
+                 save_weights: Callable[[Path, int, dict | None], None], *, rank: int = 0,
+                 settings: dict | None = None):
         self.model, self.config, self.out = model, config, Path(out)
         self.step_loss, self.save_weights, self.rank = step_loss, save_weights, rank
         self.settings = settings or {}
@@ -146,21 +149,34 @@ class Trainer:
     def params(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    # -- checkpoints ------------------------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP shards (DTensors)."""
+        from torch.distributed.tensor import DTensor
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
-                "config": asdict(self.config), "settings": self.settings}
+        return any(isinstance(p, DTensor) for p in self.params)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
 
     def save(self) -> None:
         """Weights first, then the trainer state, each replaced atomically: a crash between the two leaves a
-        state older than the weights, which `resume` refuses (the steps differ) rather than mixing them."""
+        state older than the weights, which `resume` refuses (the steps differ) rather than mixing them.
+        Under FSDP every rank takes part (the shards are gathered), rank 0 writes."""
+        model_state = None
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=options)
+        else:
+            optimizer_state = self.optimizer.state_dict()
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.out / (STATE_FILE + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        self.save_weights(self.out, self.step)
+        torch.save({"step": self.step, "optimizer": optimizer_state, "rng": rng_state(),
+                    "config": asdict(self.config), "settings": self.settings}, tmp)
+        self.save_weights(self.out, self.step, model_state)
         os.replace(tmp, self.out / STATE_FILE)
 
     def resume(self, weights_step: int | None) -> None:
@@ -179,7 +195,13 @@ class Trainer:
             changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ValueError(f"{path}: the run was made with other settings ({', '.join(changed)}: "
                              f"{[saved.get(k) for k in changed]} there, {[mine.get(k) for k in changed]} now)")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         metrics = self.out / METRICS_FILE

@@ -123,29 +123,34 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state dict with every unmerged adapter folded into its weight and the adapter keys left
-    out: the keys and shapes of the model without adapters. The model is not changed."""
+def merged_state_dict(model: nn.Module, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The model's state dict (or `state`, one of its state dicts, e.g. gathered from FSDP shards) with every
+    unmerged adapter folded into its weight and the adapter keys left out: the keys and shapes of the model
+    without adapters. The model is not changed."""
     layers = lora_layers(model)
-    state = {}
-    for key, value in model.state_dict().items():
+    state = model.state_dict() if state is None else state
+    merged = {}
+    for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
         if owner in layers and leaf in ("lora_a", "lora_b"):
             continue
         if owner in layers and leaf == "weight" and not layers[owner].merged:
-            value = value + layers[owner].delta().detach().to(value.dtype)
-        state[key] = value
-    return state
+            delta = (state[f"{owner}.lora_b"] @ state[f"{owner}.lora_a"]) * layers[owner].scale  # LoRALinear.delta
+            value = value + delta.detach().to(value.dtype)
+        merged[key] = value
+    return merged
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    return {f"{name}.{leaf}": getattr(layer, leaf).detach() for name, layer in lora_layers(model).items()
+def adapter_state_dict(model: nn.Module, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The adapters' tensors, from the model or from `state` (one of its state dicts)."""
+    state = model.state_dict() if state is None else state
+    return {f"{name}.{leaf}": state[f"{name}.{leaf}"].detach() for name in lora_layers(model)
             for leaf in ("lora_a", "lora_b")}
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, folder: str | os.PathLike, state: dict[str, Tensor] | None = None) -> Path:
     """Write the adapters alone: folder/adapter.safetensors (lora_a, lora_b of each layer, rank and alpha in the
-    metadata). Written to a temporary file and renamed."""
+    metadata), from the model or from `state`. Written to a temporary file and renamed."""
     from safetensors.torch import save_file
 
     layers = lora_layers(model)
@@ -157,7 +162,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     meta = {"format": ADAPTER_FORMAT, "rank": str(first.rank), "alpha": str(first.alpha),
             "targets": json.dumps(sorted(layers))}
     tmp = folder / (ADAPTER_FILE + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}, str(tmp), metadata=meta)
+    save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model, state).items()}, str(tmp), metadata=meta)
     os.replace(tmp, folder / ADAPTER_FILE)
     return folder / ADAPTER_FILE
 

@@ -209,14 +209,15 @@ def train_musicgen(pipeline, clips: Sequence[EncodedClip], out: str | os.PathLik
             loss, _ = objective(codes, states, mask, chroma)
         return loss, int((codes != lm.config.special).sum())
 
-    def save_weights(folder: Path, step: int) -> None:
-        save_run_weights(pipeline, folder, lora.merged_state_dict(lm), step)
+    def save_weights(folder: Path, step: int, gathered: dict[str, Tensor] | None) -> None:
+        state = None if gathered is None else {k[len("lm."):]: v for k, v in gathered.items()}  # FSDP
+        save_run_weights(pipeline, folder, lora.merged_state_dict(lm, state), step)
         if lora_rank:
-            lora.save_adapter(lm, folder)
+            lora.save_adapter(lm, folder, state)
 
     settings = {"batch_size": batch_size, "segment_frames": segment_frames, "cond_dropout": cond_dropout,
                 "lora_rank": lora_rank, "lora_alpha": lora_alpha, "checkpointing": checkpointing,
-                "world_size": world_size, "clips": len(clips), **{k: v for k, v in vars(config).items()}}
+                "world_size": world_size, "distributed": distributed, "clips": len(clips), **vars(config)}
     trainer = Trainer(objective, config, out, step_loss, save_weights, rank=rank, settings=settings)
     if resume:
         trainer.resume(weights_step(out))

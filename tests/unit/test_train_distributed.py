@@ -1,5 +1,6 @@
 """Scale-out (musiclm_core/train/distributed.py): two CPU processes with the gloo backend under DDP compute the
-same averaged gradients, losses and weights as one process on the same global batch."""
+same averaged gradients, losses and weights as one process on the same global batch; under FSDP the same losses
+and weights, gathered into the run folder."""
 
 import sys
 
@@ -47,6 +48,28 @@ def worker(rank, folder):
                                    batch_size=2, segment_frames=20, cond_dropout=0.5, distributed="ddp")
         if rank == 0:
             torch.save(torch.tensor(losses, dtype=torch.float64), f"{folder}/losses.pt")
+        losses = tm.train_musicgen(random_tiny_musicgen(0), clips(), f"{folder}/fsdp", loop.TrainConfig(**CONFIG),
+                                   batch_size=2, segment_frames=20, cond_dropout=0.5, distributed="fsdp")
+        if rank == 0:
+            torch.save(torch.tensor(losses, dtype=torch.float64), f"{folder}/fsdp_losses.pt")
+
+        def interrupt(record):  # Ctrl-C once step 2 is logged, before its checkpoint: the last is step 1's
+            if record["step"] == 2:
+                raise KeyboardInterrupt
+
+        settings = dict(batch_size=2, segment_frames=20, cond_dropout=0.5, distributed="fsdp")
+        config = loop.TrainConfig(**CONFIG, save_every=1)
+        try:
+            tm.train_musicgen(random_tiny_musicgen(0), clips(), f"{folder}/fsdp_resumed", config, log=interrupt,
+                              **settings)
+        except KeyboardInterrupt:
+            pass
+        dist.barrier()
+        from musiclm_core.musicgen import MusicGen
+        rest = tm.train_musicgen(MusicGen.from_pretrained(f"{folder}/fsdp_resumed"), clips(),
+                                 f"{folder}/fsdp_resumed", config, resume=True, **settings)
+        if rank == 0:
+            torch.save(torch.tensor(rest, dtype=torch.float64), f"{folder}/fsdp_rest.pt")
     finally:
         dist.destroy_process_group()
 
@@ -75,6 +98,13 @@ def test_ddp_matches_one_process_on_the_global_batch(tmp_path):
     ddp_losses = torch.load(tmp_path / "losses.pt", weights_only=True)
     assert torch.allclose(ddp_losses, torch.tensor(losses, dtype=torch.float64), atol=1e-5)
     from musiclm_core.musicgen import MusicGen
-    ddp_state = MusicGen.from_pretrained(tmp_path / "ddp").lm.state_dict()
-    for name, value in single.lm.state_dict().items():
-        assert torch.allclose(ddp_state[name], value, atol=1e-5), name
+    for mode in ("ddp", "fsdp"):
+        state = MusicGen.from_pretrained(tmp_path / mode).lm.state_dict()
+        for name, value in single.lm.state_dict().items():
+            assert torch.allclose(state[name], value, atol=1e-5), (mode, name)
+    fsdp_losses = torch.load(tmp_path / "fsdp_losses.pt", weights_only=True)
+    assert torch.allclose(fsdp_losses, torch.tensor(losses, dtype=torch.float64), atol=1e-5)
+    optimizer = torch.load(tmp_path / "fsdp" / loop.STATE_FILE, weights_only=True)["optimizer"]
+    assert len(optimizer["state"]) == len(list(single.lm.parameters()))  # the whole AdamW state, gathered
+    rest = torch.load(tmp_path / "fsdp_rest.pt", weights_only=True)  # resumed after step 1 (its checkpoint)
+    assert torch.allclose(rest, fsdp_losses[1:], atol=1e-6)
