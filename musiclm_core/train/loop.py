@@ -224,6 +224,7 @@ class Trainer:
             metrics = open(self.out / METRICS_FILE, "a", encoding="utf-8")
         board = _tensorboard(self.out) if self.rank == 0 else None
         losses = []
+        shown = 0.0  # when the last progress line was printed
         self.model.train()
         try:
             while self.step < c.steps:
@@ -239,8 +240,7 @@ class Trainer:
                 if log is not None:
                     log(record)
                 if progress and self.rank == 0:
-                    print(f"\rstep {record['step']:6d} / {c.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
-                          f"  {record['tokens_per_s']:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
+                    shown = show_progress(record, c.steps, shown)
                 if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                     self.save()
             self.save()
@@ -249,7 +249,7 @@ class Trainer:
                 metrics.close()
             if board is not None:
                 board.close()
-            if progress and self.rank == 0:
+            if progress and self.rank == 0 and sys.stderr.isatty():
                 print(file=sys.stderr)
         return losses
 
@@ -283,6 +283,21 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {"step": self.step + 1, "loss": total, "lr": lr, "grad_norm": float(norm), "tokens": tokens,
                 "tokens_per_s": tokens / seconds, "seconds": seconds}
+
+
+def show_progress(record: dict, steps: int, shown: float, every: float = 10.0) -> float:
+    """One progress line on stderr: redrawn in place on a terminal, else (a log file) a line every `every` s and
+    at the last step. Returns when a line was last printed."""
+    line = (f"step {record['step']:6d} / {steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"{record['tokens_per_s']:,.0f} tokens/s")
+    now = time.monotonic()
+    if sys.stderr.isatty():
+        print("\r" + line, end="", file=sys.stderr, flush=True)
+        return now
+    if now - shown >= every or record["step"] == steps:
+        print(line, file=sys.stderr, flush=True)
+        return now
+    return shown
 
 
 def _tensorboard(out: Path):
