@@ -15,7 +15,8 @@ Columns: diffusers fp32 as it comes (its default NCHW layout and attention proce
 fused q/k/v, 1x1 projections as linears); both again with bf16 weights and activations. Max abs difference of each
 of ours against diffusers' fp32 output, whose magnitude is printed alongside, and of diffusers' bf16 against its
 fp32 (what bf16 costs either way). A line above the table gives a 2048^3 fp32 and bf16 matmul's GFLOPS in the
-same run: the roofline a compute-bound UNet step works against. CPU with 2 threads and OMP_WAIT_POLICY=PASSIVE (on a
+same run: the roofline a compute-bound UNet step works against (the step's GFLOP, from torch's FlopCounterMode,
+divided by its time, is the "ours GFLOPS" column: convolutions, linears and attention are nearly all of it). CPU with 2 threads and OMP_WAIT_POLICY=PASSIVE (on a
 shared 2-core machine spinning OpenMP threads slow everything down, specs/NOTES.md). Medians of the repeats after
 one warm-up; the four calls alternate so that they see the same load.
 """
@@ -63,6 +64,18 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def step_gflop(ours, kwargs: dict) -> float:
+    """Floating-point operations of one step of `ours` (torch's FlopCounterMode, run on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = type(ours)(ours.config).eval()
+        meta_kwargs = {k: torch.empty_like(v, device="meta") for k, v in kwargs.items()}
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.empty(2, 8, 256, 16), 500, **meta_kwargs)
+    return counter.get_total_flops() / 1e9
 
 
 def make_reference(name: str):
@@ -128,7 +141,7 @@ def main() -> None:
                     times[k].append(timed(f))
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         err = {k: (outs[k] - outs["diffusers"]).abs().max().item() for k in ("ours", "diffusers bf16", "ours bf16")}
-        rows.append((name, ms, err, outs["diffusers"].abs().max().item()))
+        rows.append((name, ms, err, outs["diffusers"].abs().max().item(), step_gflop(ours, our_kwargs)))
         del reference, reference_bf16, ours, ours_bf16, calls, outs
         gc.collect()
     load_end = os.getloadavg()
@@ -142,17 +155,18 @@ def main() -> None:
         f"A 2048^3 matmul in the same run: fp32 {gflops[torch.float32]:.0f} GFLOPS, bf16 "
         f"{gflops[torch.bfloat16]:.0f} GFLOPS. `flock /tmp/heavy.lock python benchmarks/unet.py`.",
         "",
-        "| config | dtype | diffusers (ms) | ours (ms) | speed-up (diffusers / ours) | ours vs diffusers fp32 "
-        "| diffusers vs diffusers fp32 | output max abs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| config (GFLOP per step) | dtype | diffusers (ms) | ours (ms) | speed-up (diffusers / ours) "
+        "| ours GFLOPS | ours vs diffusers fp32 | diffusers vs diffusers fp32 | output max abs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, ms, err, scale in rows:
-        lines.append(f"| {name} | fp32 | {ms['diffusers']:.0f} | {ms['ours']:.0f} | "
-                     f"{ms['diffusers'] / ms['ours']:.2f} | {err['ours']:.1e} | 0 | {scale:.2f} |")
+    for name, ms, err, scale, gflop in rows:
+        lines.append(f"| {name} ({gflop:.0f}) | fp32 | {ms['diffusers']:.0f} | {ms['ours']:.0f} | "
+                     f"{ms['diffusers'] / ms['ours']:.2f} | {1e3 * gflop / ms['ours']:.0f} | {err['ours']:.1e} | 0 "
+                     f"| {scale:.2f} |")
         lines.append(f"| {name} | bf16 | {ms['diffusers bf16']:.0f} | {ms['ours bf16']:.0f} | "
                      f"{ms['diffusers bf16'] / ms['ours bf16']:.2f} (vs diffusers fp32: "
-                     f"{ms['diffusers'] / ms['ours bf16']:.2f}) | {err['ours bf16']:.1e} | "
-                     f"{err['diffusers bf16']:.1e} | {scale:.2f} |")
+                     f"{ms['diffusers'] / ms['ours bf16']:.2f}) | {1e3 * gflop / ms['ours bf16']:.0f} | "
+                     f"{err['ours bf16']:.1e} | {err['diffusers bf16']:.1e} | {scale:.2f} |")
     report("## UNet", lines, write=args.write)
 
 
