@@ -1,8 +1,6 @@
 """Diffusion UNet fine-tuning (musiclm_core/train/diffusion.py) on the tiny UNet and VAE: the epsilon and v
 targets, the cached latents of a clip folder, condition dropout, a tiny UNet overfitting, exact resume."""
 
-import json
-import math
 
 import numpy as np
 import pytest
