@@ -1041,9 +1041,10 @@ def _add_train(subparsers) -> None:
     p = _command(subparsers, "train", help="fine-tune a model on a folder of captioned audio",
                  description="Fine-tune a model on a folder of audio files with captions (sidecar a.txt next to "
                              "a.wav, or captions.jsonl of {\"path\", \"caption\"}). The run folder --out gets the "
-                             "latest weights (it loads with the model's from_pretrained and `musiclm generate "
-                             "--model OUT`), trainer_state.pt and metrics.jsonl (one record per step). Under "
-                             "torchrun, add --distributed ddp (or fsdp).")
+                             "latest weights (musicgen: OUT loads with MusicGen.from_pretrained and `musiclm "
+                             "generate --model OUT`; ldm: OUT/unet with UNet.from_pretrained), trainer_state.pt and "
+                             "metrics.jsonl (one record per step). Under torchrun (`torchrun --nproc-per-node N -m "
+                             "musiclm_core.cli train ...`), add --distributed ddp (or fsdp).")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
     m = _command(tasks, "musicgen", help="MusicGen LM (the codec and T5 stay frozen)",
                  description="Fine-tune the MusicGen LM: teacher forcing on delayed EnCodec codes (encoded once, "
