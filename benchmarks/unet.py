@@ -14,11 +14,11 @@ noise, written with save_pretrained and loaded by `UNet.from_pretrained`, so bot
 Columns: diffusers fp32 as it comes (its default NCHW layout and attention processors); ours fp32 (channels-last,
 fused q/k/v, 1x1 projections as linears); both again with bf16 weights and activations. Max abs difference of each
 of ours against diffusers' fp32 output, whose magnitude is printed alongside, and of diffusers' bf16 against its
-fp32 (what bf16 costs either way). A line above the table gives a 2048^3 fp32 and bf16 matmul's GFLOPS in the
-same run: the roofline a compute-bound UNet step works against (the step's GFLOP, from torch's FlopCounterMode,
-divided by its time, is the "ours GFLOPS" column: convolutions, linears and attention are nearly all of it). CPU with 2 threads and OMP_WAIT_POLICY=PASSIVE (on a
-shared 2-core machine spinning OpenMP threads slow everything down, specs/NOTES.md). Medians of the repeats after
-one warm-up; the four calls alternate so that they see the same load.
+fp32 (what bf16 costs either way). A line above the table gives a 2048^3 fp32 and bf16 matmul's GFLOPS in the same
+run: the roofline a compute-bound UNet step works against (the step's GFLOP, from torch's FlopCounterMode, divided
+by its time, is the "ours GFLOPS" column: convolutions, linears and attention are nearly all of it). CPU with 2
+threads and OMP_WAIT_POLICY=PASSIVE (on a shared 2-core machine spinning OpenMP threads slow everything down,
+specs/NOTES.md). Medians of the repeats after one warm-up; the four calls alternate so that they see the same load.
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ TRANSLATED = {
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "cross_attention_dim": 1280, "transformer_layers_per_block": 1, "attention_head_dim": 8,
-    "num_attention_heads": None, "only_cross_attention": False, "norm_num_groups": 32, "norm_eps": 1e-5, "downsample_padding": 1,
+    "num_attention_heads": None, "only_cross_attention": False, "norm_num_groups": 32, "norm_eps": 1e-5,
+    "downsample_padding": 1,
     "time_embedding_dim": None, "class_embed_type": None, "projection_class_embeddings_input_dim": None,
     "class_embeddings_concat": False,
 }
