@@ -137,7 +137,7 @@ def encode_folder(folder: str | os.PathLike, pipeline, cache_dir: str | os.PathL
             tensors = {"codes": codes}
             if chroma:
                 tensors["chroma"] = chroma_features(wav.mean(0, keepdim=True)[None], sr)[0].cpu()  # (F, 12)
-            tmp = cached.with_suffix(".tmp")
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")  # ranks may encode the same clip at once
             save_file(tensors, str(tmp))
             os.replace(tmp, cached)  # atomic: an interrupted run leaves no half-written entry
         encoded.append(EncodedClip(tensors["codes"].long(), clip.caption, tensors.get("chroma")))

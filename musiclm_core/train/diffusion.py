@@ -93,7 +93,7 @@ def encode_latent_folder(folder: str | os.PathLike, vae: nn.Module, cache_dir: s
             unknown = [k for k in tensors if k.startswith("condition.") and k[10:] not in CONDITION_KEYS]
             if unknown:
                 raise ValueError(f"condition gave {unknown}; the UNet takes {CONDITION_KEYS}")
-            tmp = cached.with_suffix(".tmp")
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")  # ranks may encode the same clip at once
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
             os.replace(tmp, cached)
         condition_part = {k[10:]: v for k, v in tensors.items() if k.startswith("condition.")}
