@@ -1,0 +1,154 @@
+"""Time MusicLDM / AudioLDM 2 end to end against the reference pipeline, in one run, split by stage.
+
+    flock /tmp/heavy.lock python benchmarks/ldm.py                      # MusicLDM, print the table
+    flock /tmp/heavy.lock python benchmarks/ldm.py --model audioldm2    # AudioLDM 2
+    ... --write                                                         # and put it in benchmarks/RESULTS.md
+
+The official configs with random weights (tests/ldm_fixtures.py: every weight moved off its init), written by
+diffusers' save_pretrained and loaded by ours through `from_pretrained`, so both run the same weights. The reference
+is the stock diffusers pipeline with its transformers-5 crash site patched (tests/ldm_fixtures.py). A 10.24 s clip,
+20 DPM-Solver++ steps, guidance on, one waveform per prompt, the same initial latents on both sides; fp32 on the CPU
+with 2 threads. Stages: text encoding (the pipeline's prompt encoding, negatives included), UNet loop (the rest of
+the call: latents, the 20 guided UNet calls, the sampler), VAE decode, vocoder; the ranking (CLAP scores of 2
+candidates, resampling included) is timed on its own, since one waveform per prompt skips it. Each figure is the
+median over the repeats; the calls of ours and the reference alternate, so that both see the same load.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+# benchmarks/ (the script's folder is on sys.path); tests/ for the pipeline folders and the reference
+from _common import load_line, machine_lines, report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+SECONDS, STEPS = 10.24, 20
+PROMPT, NEGATIVE = ["a calm piano melody with soft strings"], ["low quality"]
+
+
+def timed(owner, name: str, times: dict[str, float], stage: str) -> None:
+    """Replace owner.name by a wrapper that adds each call's seconds to times[stage] (an instance attribute:
+    nn.Module.__call__ finds a patched forward)."""
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times[stage] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
+def instrument(ours, ref, kind: str) -> tuple[dict, dict]:
+    mine, theirs = defaultdict(float), defaultdict(float)
+    timed(ours, "_encode", mine, "text encoding")
+    timed(ours.vae, "decode", mine, "VAE decode")
+    timed(ours.vocoder, "forward", mine, "vocoder")
+    timed(ref, "_encode_prompt" if kind == "musicldm" else "encode_prompt", theirs, "text encoding")
+    timed(ref.vae, "decode", theirs, "VAE decode")
+    timed(ref.vocoder, "forward", theirs, "vocoder")
+    return mine, theirs
+
+
+def main() -> None:
+    import argparse
+
+    import diffusers
+    import transformers
+
+    import ldm_fixtures as lf
+    from musiclm_core.audioldm2 import AudioLDM2
+    from musiclm_core.musicldm import MusicLDM
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["musicldm", "audioldm2"], default="musicldm")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test configs (a smoke test of this script)")
+    args = parser.parse_args()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(2)
+
+    folder = Path(tempfile.mkdtemp(prefix="ldm_bench_"))
+    try:
+        if args.model == "musicldm":
+            path = lf.write_musicldm(folder, official=not args.tiny)
+            ours, ref = MusicLDM.from_pretrained(path), lf.reference_musicldm(path)
+        else:
+            path = lf.write_audioldm2(folder, official=not args.tiny)
+            ours, ref = AudioLDM2.from_pretrained(path), lf.reference_audioldm2(path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
+    latents = lf.latents_for(ours, 1, SECONDS)
+    mine, theirs = instrument(ours, ref, args.model)
+    run = dict(audio_length_in_s=SECONDS, num_inference_steps=STEPS, negative_prompt=NEGATIVE)
+
+    header = machine_lines()
+    per_rep: list[tuple[dict, dict]] = []
+    with torch.inference_mode():
+        for _ in range(args.reps):
+            results = []
+            for fn, times in ((lambda: ours.generate(PROMPT, scheduler="dpm", latents=latents.clone(), **run), mine),
+                              (lambda: ref(PROMPT, latents=latents.clone(), output_type="pt", **run).audios,
+                               theirs)):
+                times.clear()
+                start = time.perf_counter()
+                results.append(fn())
+                times["end to end"] = time.perf_counter() - start
+                times["UNet loop"] = times["end to end"] - sum(times[s] for s in ("text encoding", "VAE decode",
+                                                                                    "vocoder"))
+            per_rep.append((dict(mine), dict(theirs)))
+        err = (results[0][:, 0] - results[1]).abs().max().item()
+        scale = results[1].abs().max().item()
+        # The ranking: two 10.24 s candidates (the generated clip and its reverse) scored against the prompt.
+        candidates = torch.cat([results[0][:, 0], results[0][:, 0].flip(-1)])  # (2, N)
+        rank_ours, rank_ref = [], []
+        for _ in range(args.reps):
+            for fn, out in ((lambda: ours.rank(PROMPT, candidates, 2, seed=0), rank_ours),
+                            (lambda: ref.score_waveforms(PROMPT, candidates, 2, "cpu", torch.float32), rank_ref)):
+                start = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - start)
+
+    stages = ["text encoding", "UNet loop", "VAE decode", "vocoder", "end to end"]
+    rows = [(s, statistics.median(m[s] for m, _ in per_rep), statistics.median(t[s] for _, t in per_rep))
+            for s in stages]
+    rows.append(("ranking, 2 candidates (separate)", statistics.median(rank_ours), statistics.median(rank_ref)))
+    name = "MusicLDM" if args.model == "musicldm" else "AudioLDM 2"
+    lines = [
+        *header,
+        f"# {load_line('after')}",
+        "",
+        f"{name}, official configs with random weights, fp32, 2 threads; a {SECONDS} s clip, {STEPS} DPM-Solver++ "
+        f"steps with guidance and a negative prompt, one waveform; the same initial latents on both sides (end-to-end "
+        f"max abs diff {err:.1e}, reference output max abs {scale:.2f}). Reference: diffusers {diffusers.__version__}"
+        f" pipeline (transformers {transformers.__version__}, its crash site patched: tests/ldm_fixtures.py). "
+        f"Median of {args.reps} runs, ours and the reference alternated. `flock /tmp/heavy.lock python "
+        f"benchmarks/ldm.py --model {args.model}`.",
+        "",
+        "| stage | ours (s) | reference (s) | speed-up (reference / ours) |",
+        "|---|---:|---:|---:|",
+        *[f"| {stage} | {a:.2f} | {b:.2f} | {b / a:.2f} |" for stage, a, b in rows],
+    ]
+    report(f"## {name} end to end", lines, write=args.write)
+
+
+if __name__ == "__main__":
+    main()
