@@ -658,7 +658,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from musiclm_core import generate as gen
-    from musiclm_core.audio import load_audio, save_audio
+    from musiclm_core.audio import load_audio
 
     try:
         gen.check_sampling(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
@@ -703,15 +703,21 @@ def _generate(args: argparse.Namespace) -> int:
         with torch.no_grad():
             audio = model.generate(batch, progress=Progress(label), **settings, **extra)  # (B, C, N)
         for path, wav in zip(paths[start: start + B], audio):
-            with warnings.catch_warnings(record=True) as caught:  # clipping is reported in one line
-                warnings.simplefilter("always")
-                save_audio(path, wav.float().cpu(), model.sample_rate,
-                           normalize=None if args.normalize == "none" else args.normalize, overwrite=args.overwrite)
-            for warning in caught:
-                print(f"musiclm generate: warning: {warning.message}", file=sys.stderr)
-            print(f"{path}: {wav.shape[-1] / model.sample_rate:.2f} s, {wav.shape[0]} channel(s) at "
-                  f"{model.sample_rate} Hz")
+            _write_generated(path, wav, model.sample_rate, args)
     return 0
+
+
+def _write_generated(path: Path, wav, sample_rate: int, args: argparse.Namespace) -> None:
+    """Save one generated (C, N) waveform at --normalize (--overwrite as given) and print what was written."""
+    from musiclm_core.audio import save_audio
+
+    with warnings.catch_warnings(record=True) as caught:  # clipping is reported in one line
+        warnings.simplefilter("always")
+        save_audio(path, wav.float().cpu(), sample_rate,
+                   normalize=None if args.normalize == "none" else args.normalize, overwrite=args.overwrite)
+    for warning in caught:
+        print(f"musiclm generate: warning: {warning.message}", file=sys.stderr)
+    print(f"{path}: {wav.shape[-1] / sample_rate:.2f} s, {wav.shape[0]} channel(s) at {sample_rate} Hz")
 
 
 def _diffusion_class(kind: str):
@@ -762,8 +768,6 @@ def _generate_diffusion(args: argparse.Namespace) -> int:
 
     import torch
 
-    from musiclm_core.audio import save_audio
-
     device = _device(args.device)
     model = _load_generator(args, device, getattr(torch, args.dtype))
     seed = args.seed
@@ -780,14 +784,7 @@ def _generate_diffusion(args: argparse.Namespace) -> int:
                                num_waveforms_per_prompt=n, scheduler=args.scheduler, seed=seed,
                                progress=Progress(label, unit="steps"))  # (B·n, 1, N)
         for path, wav in zip(paths[start * n: (start + B) * n], audio):
-            with warnings.catch_warnings(record=True) as caught:  # clipping is reported in one line
-                warnings.simplefilter("always")
-                save_audio(path, wav.float().cpu(), model.sample_rate,
-                           normalize=None if args.normalize == "none" else args.normalize, overwrite=args.overwrite)
-            for warning in caught:
-                print(f"musiclm generate: warning: {warning.message}", file=sys.stderr)
-            print(f"{path}: {wav.shape[-1] / model.sample_rate:.2f} s, {wav.shape[0]} channel(s) at "
-                  f"{model.sample_rate} Hz")
+            _write_generated(path, wav, model.sample_rate, args)
     return 0
 
 
