@@ -66,11 +66,12 @@ class AudioLDM2(LatentDiffusion):
     def encode_text(self, texts: list[str], t5_length: int | None) -> tuple[Tensor, Tensor, Tensor]:
         """(GPT-2 vectors (B, 8, D), Flan-T5 states (B, L, 1024), T5 mask (B, L)) of texts.
 
-        CLAP reads the texts padded to its tokenizer's limit (512); Flan-T5 reads them padded to the longest, or,
-        with t5_length, padded and truncated to that many tokens (the negative prompts: pipeline_audioldm2.py
-        pads them to the positive prompts' length so that both halves of the batch have one width, cutting a
-        longer negative prompt short)."""
-        ids, mask = self.clap.tokenize(texts, padding="max_length", max_length=self.clap.config.max_text_length)
+        CLAP reads the texts truncated to its tokenizer's limit (512; the pipeline also pads them to it, which the
+        attention mask makes no difference to but time: see MusicLDM.encode_text). Flan-T5 reads them padded to
+        the longest, or, with t5_length, padded and truncated to that many tokens (the negative prompts:
+        pipeline_audioldm2.py pads them to the positive prompts' length so that both halves of the batch have one
+        width, cutting a longer negative prompt short)."""
+        ids, mask = self.clap.tokenize(texts, padding="longest", max_length=self.clap.config.max_text_length)
         clap = self.clap.encode_text(ids, mask)[:, None]  # (B, 1, 512); its mask is ones
         if t5_length is None:
             ids, t5_mask = self.t5.tokenizer(texts, max_length=self.t5.config.max_length)
