@@ -5,7 +5,8 @@ the speed the weights stream from memory. `F.linear` hands that product to torch
 are chosen by CPU vendor: on an Intel Xeon it reads a skinny fp32 weight near the memory bandwidth, but on an AMD
 EPYC it takes a generic path (MKL_VERBOSE names it "Intel(R) Architecture processors") that reads it at 4-9 GB/s,
 a fifth to a third of what the same machine's `sum` reaches. The same MKL is fast there for another arrangement of
-the same product, measured on a 2-core EPYC 9xx4 (Zen 4, AVX-512, 1 thread, 2 rows; benchmarks/RESULTS.md):
+the same product, measured on a 2-core EPYC of family 25 model 17 (Zen 4, AVX-512; 1 thread, 2 rows, by thread CPU
+time on a busy machine: benchmarks/RESULTS.md):
 
     y (M, N) = x (M, K) @ W (N, K)^T                       F.linear: 5-9 GB/s
     y^T (N, M) = W (N, K) @ x^T (K, M), x^T a view of x    15-19 GB/s for K <= 1536, 8-9 GB/s for K = 4096
@@ -13,9 +14,9 @@ the same product, measured on a 2-core EPYC 9xx4 (Zen 4, AVX-512, 1 thread, 2 ro
 
 so `BlockedLinear` stores its weight as `blocks` (K / Kc, N, Kc), Kc = K split into blocks of at most
 `BLOCK` inputs (one block, a view of the original tensor, when K <= BLOCK: no copy), and computes
-`W_0 @ x_0^T + W_1 @ x_1^T + ...` for up to `SKINNY_ROWS` rows. That is faster only at 1-2 rows (at 4-8 rows
-both take MKL's slow path, and the transposed form is slower): more rows (a prefill) go through `F.linear` on each
-block. Which layers get it is decided once per process from what the CPU reports (`route()`), not from a
+`W_0 @ x_0^T + W_1 @ x_1^T + ...` for up to `SKINNY_ROWS` rows. That is faster at 2 rows only (1 row runs as
+fast either way; at 4-8 rows both take MKL's slow path, and the transposed form is the slower): more rows (a
+prefill, several prompts) go through `F.linear` on each block. Which layers get it is decided once per process from what the CPU reports (`route()`), not from a
 timing that moves with the machine's load:
 
     route "blocked"  AMD (and Hygon) x86 CPUs with MKL as torch's BLAS, whatever their vector extensions
