@@ -322,3 +322,19 @@ def test_melody_run_with_chroma_from_the_clips(tmp_path):
     assert len(losses_) == 3 and all(math.isfinite(x) for x in losses_)
     loaded = MusicGenMelody.from_pretrained(tmp_path / "run")
     assert all(torch.equal(v, pipe.lm.state_dict()[k]) for k, v in loaded.lm.state_dict().items())
+
+
+def test_plain_linears_undo_the_blocked_layout():
+    from musiclm_core.kernels import linear
+
+    torch.manual_seed(0)
+    lm = MusicGenLM(MusicGenConfig(dim=64, num_layers=1, num_heads=4, ffn_dim=2048, text_dim=32))
+    codes = torch.randint(0, 2048, (2, 4, 5))
+    with torch.no_grad():
+        before = lm(codes)
+        linear.relayout(lm, route_name="blocked", block=512)  # ffn_out (2048 inputs) becomes 4 blocks
+        assert isinstance(lm.layers[0].ffn_out, linear.BlockedLinear)
+        tm.plain_linears(lm)
+        assert not any(isinstance(m, linear.BlockedLinear) for m in lm.modules())
+        assert type(lm.layers[0].ffn_out) is torch.nn.Linear
+        assert torch.allclose(lm(codes), before, atol=1e-5)
