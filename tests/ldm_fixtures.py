@@ -255,7 +255,9 @@ def source_rows(ranked: torch.Tensor, candidates: torch.Tensor, atol: float) -> 
 
 ATOL = 1e-4  # max abs difference of the waveforms (fp32; the waveforms are of order 0.1-1)
 PROMPTS = ["rock piano", "calm jazz with drums and a slow beat"]
-NEGATIVES = ["low quality", "loud noise with bass"]
+# The second is longer than every prompt: AudioLDM 2 cuts it to the prompts' Flan-T5 length, and the tiny MusicLDM
+# to its 16-wide embedding's 16 tokens (the pipelines pad and truncate negatives to those widths)
+NEGATIVES = ["low quality", "loud noise with bass and harsh distorted drums, a dark noisy synth and sad vocals"]
 SECONDS, STEPS = 0.3, 4  # 0.3 s: int(0.3 / 0.01) = 29 frames (float division), rounded up to 32; 4800 samples
 
 

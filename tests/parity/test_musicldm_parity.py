@@ -11,7 +11,7 @@ the scheduler loop, VAE, vocoder, cutting, score_waveforms with librosa) runs as
 
 Every model is moved off its initialisation (tests/ldm_fixtures.py). Checked, with the same initial latents: DDIM
 (the checkpoint's scheduler) and DPM-Solver++ (plus PNDM, Euler and LMS once each), with and without negative
-prompts; the default and a truncated length from a seeded generator; DDIM with eta > 0; the CLAP ranking of 3
+prompts (one longer than the 16 tokens the tiny 16-wide embedding lets the pipeline keep of it); the default and a truncated length from a seeded generator; DDIM with eta > 0; the CLAP ranking of 3
 candidates of one prompt (the reference's order), and of 2 prompts x 2 (the reference hands a prompt another
 prompt's waveform, ours does not). A different prompt and a negative prompt move the output by > 100x the
 tolerance. The official sizes (random weights, 0.5 s, 2 steps) run under `-m slow`.
