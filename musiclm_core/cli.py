@@ -1068,13 +1068,16 @@ def _add_train(subparsers) -> None:
     m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     m.add_argument("--distributed", choices=("ddp", "fsdp"), help="under torchrun: DDP or FSDP")
     m.set_defaults(run=_train)
-    d = _command(tasks, "ldm", help="MusicLDM's diffusion UNet (the VAE and CLAP stay frozen)",
-                 description="Fine-tune the UNet of a MusicLDM pipeline on the VAE latents of the clips' mels "
-                             "(encoded once, cached in --cache), conditioned on each clip's CLAP audio embedding, "
-                             "with the pipeline's noise schedule; the null condition (CLAP text embedding of \"\") "
-                             "for --cond-dropout of the rows. OUT/unet loads with UNet.from_pretrained.")
+    d = _command(tasks, "ldm", help="MusicLDM's or AudioLDM 2's diffusion UNet (the rest stays frozen)",
+                 description="Fine-tune the UNet of a MusicLDM or AudioLDM 2 pipeline on the VAE latents of the "
+                             "clips' mels (encoded once, cached in --cache) with the pipeline's noise schedule, "
+                             "conditioned as the pipeline is: MusicLDM on each clip's CLAP audio embedding (null: "
+                             "the CLAP text embedding of \"\"), AudioLDM 2 on the GPT-2 vectors and Flan-T5 states "
+                             "of its caption (null: those of \"\"); the null condition for --cond-dropout of the "
+                             "rows. OUT/unet loads with UNet.from_pretrained.")
     d.add_argument("--data", type=Path, required=True, help="folder of audio files with captions (only read)")
-    d.add_argument("--model", default="ucsd-reach/musicldm", help="MusicLDM pipeline: hub id or diffusers folder")
+    d.add_argument("--model", default="ucsd-reach/musicldm",
+                   help="MusicLDM or AudioLDM 2 pipeline: hub id or diffusers folder")
     d.add_argument("--out", type=Path, required=True, help="the run folder")
     d.add_argument("--steps", type=int, required=True, help="the run's total number of optimiser steps")
     d.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -1139,7 +1142,8 @@ def _train_musicgen(args: argparse.Namespace, config, device, rank: int) -> list
 def _train_ldm(args: argparse.Namespace, config, device, rank: int) -> list[float]:
     import torch
 
-    from musiclm_core import schedulers
+    from musiclm_core import hub, schedulers
+    from musiclm_core.audioldm2 import AudioLDM2
     from musiclm_core.musicldm import MusicLDM
     from musiclm_core.train import diffusion
     from musiclm_core.train.loop import STATE_FILE
@@ -1148,18 +1152,29 @@ def _train_ldm(args: argparse.Namespace, config, device, rank: int) -> list[floa
     if (args.out / STATE_FILE).is_file() != args.resume:
         raise CLIError(f"{args.out} holds a training run: pass --resume to continue it, or choose another --out"
                        if not args.resume else f"no checkpoint to resume from in {args.out}")
-    pipe = MusicLDM.from_pretrained(args.model)
+    kind = hub.read_json(hub.resolve(args.model, allow_patterns=["model_index.json"]) / "model_index.json")
+    if kind.get("_class_name") == AudioLDM2.pipeline_class:
+        pipe = AudioLDM2.from_pretrained(args.model)
+        frozen = [pipe.vae, pipe.clap, pipe.t5, pipe.projection, pipe.gpt2]
+        condition, name = diffusion.audioldm2_text_condition(pipe), "audioldm2-text"
+    else:
+        pipe = MusicLDM.from_pretrained(args.model)
+        frozen = [pipe.vae, pipe.clap]
+        condition, name = diffusion.clap_audio_condition(pipe.clap), "clap-audio"
+    for part in frozen:
+        part.to(device).eval().requires_grad_(False)
     unet = UNet.from_pretrained(args.out / "unet") if args.resume and not args.lora else pipe.unet
     schedule = schedulers.from_config(pipe.scheduler_config).schedule
-    clap, vae = pipe.clap.to(device).eval(), pipe.vae.to(device).eval()
-    clips = diffusion.encode_latent_folder(args.data, vae, args.cache or args.out / "cache",
-                                           condition=diffusion.clap_audio_condition(clap),
-                                           condition_name=f"clap-audio {args.model}",
+    clips = diffusion.encode_latent_folder(args.data, pipe.vae, args.cache or args.out / "cache",
+                                           condition=condition, condition_name=f"{name} {args.model}",
                                            target_frames=max(4, round(args.seconds * 100)), progress=rank == 0)
-    with torch.no_grad():
-        null = {"class_embed": clap.text_embeds([""])[0].float().cpu()}
+    if name == "clap-audio":  # MusicLDM's null condition: the CLAP text embedding of ""
+        with torch.no_grad():
+            null = {"class_embed": pipe.clap.text_embeds([""])[0].float().cpu()}
+    else:
+        null = condition(torch.zeros(1, 1), 16000, "")
     return diffusion.train_unet(unet.to(device), schedule, clips, args.out, config,
-                                scaling_factor=vae.scaling_factor, batch_size=args.batch_size,
+                                scaling_factor=pipe.vae.scaling_factor, batch_size=args.batch_size,
                                 cond_dropout=args.cond_dropout, null_condition=null,
                                 prediction_type=args.prediction_type, lora_rank=args.lora, resume=args.resume,
                                 distributed=args.distributed, progress=True)

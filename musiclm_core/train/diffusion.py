@@ -12,11 +12,11 @@ encoded, by a `condition` function, and cached with its latents:
     MusicLDM     {"class_embed": CLAP audio embedding of the clip} (`clap_audio_condition`): MusicLDM trains on
                  the audio embedding and generates from the text one (CLAP aligns the two; specs/ldm.md §16)
     AudioLDM 2   {"encoder_hidden_states": the 8 GPT-2 vectors, "encoder_hidden_states_1": the Flan-T5 states,
-                 "encoder_attention_mask_1": their mask}, precomputed by the caller's function (padded to one
-                 length for every clip)
+                 "encoder_attention_mask_1": their mask} of the caption (`audioldm2_text_condition`, the T5
+                 states padded to one length for every clip)
 
 Condition dropout replaces a row's conditioning by `null_condition` (MusicLDM: the CLAP text embedding of "",
-probability 0.1 in its training config).
+probability 0.1 in its training config; AudioLDM 2: the condition of the caption "").
 """
 
 from __future__ import annotations
@@ -50,6 +50,17 @@ def clap_audio_condition(clap) -> Callable[[Tensor, int, str], dict[str, Tensor]
     """MusicLDM's training condition: the CLAP audio embedding of the clip."""
     def condition(wav: Tensor, sample_rate: int, caption: str) -> dict[str, Tensor]:
         return {"class_embed": clap.audio_embeds(wav, sample_rate)[0].float().cpu()}
+    return condition
+
+
+def audioldm2_text_condition(pipeline, t5_length: int = 64) -> Callable[[Tensor, int, str], dict[str, Tensor]]:
+    """AudioLDM 2's condition of a caption, as its pipeline computes it at inference: the 8 GPT-2 vectors and the
+    Flan-T5 states padded (and cut) to `t5_length` tokens with their mask (`AudioLDM2.encode_text`)."""
+    def condition(wav: Tensor, sample_rate: int, caption: str) -> dict[str, Tensor]:
+        with torch.no_grad():
+            generated, t5, mask = pipeline.encode_text([caption], t5_length)
+        return {"encoder_hidden_states": generated[0].float().cpu(), "encoder_hidden_states_1": t5[0].float().cpu(),
+                "encoder_attention_mask_1": mask[0].cpu()}
     return condition
 
 

@@ -115,3 +115,25 @@ def test_train_ldm_resume_and_load(setup, musicldm_folder, capsys):
     assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
     trained, start = UNet.from_pretrained(out / "unet").state_dict(), UNet.from_pretrained(musicldm_folder)
     assert max((trained[k] - v).abs().max() for k, v in start.state_dict().items()) > 1e-5
+
+
+def test_train_ldm_audioldm2(setup, tmp_path_factory, capsys):
+    pytest.importorskip("diffusers")
+    import ldm_fixtures
+    from musiclm_core.unet import UNet
+
+    folder = ldm_fixtures.write_audioldm2(tmp_path_factory.mktemp("train_audioldm2"))
+    root, _ = setup
+    data = root / "data_a2"
+    data.mkdir()
+    t = np.arange(16000) / 16000
+    for i in range(2):
+        sf.write(data / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * 440 * (i + 1) * t)).astype(np.float32), 16000)
+        (data / f"c{i}.txt").write_text(f"a tone {i}" + " and more" * i)
+    out = root / "runs" / "a2"
+    assert main(["train", "ldm", "--data", str(data), "--model", str(folder), "--out", str(out), "--steps", "2",
+                 "--seconds", "0.32", "--lr", "1e-3", "--cond-dropout", "0.5"]) == 0
+    assert "step      2 / 2" in capsys.readouterr().err
+    trained = UNet.from_pretrained(out / "unet").state_dict()
+    start = UNet.from_pretrained(folder).state_dict()
+    assert max((trained[k] - v).abs().max() for k, v in start.items()) > 1e-5
