@@ -61,6 +61,7 @@ def main() -> None:
 
     from musiclm_core.metrics import ClapEmbedding, EnCodecEmbedding
 
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bars
     torch.set_num_threads(2)
     rng = np.random.RandomState(0)
     head = machine_lines()
