@@ -957,7 +957,8 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--reference", type=Path, required=True, help="folder of reference audio")
     p.add_argument("--captions", type=Path, default=None,
                    help='JSON lines of {"path", "caption"} for the generated files, paths relative to this file '
-                        "(default: the .txt next to each file, if any)")
+                        "(default: GENERATED/captions.jsonl if there is one, else the .txt next to each file, "
+                        "if any)")
     p.add_argument("--embedding", choices=["clap", "encodec"], required=True, help="embedding of the FAD")
     p.add_argument("--clap", default="laion/larger_clap_music", help="CLAP model: hub id or folder")
     p.add_argument("--encodec", default="facebook/encodec_24khz", help="EnCodec model: hub id or folder")

@@ -358,10 +358,13 @@ def jsonl_records(path: str | os.PathLike, what: str):
 def read_captions(folder: str | os.PathLike, files: Sequence[Path],
                   captions: str | os.PathLike | None = None) -> dict[Path, str] | None:
     """The caption of each of `files` (under `folder`): from `captions`, a JSON-lines file of {"path", "caption"}
-    (paths relative to the captions file's folder, or absolute), or else from a sidecar `.txt` next to each file
-    (`a.wav` -> `a.txt`). None when there is no captions file and no sidecar at all. Captions that do not match
-    the files (a file without one, a line naming no file of the folder, a path twice) are an error naming them."""
+    (paths relative to the captions file's folder, or absolute), by default `folder/captions.jsonl` where there is
+    one (the training data layout), or else from a sidecar `.txt` next to each file (`a.wav` -> `a.txt`). None
+    when there is no captions file and no sidecar at all. Captions that do not match the files (a file without
+    one, a line naming no file of the folder, a path twice) are an error naming them."""
     files = [Path(f).resolve() for f in files]
+    if captions is None and (Path(folder) / "captions.jsonl").is_file():
+        captions = Path(folder) / "captions.jsonl"
     if captions is None:
         found = {f: f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()}
         if not found:

@@ -335,6 +335,10 @@ def test_captions_sidecar_and_jsonl(tmp_path):
     jsonl.write_text("{not json")
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         metrics.read_captions(folder, files, jsonl)
+    # The training layout: folder/captions.jsonl is read by default, instead of the sidecars.
+    (folder / "captions.jsonl").write_text(json.dumps({"path": "00.wav", "caption": "from jsonl"}) + "\n"
+                                           + json.dumps({"path": "01.wav", "caption": "also"}) + "\n")
+    assert list(metrics.read_captions(folder, files).values()) == ["from jsonl", "also"]
 
 
 def test_model_reference_sees_a_changed_model_folder(tmp_path):
