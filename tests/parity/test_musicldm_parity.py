@@ -66,11 +66,15 @@ def test_ranking_stays_within_each_prompt(pair):
     lf.check_ranking_within_prompts(*pair, seed=1)
 
 
+@pytest.fixture(scope="module")
+def official_pair(tmp_path_factory):
+    folder = lf.write_musicldm(tmp_path_factory.mktemp("musicldm_official"), official=True)
+    return MusicLDM.from_pretrained(folder), lf.reference_musicldm(folder)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("negative", [None, lf.NEGATIVES], ids=["no-negative", "negative"])
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
-def test_official_config_parity(tmp_path, scheduler):
+def test_official_config_parity(official_pair, scheduler, negative):
     """ucsd-reach/musicldm's sizes with random weights: 0.5 s, 2 steps, with and without negative prompts."""
-    folder = lf.write_musicldm(tmp_path, official=True)
-    ours, ref = MusicLDM.from_pretrained(folder), lf.reference_musicldm(folder)
-    for negative in (None, lf.NEGATIVES):
-        lf.check_parity(ours, ref, scheduler, negative, seconds=0.5, steps=2)
+    lf.check_parity(*official_pair, scheduler, negative, seconds=0.5, steps=2)
