@@ -412,9 +412,10 @@ def clap_scores(clap, captions: Sequence[str], audio_embeds: Tensor, *, batch_si
 def generated_stats(folder: str | os.PathLike, files: Sequence[Path], embedding, *, clap=None,
                     captions: dict[Path, str] | None = None,
                     progress: Callable[[int, int], None] | None = None) -> tuple[EmbeddingStats, Tensor | None]:
-    """(statistics of `files`, their (B,) CLAP scores or None): each file is read once. With `captions` (keyed
-    by resolved path) and a `clap`, each file's score is its caption against CLAP's embedding of the clip (for a
-    clip of 10 s or less that is its one `ClapEmbedding` window, reused)."""
+    """(statistics of `files`, their (B,) CLAP scores or None). With `captions` (keyed by resolved path) and a
+    `clap`, each file's score is its caption against CLAP's embedding of the whole clip (`CLAP.audio_embeds`,
+    which crops a clip longer than 10 s at a start drawn from seed 0); for a clip of 10 s or less that is its
+    one `ClapEmbedding` window, reused rather than computed twice."""
     acc, audio = StatsAccumulator(), []
     for i, path in enumerate(files):
         wav = load_for(embedding, path)
