@@ -49,6 +49,9 @@ UNET_OFFICIAL = dict(in_channels=8, out_channels=8, block_out_channels=(128, 256
                      sample_size=256)
 VAE_TINY = dict(block_out_channels=(8, 16, 16), norm_num_groups=8, layers_per_block=1)  # factor 4, as the official
 VAE_OFFICIAL = dict(block_out_channels=(128, 256, 512), norm_num_groups=32, layers_per_block=2)
+VOCODER_OFFICIAL = dict(upsample_initial_channel=1024, upsample_rates=[5, 4, 2, 2, 2],
+                        upsample_kernel_sizes=[16, 16, 8, 4, 4], resblock_kernel_sizes=[3, 7, 11],
+                        resblock_dilation_sizes=[[1, 3, 5]] * 3)  # the pipelines' vocoder/config.json (spec §5.1)
 VOCODER_TINY = dict(upsample_initial_channel=16, upsample_rates=[10, 16], upsample_kernel_sizes=[20, 32],
                     resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]])  # hop 160 at 16 kHz, as the official
 
@@ -109,8 +112,17 @@ def _tail(official: bool, scale: float):
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         **(VAE_OFFICIAL if official else VAE_TINY))
     vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(model_in_dim=64, sampling_rate=16000, normalize_before=False,
-                                                    **({} if official else VOCODER_TINY)))
-    return move_off_init(vae, scale, seed=3), move_off_init(vocoder, scale, seed=4)
+                                                    **(VOCODER_OFFICIAL if official else VOCODER_TINY)))
+    move_off_init(vocoder, scale, seed=4)
+    if official:  # transformers' std 0.01 init leaves the 30-odd convs' output near 0: unit gain instead
+        with torch.no_grad():
+            for module in vocoder.modules():
+                if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+                    w = module.weight
+                    fan_in = w.shape[0] * w.shape[2] / module.stride[0] if isinstance(
+                        module, torch.nn.ConvTranspose1d) else w.shape[1] * w.shape[2]
+                    w.mul_(fan_in ** -0.5 / w.std())
+    return move_off_init(vae, scale, seed=3), vocoder
 
 
 def write_musicldm(root: Path, *, official: bool = False, scale: float | None = None) -> Path:
