@@ -16,8 +16,8 @@ so `BlockedLinear` stores its weight as `blocks` (K / Kc, N, Kc), Kc = K split i
 `BLOCK` inputs (one block, a view of the original tensor, when K <= BLOCK: no copy), and computes
 `W_0 @ x_0^T + W_1 @ x_1^T + ...` for up to `SKINNY_ROWS` rows. That is faster at 2 rows only (1 row runs as
 fast either way; at 4-8 rows both take MKL's slow path, and the transposed form is the slower): more rows (a
-prefill, several prompts) go through `F.linear` on each block. Which layers get it is decided once per process from what the CPU reports (`route()`), not from a
-timing that moves with the machine's load:
+prefill, several prompts) go through `F.linear` on each block. Which layers get it is decided once per process
+from what the CPU reports (`route()`), not from a timing that moves with the machine's load:
 
     route "blocked"  AMD (and Hygon) x86 CPUs with MKL as torch's BLAS, whatever their vector extensions
                      (the EPYC measured has AVX-512 and VNNI: MKL's vendor check, not the ISA, picks the path)

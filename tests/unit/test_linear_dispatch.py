@@ -151,6 +151,7 @@ def test_layout_keeps_memory_and_state_dict():
     assert one.blocks.data_ptr() == lin.weight.data_ptr() and one.weight.data_ptr() == lin.weight.data_ptr()
     four = BlockedLinear.from_linear(lin, 64)  # a copy that replaces the original: the same number of floats
     assert four.blocks.is_contiguous() and four.blocks.numel() == lin.weight.numel()
+    assert torch.equal(four.blocks, block_weight(lin.weight, 64)) and torch.equal(four.blocks[1], lin.weight[:, 64:128])
     for layer in (one, four):
         state = layer.state_dict()  # nn.Linear's keys and layout
         assert list(state) == ["weight", "bias"] and torch.equal(state["weight"], lin.weight)
