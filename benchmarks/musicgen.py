@@ -19,7 +19,8 @@ its `from_pretrained`, ours with `MusicGen.from_pretrained` (the whole loader at
   (kernels/linear.py, column "route"); `fp32@linear` / `fp32@blocked` force one (MUSICLM_LINEAR in the worker).
   `--variants int4+compile` (any format +compile): with `lm.compile_decode()`, compiled during a 4-step
   generation before the timed one; that time is the column "compile s" (inductor's on-disk cache shortens it
-  after the first run), its memory counts in "gen peak", and "(+x GB)" after it is the summed peak RSS of the compile worker processes still alive then, if any.
+  after the first run), its memory counts in "gen peak", and "(+x GB)" after it is the summed peak RSS of the
+  compile worker processes still alive then, if any.
 * steps/s of the decode loop only: a timestamp is taken each time a column of tokens has been sampled (a logits
   processor appended to transformers' list; our `progress` callback), and steps/s = (n - 1) / (t_n - t_1). That
   leaves out the text encoder, the prefill and the audio decoding, and times the same thing on both sides: one
