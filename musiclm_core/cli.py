@@ -434,8 +434,9 @@ def _add_generate(subparsers) -> None:
                    help='evaluation set: a JSON-lines file of {"id", "caption"}; writes OUT/<id>.wav and its caption '
                         "OUT/<id>.txt (what `musiclm eval --generated OUT` reads), skips the ids already written "
                         "(a stopped run restarts where it stopped), and under torchrun each rank (RANK, WORLD_SIZE) "
-                        "takes every WORLD_SIZE-th prompt. The seed of each batch is --seed (default 0 here) plus "
-                        "the index of its first prompt, so with --batch-size 1 a file depends only on its line")
+                        "takes every WORLD_SIZE-th prompt. Any model: MusicGen, MusicLDM, AudioLDM 2 (one waveform per "
+                        "prompt). The seed of each batch is --seed (default 0 here) plus the index of its first "
+                        "prompt, so with --batch-size 1 a file depends only on its line")
     p.add_argument("--out", type=Path, metavar="DIR", help="--prompts: the folder to write")
     p.add_argument("--model", default="facebook/musicgen-small",
                    help="hub id or folder (transformers, audiocraft or native layout)")
@@ -746,15 +747,15 @@ def _diffusion_kind(model: str) -> str | None:
 def _generate_diffusion(args: argparse.Namespace) -> int:
     """`generate` for MusicLDM / AudioLDM 2: each prompt gives -n files (candidates best first by CLAP score),
     --duration seconds each (the pipelines' length rules: a multiple of 40 ms is generated, then cut)."""
-    if args.prompts is not None or args.out is not None:
-        raise UsageError("--prompts/--out evaluation sets are for MusicGen checkpoints for now")
-    if args.output is None:
-        raise UsageError("give -o/--output FILE")
     for flag, used in (("--melody", args.melody is not None), ("--continue", args.continue_from is not None),
                        ("--quantize", args.quantize is not None), ("--greedy", args.greedy),
                        ("--cuda-graph", args.cuda_graph), ("--compile", args.compile)):
         if used:
             raise UsageError(f"{flag} is for MusicGen checkpoints; {args.model} is a diffusion pipeline")
+    if args.prompts is not None or args.out is not None:
+        return _generate_set(args, diffusion=True)
+    if args.output is None:
+        raise UsageError("give -o/--output FILE")
     prompts = _read_prompts(args)
     n = 1 if args.num_waveforms is None else args.num_waveforms
     steps = DIFFUSION_STEPS if args.steps is None else args.steps
@@ -830,7 +831,9 @@ def _rank() -> tuple[int, int]:
     return rank, world
 
 
-def _generate_set(args: argparse.Namespace) -> int:
+def _generate_set(args: argparse.Namespace, *, diffusion: bool = False) -> int:
+    """`generate --prompts --out`, for MusicGen or (diffusion=True, its flags checked by _generate_diffusion)
+    MusicLDM / AudioLDM 2: one waveform per prompt."""
     if args.prompts is None or args.out is None:
         raise UsageError("an evaluation set needs both --prompts JSONL and --out DIR")
     if args.prompt is not None or args.prompts_file is not None or args.output is not None:
@@ -839,6 +842,11 @@ def _generate_set(args: argparse.Namespace) -> int:
         raise UsageError("--melody and --continue are not supported with --prompts")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.num_waveforms not in (None, 1):
+        raise UsageError(f"-n {args.num_waveforms}: an evaluation set holds one waveform per prompt")
+    steps = DIFFUSION_STEPS if args.steps is None else args.steps
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
     items = _read_prompt_set(args.prompts)
     rank, world = _rank()
     mine = list(range(rank, len(items), world))  # indices into items: this rank's share
@@ -872,11 +880,14 @@ def _generate_set(args: argparse.Namespace) -> int:
     from musiclm_core.report import write_text
 
     seed = None if args.greedy else (_SET_SEED if args.seed is None else args.seed)
-    try:
-        gen.check_sampling(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, do_sample=not args.greedy, seed=seed)
-    except ValueError as err:
-        raise UsageError(_flag_names(str(err))) from err
+    if diffusion and not 0 <= seed < 2**64:
+        raise UsageError(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
+    if not diffusion:
+        try:
+            gen.check_sampling(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, do_sample=not args.greedy, seed=seed)
+        except ValueError as err:
+            raise UsageError(_flag_names(str(err))) from err
     device = _device(args.device)
     if args.device is None and device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
@@ -891,9 +902,15 @@ def _generate_set(args: argparse.Namespace) -> int:
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start: start + args.batch_size]
         batch_seed = None if seed is None else (seed + batch[0]) % 2**64
+        captions, label = [items[i][1] for i in batch], f"{items[batch[0]][0]}.wav"
         with torch.no_grad():
-            wavs = model.generate([items[i][1] for i in batch], seed=batch_seed,
-                                  progress=Progress(f"{items[batch[0]][0]}.wav"), **settings)  # (B, C, N)
+            if diffusion:
+                wavs = model.generate(captions, audio_length_in_s=args.duration, num_inference_steps=steps,
+                                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                                      scheduler=args.scheduler, seed=batch_seed,
+                                      progress=Progress(label, unit="steps"))  # (B, 1, N)
+            else:
+                wavs = model.generate(captions, seed=batch_seed, progress=Progress(label), **settings)  # (B, C, N)
         for i, wav in zip(batch, wavs):
             # The caption first: an audio file is only ever there with its caption next to it.
             write_text(audio[i].with_suffix(".txt"), items[i][1] + "\n")

@@ -297,3 +297,26 @@ def test_generate_then_evaluate(musicgen_folder, models, sets, tmp_path, capsys)
     assert _eval(models, out, reference, tmp_path / "eval") == 0
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert result["n_generated"] == 3 and result["clap_score"] is not None and result["fad"] > 0
+
+
+@pytest.mark.slow  # tiny, but writing the pipeline with diffusers and running it takes ~17 s on 2 cores
+def test_generate_set_with_a_diffusion_pipeline(tmp_path, capsys):
+    """MusicLDM (a tiny pipeline folder written by diffusers): the same set layout, one waveform per prompt."""
+    pytest.importorskip("diffusers")
+    import ldm_fixtures
+
+    from musiclm_core.musicldm import MusicLDM
+
+    folder = ldm_fixtures.write_musicldm(tmp_path / "ldm")
+    out = tmp_path / "set"
+    prompts = _prompts(tmp_path, ids=("a", "b"), captions=CAPTIONS[:2])
+    run = ["generate", "--prompts", str(prompts), "--out", str(out), "--model", str(folder), "--duration", "0.5",
+           "--steps", "2", "--seed", "3", "--normalize", "none"]
+    assert main(run) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "a.wav", "b.txt", "b.wav"]
+    expected = MusicLDM.from_pretrained(folder).generate([CAPTIONS[1]], audio_length_in_s=0.5, num_inference_steps=2,
+                                                         seed=4)[0]  # b: --seed + its index
+    wav, _ = load_audio(out / "b.wav")
+    assert wav.shape == expected.shape and (wav - expected.clamp(-1, 1)).abs().max() <= PCM16 + 1e-6
+    assert main(run) == 0 and "2 written already, 0 to generate" in capsys.readouterr().err
+    assert main([*run, "-n", "2"]) == 2
