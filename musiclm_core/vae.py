@@ -118,8 +118,8 @@ class Conv2d(nn.Conv2d):
     Why: torch's CPU convolution (oneDNN) reorders an NCHW input into its own layout and the result back on
     every call; a channels-last input it reads as it is. The whole decoder then stays channels-last (GroupNorm,
     SiLU, the residual adds and the attention's reshapes all read that layout directly). With the sub-pixel
-    `Upsample`, a 10.24 s decode ran 1.36x faster than diffusers' NCHW decoder and 1.10x faster than diffusers
-    moved to channels-last (2-core AMD EPYC, 2 threads, busy machine; benchmarks/ldm_parts.py). Same sums, same
+    `Upsample`, a 10.24 s decode ran 1.29-1.36x faster than diffusers' NCHW decoder and 1.10-1.13x faster than
+    diffusers moved to channels-last (2-core AMD EPYC, 2 threads, busy machine; benchmarks/ldm_parts.py). Same sums, same
     weights; the layout of the weight itself made no difference (measured).
     """
 
