@@ -37,6 +37,9 @@ _EXPORTS: dict[str, str] = {
     "HifiGanConfig": "musiclm_core.hifigan",
     "wav_to_mel": "musiclm_core.mel",
     "load_scheduler": "musiclm_core.schedulers",
+    "DiagonalGaussian": "musiclm_core.vae",
+    "MusicLDM": "musiclm_core.musicldm",
+    "AudioLDM2": "musiclm_core.audioldm2",
 }
 
 __all__ = list(_EXPORTS)
@@ -68,4 +71,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from musiclm_core.mel import wav_to_mel
     from musiclm_core.schedulers import load_scheduler
     from musiclm_core.unet import UNet, UNetConfig
-    from musiclm_core.vae import AutoencoderKL, VAEConfig
+    from musiclm_core.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+    from musiclm_core.musicldm import MusicLDM
+    from musiclm_core.audioldm2 import AudioLDM2
