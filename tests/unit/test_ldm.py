@@ -213,7 +213,6 @@ def test_cli_generate(folder, pipe, tmp_path, capsys):
     (["--steps", "0"], "--steps must be at least 1, got 0"),
     (["--melody", "x.wav"], "--melody is for MusicGen checkpoints"),
     (["--greedy"], "--greedy is for MusicGen checkpoints"),
-    (["--prompts", "p.jsonl", "--out", "d"], "evaluation sets are for MusicGen checkpoints for now"),
 ])
 def test_cli_generate_usage_errors(folder, tmp_path, capsys, flags, message):
     from musiclm_core.cli import main
