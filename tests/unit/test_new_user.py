@@ -110,8 +110,10 @@ def test_version_and_defaults_in_every_help(capsys, monkeypatch):
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("musiclm 0.")
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"encode", "decode", "convert", "generate"}
-    for name, sub in commands.items():
+    assert set(commands) == {"encode", "decode", "convert", "generate", "clap", "eval", "train"}
+    nested = {f"train {name}": sub for name, sub in commands["train"]._subparsers._group_actions[0].choices.items()}
+    assert set(nested) == {"train musicgen", "train ldm"}
+    for name, sub in {**commands, **nested}.items():
         text = " ".join(sub.format_help().split())
         for action in sub._actions:
             if action.default not in (None, False) and action.help is not None and action.dest != "help":
