@@ -486,9 +486,10 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="store the LM's linear weights in int8, int4 or bf16 (weight-only; close to, not "
-                        "identical with, the float32 results: see benchmarks/RESULTS.md). int8 decodes faster on a "
-                        "CPU; int4 (CPU only) faster still and coarser; bf16 halves the weight memory and is faster "
-                        "only on CPUs with native bf16 arithmetic")
+                        "identical with, the float32 results: see benchmarks/RESULTS.md). int8 decodes faster than "
+                        "float32 on Intel and AMD CPUs; int4 (CPU only) faster still and coarser; bf16 halves the "
+                        "weight memory but is not faster than float32 except, a little, on CPUs with native bf16 "
+                        "arithmetic (AVX512-BF16 / AMX)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="CUDA devices: replay each decoding step from a CUDA graph (much faster at small batches)")
     p.add_argument("--compile", action="store_true",
