@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from musiclm_core import hub
-from musiclm_core.audio import _check_sample_rate, load_audio, resample
+from musiclm_core.audio import _as_float_tensor, _check_sample_rate, load_audio, resample
 
 KIND = "clap"  # the model name in a native checkpoint's config.json
 TOKENIZER_FILE = "tokenizer.json"
@@ -450,26 +450,17 @@ def log_mel(clips: Tensor, config: CLAPConfig) -> Tensor:
 
 def _clips(wav: Tensor | np.ndarray | Sequence[Tensor | np.ndarray]) -> list[Tensor]:
     """Mono clips from (N,), (B, N), (B, 1, N) or a list of (N,) / (1, N) arrays of any lengths."""
-    def as_tensor(x, name):
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(x)
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must hold floating-point samples, got dtype {x.dtype}")
-        return x
-
     if isinstance(wav, (list, tuple)):
         if not wav:
             raise ValueError("wav is an empty list: pass at least one clip")
-        clips = [as_tensor(c, f"wav[{i}]") for i, c in enumerate(wav)]
+        clips = [_as_float_tensor(c, f"wav[{i}]") for i, c in enumerate(wav)]
         for i, c in enumerate(clips):
             if c.dim() == 2 and c.shape[0] == 1:
                 clips[i] = c[0]
             elif c.dim() != 1:
                 raise ValueError(f"wav[{i}] must be mono, (N,) or (1, N), got shape {tuple(c.shape)}")
         return clips
-    wav = as_tensor(wav, "wav")
+    wav = _as_float_tensor(wav)
     if wav.dim() == 3 and wav.shape[1] == 1:
         wav = wav[:, 0]
     if wav.dim() == 1:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from musiclm_core.audio import _check_sample_rate
+
 
 @dataclass(frozen=True)
 class MelConfig:
@@ -175,8 +177,7 @@ def check_wav(wav: Tensor, *, min_samples: int = 1, name: str = "wav") -> Tensor
 
 
 def _check_rate(sample_rate: int, config: MelConfig) -> None:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+    _check_sample_rate(sample_rate)
     if sample_rate != config.sample_rate:
         raise ValueError(f"audio at {sample_rate} Hz: the mel front-end takes {config.sample_rate} Hz audio; resample "
                          f"it first with musiclm_core.audio.resample(wav, {sample_rate}, {config.sample_rate})")
