@@ -19,6 +19,28 @@ The statistics pool the frames or windows of all files (as fadtk does), so FAD n
 in each set for a full-rank covariance (`check_count` says how many more). A reference folder's statistics are
 computed once and cached (`reference_stats`), keyed by the folder, the embedding model and a fingerprint of the
 files (names, sizes, modification times): a changed folder is recomputed.
+
+Conventions, against the two packages people compute FAD with (fadtk 1.1.0 `fad.py` / `utils.py` /
+`model_loader.py`; frechet-audio-distance 0.3.4 `fad.py` / `utils.py`); tests/parity/test_metrics_parity.py holds
+our Fréchet distance to both at 1e-6 relative on the same embeddings (measured 1e-13 to 6e-12):
+
+* Resampling: both use resampy's "kaiser_best" filter (fadtk through torchaudio's sinc_interp_kaiser: cutoff
+  0.9476 of the lower Nyquist frequency, 64 zero crossings, Kaiser beta 14.77; frechet-audio-distance through
+  resampy itself). We take its cutoff and length (FAD_ROLLOFF, FAD_ZEROS) with `audio.resample`'s Kaiser window
+  (beta 10: it has no beta setting): on white noise 48 -> 16 kHz that is 1 % RMS from theirs, all of it at the
+  band edge, where our default filter (cutoff 0.90) was 16 %, and would cut VGGish's top mel band (to 7.5 kHz)
+  at 7.2 kHz. Channels are averaged to mono before (all three). fadtk then rounds the audio to 16-bit PCM (it
+  caches a .wav); we do not (a change of ~1.5e-5 in each sample).
+* Covariance: ddof 1 (numpy's np.cov) in all three; fadtk merges per-file statistics with Chan's update as
+  `StatsAccumulator` does, frechet-audio-distance concatenates the embeddings first.
+* Precision: fadtk caches embeddings in float16 and takes each file's mean in float16, which moved FAD by 3e-6 to
+  2e-5 relative in our measurements (random sets, D = 32 to 512); frechet-audio-distance keeps float32 embeddings
+  and takes the mean in float32. We keep the models' float32 output and compute every statistic in float64: the
+  statistics then depend on the audio only, not on the order or size of the batches.
+* The square root: fadtk takes tr((cov1 cov2)^(1/2)) from `scipy.linalg.eig` of the non-symmetric product,
+  frechet-audio-distance from `scipy.linalg.sqrtm` of it in complex arithmetic; both add eps = 1e-6 to both
+  diagonals only when that is not finite, and drop an imaginary part below 1e-3. We use the symmetric form (see
+  `frechet_distance`), which needs no eps; on full-rank covariances the three agree to round-off.
 """
 
 from __future__ import annotations
@@ -28,6 +50,7 @@ import json
 import math
 import os
 import secrets
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,7 +62,10 @@ from torch import Tensor
 from musiclm_core.audio import _FORMATS as AUDIO_FORMATS, load_audio
 
 STATS_FORMAT = "musiclm_core.fad_stats"
-STATS_VERSION = "1"
+STATS_VERSION = "2"  # 2: audio resampled with FAD_ROLLOFF / FAD_ZEROS; statistics of another version are stale
+# resampy's "kaiser_best" cutoff (a fraction of the lower Nyquist frequency) and zero crossings: see the docstring
+FAD_ROLLOFF = 0.9475937167399596
+FAD_ZEROS = 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,6 +154,9 @@ class EmbeddingStats:
             raise ValueError(f"{path} is not an embedding statistics file ({type(err).__name__}: {err})") from err
         if meta.get("format") != STATS_FORMAT or not meta.get("count", "").isdigit():
             raise ValueError(f"{path} is not an embedding statistics file (format {meta.get('format')!r})")
+        if meta.get("version") != STATS_VERSION:
+            raise ValueError(f"{path} holds statistics of version {meta.get('version')!r} (this is "
+                             f"{STATS_VERSION!r}: audio loaded another way); compute them again")
         D = mean.shape[0] if mean.ndim == 1 else -1
         if mean.ndim != 1 or cov.shape != (D, D):
             raise ValueError(f"{path}: mean {mean.shape} and cov {cov.shape} are not (D,) and (D, D)")
@@ -258,11 +287,15 @@ def audio_files(folder: str | os.PathLike, *, what: str = "folder") -> list[Path
 
 
 def load_for(embedding, path: Path) -> Tensor:
-    """(C, N) audio of `path` at the embedding's rate and channels; an unreadable or empty file is an error
-    naming it."""
-    wav, _ = load_audio(path, sample_rate=embedding.sample_rate, channels=embedding.channels)
+    """(C, N) audio of `path` at the embedding's rate and channels (resampled with the FAD packages' cutoff and
+    filter length, see the module docstring); an unreadable or empty file is an error naming it."""
+    from musiclm_core.audio import resample
+
+    wav, rate = load_audio(path, channels=embedding.channels)
     if wav.shape[-1] == 0:
         raise ValueError(f"{path} holds no audio (0 samples)")
+    if rate != embedding.sample_rate:
+        wav = resample(wav, rate, embedding.sample_rate, rolloff=FAD_ROLLOFF, zeros=FAD_ZEROS)
     return wav
 
 
@@ -435,3 +468,111 @@ def generated_stats(folder: str | os.PathLike, files: Sequence[Path], embedding,
         return stats, None
     texts = [captions[Path(f).resolve()] for f in files]
     return stats, clap_scores(clap, texts, torch.stack(audio))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Melody: chroma cosine similarity
+
+CHROMA_EPS = 1e-8  # audiocraft's ChromaCosineSimilarityMetric: the eps of F.cosine_similarity
+
+
+def _mono_32k(wav: Tensor, sample_rate: int) -> Tensor:
+    """(C, N) or (N,) float audio -> (N', ) mono float32 at chroma.SAMPLE_RATE.
+
+    The resampling filter is chroma.py's (torchaudio's Hann sinc, rolloff 0.945, 24 zero crossings: what MusicGen
+    Melody's conditioning uses, and what transformers uses). audiocraft's metric calls julius.resample_frac with
+    the same sinc parameters, but julius repeats the edge samples where torchaudio pads with zeros and rounds the
+    output length down where torchaudio rounds it up: the two agree to ~2e-5 in the interior and differ in the
+    first and last ~24 input samples (and by one output sample in length for some lengths). At 32 kHz, MusicGen's
+    own rate and the only one audiocraft evaluates at, neither resamples and the metric is identical.
+    Downmix first, then resample, as chroma.py (both are linear; audiocraft resamples first: round-off only).
+    """
+    from musiclm_core import chroma
+    from musiclm_core.audio import resample
+
+    wav = torch.as_tensor(wav)
+    if wav.dim() not in (1, 2) or wav.shape[-1] == 0 or not wav.is_floating_point():
+        raise ValueError(f"expected (C, N) or (N,) float audio with N >= 1, got {tuple(wav.shape)} {wav.dtype}")
+    mono = (wav.mean(0) if wav.dim() == 2 else wav).float()  # (N,)
+    if sample_rate != chroma.SAMPLE_RATE:
+        mono = resample(mono, sample_rate, chroma.SAMPLE_RATE, window="hann", rolloff=0.945, zeros=24)
+    return mono
+
+
+def melody_chroma(wav: Tensor, sample_rate: int) -> Tensor:
+    """One-hot chroma of a clip of any length: (C, N) or (N,) audio -> (1 + N32 // 4096, 12) float32, N32 its
+    length at 32 kHz: chroma.py's `chroma_features` (MusicGen Melody's melody features, = audiocraft's
+    ChromaExtractor with argmax), without its 30 s limit (a conditioning rule, not the metric's).
+
+    A clip longer than 30 s is computed in overlapping 30 s pieces of `chroma.normalized_chroma`, each keeping
+    only the frames whose 16384-sample window lies inside it (or whose padding is the clip's own, at its start
+    and end): each kept frame is the same STFT frame of the same samples as in one STFT of the whole clip.
+    Argmax ties (two classes with exactly the largest energy; a silent frame, all zero) go to the first class,
+    as torch.argmax and the reference.
+    """
+    from musiclm_core import chroma
+
+    x = _mono_32k(wav, sample_rate)  # (N,)
+    N, hop, half, longest = x.shape[0], chroma.HOP_LENGTH, chroma.N_FFT // 2, chroma.MAX_SAMPLES
+    lo = -(-half // hop)  # first frame of a piece whose window starts inside it
+    step = (longest - half) // hop + 1 - lo  # the next piece's frame `lo` follows this piece's last kept frame
+    last_start = max(0, -(-(N - longest) // hop))  # the last piece ends at the clip's end
+    with warnings.catch_warnings():
+        # chroma.py warns that a silent melody conditions like no melody; a silent clip is just a score here
+        warnings.filterwarnings("ignore", message=".*is silent")
+        if N <= longest:  # one piece (a clip under 16384 samples is zero-padded to 5 frames, as the reference)
+            out = chroma.normalized_chroma(x, chroma.SAMPLE_RATE)[0]  # (T, 12)
+            return torch.nn.functional.one_hot(out.argmax(-1), chroma.N_CHROMA).float()
+        out = x.new_empty(1 + N // hop, chroma.N_CHROMA)  # (T, 12)
+        for start in [*range(0, last_start, step), last_start]:
+            piece = x[start * hop: start * hop + longest]
+            norm = chroma.normalized_chroma(piece, chroma.SAMPLE_RATE)[0]  # (1 + len // hop, 12)
+            first = 0 if start == 0 else lo
+            last = norm.shape[0] - 1 if start == last_start else (piece.shape[0] - half) // hop
+            out[start + first: start + last + 1] = norm[first: last + 1]
+    return torch.nn.functional.one_hot(out.argmax(-1), chroma.N_CHROMA).float()  # (T, 12)
+
+
+class ChromaCosineSimilarity:
+    """Melody adherence (MusicGen, Copet et al. 2023, §4.3): the cosine similarity of the chroma of each
+    generated clip with the chroma of the melody it was conditioned on, frame by frame, averaged over all frames
+    of the set: audiocraft's `ChromaCosineSimilarityMetric` with MusicGen's solver config (sample rate 32000,
+    12 classes, 2^14-sample window, hop 4096, argmax one-hot).
+
+    Each pair contributes the frames of the reference's length, ceil(N32 / 4096) for N32 samples at 32 kHz (the
+    STFT has one frame more when N32 is a multiple of 4096; audiocraft drops it too). The generated clip is cut or
+    zero-padded to the reference's length first, as audiocraft's batch collation pads a clip with zeros. Where
+    the reference is not at 32 kHz, audiocraft divides its length at the input rate by the 32 kHz hop, a frame
+    count in the wrong unit; here the length is taken at 32 kHz. Sums are in float64 (audiocraft: float32, exact
+    for integer sums below 2^24 frames; its final division is in float32, ~6e-8 relative from ours).
+
+        metric = ChromaCosineSimilarity()
+        metric.add(generated, 32000, melody, 44100)   # -> this pair's mean similarity
+        metric.compute()                              # -> the set's: sum over pairs / total frames
+    """
+
+    def __init__(self):
+        self.cosine_sum, self.frames, self.pairs = 0.0, 0, 0
+
+    def add(self, generated: Tensor, generated_rate: int, reference: Tensor, reference_rate: int) -> float:
+        """Add one pair ((C, N) or (N,) float audio each, at their rates); returns the pair's mean similarity."""
+        from musiclm_core import chroma
+
+        ref = _mono_32k(reference, reference_rate)  # (N,)
+        gen = _mono_32k(generated, generated_rate)  # (N_g,)
+        N = ref.shape[0]
+        gen = torch.nn.functional.pad(gen[:N], (0, max(0, N - gen.shape[0])))  # (N,)
+        T = -(-N // chroma.HOP_LENGTH)  # ceil(N / hop) frames of the reference's length
+        cosine = torch.nn.functional.cosine_similarity(melody_chroma(ref, chroma.SAMPLE_RATE)[:T],
+                                                       melody_chroma(gen, chroma.SAMPLE_RATE)[:T], dim=1,
+                                                       eps=CHROMA_EPS)  # (T,)
+        total = float(cosine.double().sum())
+        self.cosine_sum += total
+        self.frames += T
+        self.pairs += 1
+        return total / T
+
+    def compute(self) -> float:
+        if self.frames == 0:
+            raise ValueError("no clip pair was added: the chroma cosine similarity of an empty set is undefined")
+        return self.cosine_sum / self.frames
