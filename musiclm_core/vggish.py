@@ -261,8 +261,10 @@ class VGGish(nn.Module):
         # The AudioSet PCA (vggish_pca_params): rows are the output components, whitening folded in. Identity and
         # zero until a checkpoint is loaded, so a fresh model's postprocess only clips and quantises.
         D = config.embedding_dim
-        self.register_buffer("pca_matrix", torch.eye(D))
+        self.register_buffer("pca_matrix", torch.zeros(D, D))
         self.register_buffer("pca_means", torch.zeros(D))
+        if not self.pca_matrix.is_meta:  # on the meta device (keys.build) the checkpoint's values come next; and
+            self.pca_matrix.fill_diagonal_(1.0)  # torch.eye there costs seconds (it goes through torch._refs)
 
     @property
     def sample_rate(self) -> int:
