@@ -320,8 +320,10 @@ def save_native(folder: str | os.PathLike, kind: str, config: dict[str, Any],
     return folder
 
 
-def load_native(folder: str | os.PathLike, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config fields, state dict) of a native folder; an error if it holds another kind of model."""
+def load_native(folder: str | os.PathLike, kind: str, *,
+                mmap: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config fields, state dict) of a native folder; an error if it holds another kind of model. `mmap` as
+    `load_tensors` (False where the loader replaces the weights, so that the file's pages do not stay resident)."""
     folder = Path(folder)
     meta = read_json(folder / "config.json")
     info = meta.get(NATIVE_FORMAT)
@@ -329,4 +331,4 @@ def load_native(folder: str | os.PathLike, kind: str) -> tuple[dict[str, Any], d
         raise CheckpointError(f"{folder / 'config.json'} is not a musiclm_core native config")
     if info.get("model") != kind:
         raise CheckpointError(f"{folder} holds a {info.get('model')!r} model, expected {kind!r}")
-    return meta["config"], load_tensors(folder / "model.safetensors")
+    return meta["config"], load_tensors(folder / "model.safetensors", mmap=mmap)

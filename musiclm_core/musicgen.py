@@ -328,7 +328,8 @@ class MusicGenLM(nn.Module):
 
         folder, found = resolve_checkpoint(name_or_path, revision=revision, variant=variant, layout=layout)
         if found == "native":
-            config, state = hub.load_native(folder, LM_KIND)
+            # Read, not mapped, where relayout copies weights into blocks (its docstring says why).
+            config, state = hub.load_native(folder, LM_KIND, mmap=linear.route() != "blocked")
             hub.check_config(MusicGenConfig, config, source=str(folder / "config.json"))
             lm = keys.build(lambda: cls(MusicGenConfig(**config)), state, source=str(folder), dtype=dtype)
         elif found == "transformers":

@@ -219,3 +219,24 @@ def test_relaid_musicgen_lm(tmp_path):
     loaded = MusicGenLM.from_pretrained(tmp_path / "lm")
     reference = lm.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("route", L.ROUTES)
+def test_native_lm_is_read_not_mapped_on_the_blocked_route(tmp_path, monkeypatch, route):
+    """relayout copies the LM's fp32 weights into blocks: mapped, the file's pages would stay resident next to the
+    copy (one mapping backs every tensor of the file), so the blocked route reads the native file instead."""
+    from musiclm_core import hub
+
+    MusicGenLM(PRESETS["tiny"]).save_pretrained(tmp_path / "lm")
+    seen = []
+    load_tensors = hub.load_tensors
+    monkeypatch.setattr(hub, "load_tensors", lambda path, **kw: seen.append(kw.get("mmap")) or load_tensors(path, **kw))
+    monkeypatch.setenv(L.ENV, route)
+    L.route.cache_clear()
+    try:
+        lm = MusicGenLM.from_pretrained(tmp_path / "lm")
+    finally:
+        monkeypatch.delenv(L.ENV)
+        L.route.cache_clear()
+    assert seen == [route != "blocked"]
+    assert isinstance(lm.layers[0].ffn_in, BlockedLinear if route == "blocked" else nn.Linear)
