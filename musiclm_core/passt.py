@@ -36,6 +36,7 @@ The metric (audiocraft `metrics/kld.py`, `solvers/musicgen.py::evaluate_audio_ge
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -348,10 +349,7 @@ def _check_finite(wav: Tensor, what: str) -> None:
 def model_input(wav: Tensor | np.ndarray, sample_rate: int, config: PaSSTConfig, *, name: str = "wav") -> Tensor:
     """A clip (C, N) or (N,) at `sample_rate` -> (N',) mono at config.sample_rate (32 kHz), float32.
 
-    Channels are averaged, then the clip is resampled with `musiclm_core.audio.resample` (Kaiser-windowed
-    sinc, computed in float64). audiocraft resamples with julius (a Hann-windowed sinc whose edges repeat the
-    first and last samples) and then averages: at 32 kHz input the two agree exactly, at other rates the
-    label probabilities differ by resampler round-off (tests/parity/test_passt_parity.py measures it).
+    Channels are averaged, then the clip is resampled as audiocraft's `convert_audio` does it (`_resample_julius`).
     """
     sample_rate = _check_sample_rate(sample_rate)
     wav = _as_float_tensor(wav, name)
@@ -364,8 +362,29 @@ def model_input(wav: Tensor | np.ndarray, sample_rate: int, config: PaSSTConfig,
     _check_finite(wav, name)
     mono = wav.mean(dim=0)  # (N,)
     if sample_rate != config.sample_rate:
-        mono = resample(mono.double(), sample_rate, config.sample_rate)
+        mono = _resample_julius(mono.double(), sample_rate, config.sample_rate)
     return mono.float()
+
+
+def _resample_julius(wav: Tensor, orig_sr: int, new_sr: int) -> Tensor:
+    """(N,) -> (N * new_sr // orig_sr,) resampled the way julius.resample_frac does it (audiocraft's resampler).
+
+    The filter: a sinc with a Hann (cos²) taper, 24 zero crossings, cutoff at 0.945 of the lower Nyquist
+    frequency (`resample(window="hann")`, torchaudio's design: julius's to ~2e-5). It passes up to ~15.1 kHz and
+    the mel bands reach 15 kHz, so our default resampler (Kaiser, cutoff 0.90: 14.4 kHz) would move the top bands
+    and the metric with them. The edges: julius repeats the first and last samples beyond the clip, where
+    `resample` takes zeros; a step there puts broadband energy into the first or last frames and moves the label
+    probabilities of a segment by up to ~4e-3 (measured). So the clip is extended by repeating its end samples,
+    by whole periods of the reduced ratio (`orig` input samples give `new` output samples, so the output grid
+    does not move), resampled, and the extension cut off again. The length is julius's: rounded down.
+    """
+    g = math.gcd(orig_sr, new_sr)
+    orig, new = orig_sr // g, new_sr // g
+    reach = math.ceil(24 / (0.945 * min(1.0, new / orig))) + 1  # input samples the filter reads on each side
+    periods = -(-reach // orig)
+    extended = F.pad(wav[None, None], (periods * orig, periods * orig), mode="replicate")[0, 0]
+    out = resample(extended, orig_sr, new_sr, window="hann", rolloff=0.945, zeros=24)
+    return out[periods * new: periods * new + wav.shape[-1] * new_sr // orig_sr]
 
 
 def segment_distributions(model: PaSST, mono: Tensor, *, batch_size: int = 4, name: str = "wav") -> Tensor:
