@@ -963,24 +963,51 @@ def _clap(args: argparse.Namespace) -> int:
 
 
 def _add_eval(subparsers) -> None:
-    p = _command(subparsers, "eval", help="FAD and CLAP score of generated audio, and a listening report",
+    p = _command(subparsers, "eval", help="FAD, CLAP score, KL divergence and melody similarity of generated audio, "
+                                          "and a listening report",
                  description="Compute the Fréchet audio distance between a folder of generated audio and a "
-                             "reference folder on CLAP or EnCodec embeddings (as fadtk: CLAP on 10 s windows, "
-                             "EnCodec per frame), and the CLAP score of the generated files against their "
-                             "captions when there are any (--captions, or a .txt next to each file, as `musiclm "
-                             "generate --prompts` writes them). Writes OUT/metrics.json and OUT/report.html (a "
-                             "static page: players, mel spectrograms in OUT/mels/, scores, worst first). The "
-                             "reference folder's statistics are cached (--cache-dir) until its files change.")
+                             "reference folder on CLAP, EnCodec or VGGish embeddings (as fadtk: CLAP on 10 s "
+                             "windows, EnCodec per frame; VGGish as --vggish-convention says), and the CLAP score "
+                             "of the generated files against their captions when there are any (--captions, or a "
+                             ".txt next to each file, as `musiclm generate --prompts` writes them). With --kl "
+                             "passt, also the KL divergence of PaSST's AudioSet label distributions between each "
+                             "generated file and the reference file of the same name; with --melody DIR, the "
+                             "chroma cosine similarity of each generated file with the melody of the same name "
+                             "(MusicGen's melody metrics). Files are paired by their path relative to their folder "
+                             "without the extension (a/b.wav with a/b.flac). Writes OUT/metrics.json and "
+                             "OUT/report.html (a static page: players, mel spectrograms in OUT/mels/, the scores, "
+                             "worst CLAP score first). The reference folder's FAD statistics are cached "
+                             "(--cache-dir) until its files change.")
     p.add_argument("--generated", type=Path, required=True, help="folder of generated audio (.wav/.flac/.ogg)")
     p.add_argument("--reference", type=Path, required=True, help="folder of reference audio")
     p.add_argument("--captions", type=Path, default=None,
                    help='JSON lines of {"path", "caption"} for the generated files, paths relative to this file '
                         "(default: GENERATED/captions.jsonl if there is one, else the .txt next to each file, "
                         "if any)")
-    p.add_argument("--embedding", choices=["clap", "encodec"], required=True, help="embedding of the FAD")
+    p.add_argument("--embedding", choices=["clap", "encodec", "vggish"], required=True, help="embedding of the FAD")
     p.add_argument("--clap", default="laion/larger_clap_music", help="CLAP model: hub id or folder")
     p.add_argument("--encodec", default="facebook/encodec_24khz", help="EnCodec model: hub id or folder")
+    p.add_argument("--vggish", type=Path, default=None,
+                   help="VGGish weights: torchvggish's two .pth files (vggish-10086976.pth and its PCA file) or "
+                        "the folder holding them (default: torch hub's checkpoints folder, where torchvggish "
+                        "downloads them)")
+    p.add_argument("--vggish-convention", choices=["google", "fadtk", "torchvggish"], default="google",
+                   help="how clips become VGGish embeddings: google = 1 s windows every 0.5 s, peak-normalised "
+                        "(the FAD of audiocraft and the MusicGen paper); fadtk = 0.96 s examples back to back "
+                        "(fadtk, frechet-audio-distance); torchvggish = the package's defaults (ReLU + PCA)")
     p.add_argument("--hop", type=float, default=1.0, help="--embedding clap: seconds between 10 s windows")
+    p.add_argument("--kl", choices=["passt"], default=None,
+                   help="also the KL divergence of PaSST's label distributions, each generated file against the "
+                        "--reference file of the same name (every file needs a partner)")
+    p.add_argument("--passt", type=Path, default=None,
+                   help="PaSST checkpoint: the release .pt file or a folder holding it (default: torch hub's "
+                        "checkpoints folder, where hear21passt downloads it)")
+    p.add_argument("--passt-preset", choices=["10sec", "20sec", "30sec", "tiny"], default="20sec",
+                   help="the PaSST model: its segment length (20sec: MusicGen's evaluation)")
+    p.add_argument("--melody", type=Path, default=None,
+                   help="folder of the melodies the generated files were conditioned on: the chroma cosine "
+                        "similarity of each generated file with the melody of the same name (every file needs a "
+                        "partner; a generated file is cut or zero-padded to its melody's length)")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and report.html")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where reference statistics are kept (default: $XDG_CACHE_HOME or ~/.cache, "
@@ -991,13 +1018,38 @@ def _add_eval(subparsers) -> None:
     p.set_defaults(run=_eval)
 
 
+def _eval_embedding(args: argparse.Namespace, metrics, clap, device):
+    """The FAD embedding of --embedding, and the model name recorded with it."""
+    if args.embedding == "clap":
+        return metrics.ClapEmbedding(clap, metrics.model_reference(args.clap), hop_s=args.hop), args.clap
+    if args.embedding == "encodec":
+        from musiclm_core.encodec import EnCodec
+
+        codec = EnCodec.from_pretrained(args.encodec).to(device)
+        return metrics.EnCodecEmbedding(codec, metrics.model_reference(args.encodec)), args.encodec
+    from musiclm_core.vggish import VGGish, VGGishEmbedding, default_folder
+
+    where = str(args.vggish if args.vggish is not None else default_folder())
+    model = VGGish.from_pretrained(args.vggish).to(device)
+    return VGGishEmbedding(model, metrics.model_reference(where), convention=args.vggish_convention), where
+
+
 def _eval(args: argparse.Namespace) -> int:
     from musiclm_core import metrics
 
     if not args.hop > 0:
         raise UsageError(f"--hop must be a positive number of seconds, got {args.hop}")
+    if args.kl is None and (args.passt is not None or args.passt_preset != "20sec"):
+        raise UsageError("--passt and --passt-preset choose the model of --kl passt; add --kl passt")
+    if args.embedding != "vggish" and (args.vggish is not None or args.vggish_convention != "google"):
+        raise UsageError("--vggish and --vggish-convention are for --embedding vggish")
     generated = metrics.audio_files(args.generated, what="--generated")
     metrics.audio_files(args.reference, what="--reference")  # an empty folder fails before a model loads
+    # Pairing errors (a file without a partner) also come before any model loads.
+    kl_pairs = metrics.pair_files(args.generated, generated, args.reference, what="--reference") if args.kl \
+        else None
+    melody_pairs = None if args.melody is None else \
+        metrics.pair_files(args.generated, generated, args.melody, what="--melody")
     if args.captions is not None:
         _check_input(args.captions)
     captions = metrics.read_captions(args.generated, generated, args.captions)
@@ -1010,13 +1062,7 @@ def _eval(args: argparse.Namespace) -> int:
         from musiclm_core.clap import CLAP
 
         clap = CLAP.from_pretrained(args.clap).to(device).eval()
-    if args.embedding == "clap":
-        embedding = metrics.ClapEmbedding(clap, metrics.model_reference(args.clap), hop_s=args.hop)
-    else:
-        from musiclm_core.encodec import EnCodec
-
-        codec = EnCodec.from_pretrained(args.encodec).to(device)
-        embedding = metrics.EnCodecEmbedding(codec, metrics.model_reference(args.encodec))
+    embedding, embedding_model = _eval_embedding(args, metrics, clap, device)
     stats, scores = metrics.generated_stats(args.generated, generated, embedding, clap=clap, captions=captions,
                                             progress=Progress("generated", unit="files"))
     reference, cached = metrics.reference_stats(args.reference, embedding, cache_dir=args.cache_dir,
@@ -1024,24 +1070,72 @@ def _eval(args: argparse.Namespace) -> int:
     fad = metrics.fad(stats, reference)
     clap_score = None if scores is None else float(scores.mean())
     n_reference = len(metrics.audio_files(args.reference))
+    per_sample: dict[Path, dict[str, float]] = {path: {} for path in generated}
+
+    kl, kl_model = None, None
+    if kl_pairs is not None:
+        from musiclm_core.passt import KLDivergence, PaSST, checkpoint_path
+
+        kl_model = f"passt-{args.passt_preset}:{checkpoint_path(args.passt, args.passt_preset).resolve()}"
+        kl_metric = KLDivergence(PaSST.from_pretrained(args.passt, preset=args.passt_preset).to(device).eval())
+        values = metrics.kl_files(kl_metric, kl_pairs, progress=Progress("KL (PaSST)", unit="pairs"))
+        kl = kl_metric.compute()
+        for (path, _), value in zip(kl_pairs, values):
+            per_sample[path]["KL (ref || gen)"] = value
+    chroma, chroma_model = None, None
+    if melody_pairs is not None:
+        chroma_model = "chroma: MusicGen Melody's (32 kHz, 12 classes, 16384-sample window, hop 4096, argmax)"
+        chroma, values = metrics.melody_similarity(melody_pairs, progress=Progress("melody", unit="pairs"))
+        for (path, _), value in zip(melody_pairs, values):
+            per_sample[path]["chroma cosine"] = value
+
     result = {"fad": fad, "clap_score": clap_score, "n_generated": len(generated), "n_reference": n_reference,
-              "embedding": args.embedding, "embedding_model": args.clap if args.embedding == "clap" else args.encodec,
+              "embedding": args.embedding, "embedding_model": embedding_model,
+              "embedding_name": embedding.name,
               "embeddings_generated": stats.count, "embeddings_reference": reference.count,
               "clap_model": args.clap if clap_score is not None else None}
+    if args.embedding == "vggish":
+        result["vggish_convention"] = args.vggish_convention
+    if kl is not None:
+        result.update({**kl, "kl_model": kl_model, "kl_pairs": len(kl_pairs), "kl_segments": kl_metric.count})
+    if chroma is not None:
+        result.update({"chroma_cosine": chroma.compute(), "chroma_model": chroma_model,
+                       "melody_folder": str(args.melody.resolve()), "chroma_pairs": chroma.pairs,
+                       "chroma_frames": chroma.frames})
+    result["sources"] = {"fad": embedding.name, "clap_score": result["clap_model"], "kld": kl_model,
+                         "chroma_cosine": chroma_model}
     from musiclm_core.report import Sample, write_report, write_text
 
     write_text(args.out / "metrics.json", json.dumps(result, indent=2) + "\n")
 
     samples = [Sample(path, None if captions is None else captions[path.resolve()],
-                      None if scores is None else float(scores[i])) for i, path in enumerate(generated)]
-    write_report(args.out / "report.html", samples, {
-        "FAD": fad, "CLAP score": clap_score, "generated files": len(generated), "reference files": n_reference,
-        "embedding": embedding.name, "generated embeddings": stats.count, "reference embeddings": reference.count,
+                      None if scores is None else float(scores[i]), per_sample[path])
+               for i, path in enumerate(generated)]
+    summary: dict[str, object] = {"FAD": fad, "CLAP score": clap_score}
+    sources = {"FAD": embedding.name, "CLAP score": args.clap if clap_score is not None else ""}
+    if kl is not None:
+        summary.update({"KL (ref || gen), kld": kl["kld"], "KL (gen || ref)": kl["kld_qp"],
+                        "KL both directions": kl["kld_both"]})
+        sources.update(dict.fromkeys(("KL (ref || gen), kld", "KL (gen || ref)", "KL both directions"), kl_model))
+    if chroma is not None:
+        summary["chroma cosine similarity"] = chroma.compute()
+        sources["chroma cosine similarity"] = chroma_model
+    summary.update({
+        "generated files": len(generated), "reference files": n_reference, "embedding": embedding.name,
+        "generated embeddings": stats.count, "reference embeddings": reference.count,
         "generated folder": str(args.generated.resolve()), "reference folder": str(args.reference.resolve())})
+    if chroma is not None:
+        summary["melody folder"] = str(args.melody.resolve())
+    write_report(args.out / "report.html", samples, summary, sources)
     print(f"FAD ({embedding.name}): {fad:.6g}  [{len(generated)} generated files ({stats.count} embeddings), "
           f"{n_reference} reference files ({reference.count} embeddings{', cached statistics' if cached else ''})]")
     if clap_score is not None:
         print(f"CLAP score ({args.clap}): {clap_score:.4f}  [{len(generated)} captioned files]")
+    if kl is not None:
+        print(f"KL divergence ({kl_model}): kld {kl['kld']:.4f}, kld_qp {kl['kld_qp']:.4f}, kld_both "
+              f"{kl['kld_both']:.4f}  [{len(kl_pairs)} pairs]")
+    if chroma is not None:
+        print(f"chroma cosine similarity: {chroma.compute():.4f}  [{chroma.pairs} pairs, {chroma.frames} frames]")
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.html'}")
     return 0
 

@@ -576,3 +576,81 @@ class ChromaCosineSimilarity:
         if self.frames == 0:
             raise ValueError("no clip pair was added: the chroma cosine similarity of an empty set is undefined")
         return self.cosine_sum / self.frames
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paired metrics: each generated file against the file of the same name in another folder
+
+
+def pair_files(generated_folder: str | os.PathLike, generated: Sequence[Path], folder: str | os.PathLike, *,
+               what: str) -> list[tuple[Path, Path]]:
+    """(generated file, its partner) for each of `generated` (files under `generated_folder`), the partner being
+    the audio file under `folder` at the same relative path without extension (`a/b.wav` <-> `a/b.flac`), in the
+    order of `generated`. A file on either side without a partner, or two files of one name on one side
+    (`a.wav` and `a.flac`), is an error naming them; `what` names the folder's flag ("--reference")."""
+    def by_name(root: Path, files: Sequence[Path], side: str) -> dict[str, Path]:
+        named: dict[str, Path] = {}
+        for path in files:
+            name = Path(path).relative_to(root).with_suffix("").as_posix()
+            if name in named:
+                raise ValueError(f"{side}: {named[name]} and {path} have one name without extension; files are "
+                                 f"paired by name, so keep one of them")
+            named[name] = Path(path)
+        return named
+
+    generated_folder, folder = Path(generated_folder), Path(folder)
+    ours = by_name(generated_folder, generated, f"--generated {generated_folder}")
+    theirs = by_name(folder, audio_files(folder, what=what), f"{what} {folder}")
+    alone = [str(ours[n]) for n in ours if n not in theirs]
+    if alone:
+        raise ValueError(f"{len(alone)} generated file(s) have no file of the same name (relative path without "
+                         f"extension) in {what} {folder}: {', '.join(alone[:5])}")
+    alone = [str(theirs[n]) for n in theirs if n not in ours]
+    if alone:
+        raise ValueError(f"{len(alone)} file(s) of {what} {folder} have no generated file of the same name "
+                         f"(relative path without extension) in {generated_folder}: {', '.join(alone[:5])}")
+    return [(ours[n], theirs[n]) for n in ours]
+
+
+def _load_native(path: Path) -> tuple[Tensor, int]:
+    wav, rate = load_audio(path)
+    if wav.shape[-1] == 0:
+        raise ValueError(f"{path} holds no audio (0 samples)")
+    return wav, rate
+
+
+def melody_similarity(pairs: Sequence[tuple[Path, Path]], *,
+                      progress: Callable[[int, int], None] | None = None) -> tuple[ChromaCosineSimilarity,
+                                                                                    list[float]]:
+    """(the set's ChromaCosineSimilarity, each pair's mean similarity) of (generated, melody) file pairs."""
+    metric, values = ChromaCosineSimilarity(), []
+    for i, (generated, melody) in enumerate(pairs):
+        gen, gen_rate = _load_native(generated)
+        ref, ref_rate = _load_native(melody)
+        values.append(metric.add(gen, gen_rate, ref, ref_rate))
+        if progress is not None:
+            progress(i + 1, len(pairs))
+    return metric, values
+
+
+def kl_files(metric, pairs: Sequence[tuple[Path, Path]], *,
+             progress: Callable[[int, int], None] | None = None) -> list[float]:
+    """Add (generated, reference) file pairs to `metric` (a `passt.KLDivergence`); returns each pair's mean
+    KL(reference || generated) over its segments. Each pair is cropped to its shorter clip (passt.KLDivergence);
+    a clip not longer than the model's shortest segment (0.15 s) is an error naming the file."""
+    config, values = metric.model.config, []
+    for i, (generated, reference) in enumerate(pairs):
+        clips = [(generated, *_load_native(generated)), (reference, *_load_native(reference))]
+        for path, wav, rate in clips:
+            at_model_rate = math.ceil(wav.shape[-1] * config.sample_rate / rate)
+            if at_model_rate <= config.min_samples:
+                raise ValueError(f"{path} is {wav.shape[-1] / rate:.3f} s long; the KL metric (PaSST) needs more "
+                                 f"than {config.min_segment_s} s, as audiocraft drops shorter segments")
+        try:
+            pair = metric.add(clips[0][1], clips[1][1], clips[0][2], clips[1][2])
+        except ValueError as err:
+            raise ValueError(f"{generated} against {reference}: {err}") from err
+        values.append(float(pair["kld_pq"].double().mean()))
+        if progress is not None:
+            progress(i + 1, len(pairs))
+    return values

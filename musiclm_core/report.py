@@ -1,5 +1,7 @@
-"""The listening report of `musiclm eval`: one static HTML page (no server, no script) with the summary table and,
-per generated sample, its caption, an <audio> player, a mel spectrogram and its CLAP score, worst first.
+"""The listening report of `musiclm eval`: one static HTML page (no server, no script) with the summary table (each
+metric with the model or embedding it came from) and, per generated sample, its caption, an <audio> player, a mel
+spectrogram, its CLAP score and its other per-sample metrics (KL divergence, melody similarity), worst CLAP score
+first.
 
 The audio is not copied: each player points at the file by its path relative to the page (so the page and the
 generated folder move together, or the page is opened where it was written). The spectrograms are PNG files in
@@ -16,7 +18,7 @@ import os
 import secrets
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -34,11 +36,13 @@ MIME = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg"}
 
 @dataclass
 class Sample:
-    """One generated file in the report: its path, caption and CLAP score (None without captions)."""
+    """One generated file in the report: its path, caption, CLAP score (None without captions) and its other
+    per-sample values by column name (a column for each name any sample has; "–" where one has none)."""
 
     audio: Path
     caption: str | None = None
     score: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def png(rgb: np.ndarray) -> bytes:
@@ -84,11 +88,14 @@ def _number(value) -> str:
     return html.escape(str(value))
 
 
-def render(samples: list[Sample], summary: dict[str, object], page: Path) -> str:
+def render(samples: list[Sample], summary: dict[str, object], page: Path,
+           sources: dict[str, str] | None = None) -> str:
     """The report's HTML for `page`, whose spectrograms it writes to `mels/NNNNN.png` next to it (audio paths are
     made relative to the page's folder); samples sorted by CLAP score, lowest first (in path order without
-    scores)."""
+    scores). `sources` names, for a summary row, the model or embedding its value came from (a "from" column)."""
+    sources = sources or {}
     ordered = sorted(samples, key=lambda s: (math.inf if s.score is None else s.score, str(s.audio)))
+    columns = list(dict.fromkeys(name for sample in samples for name in sample.metrics))
     mels = page.parent / "mels"
     mels.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -100,11 +107,14 @@ def render(samples: list[Sample], summary: dict[str, object], page: Path) -> str
         caption = html.escape(sample.caption) if sample.caption is not None else "<i>no caption</i>"
         rows.append(
             f'<tr><td>{rank}</td><td class="score">{_number(sample.score)}</td>'
+            + "".join(f'<td class="score">{_number(sample.metrics.get(c))}</td>' for c in columns) +
             f'<td><div class="caption">{caption}</div><div class="file">{name}</div></td>'
             f'<td><audio controls preload="none" src="{source}" '
             f'data-type="{MIME.get(Path(sample.audio).suffix.lower(), "")}"></audio></td>'
             f'<td><img src="mels/{rank:05d}.png" loading="lazy" alt="mel spectrogram of {name}"></td></tr>')
-    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{_number(v)}</td></tr>" for k, v in summary.items())
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{_number(v)}</td>"
+                    f'<td class="file">{html.escape(sources.get(k, ""))}</td></tr>' for k, v in summary.items())
+    headers = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>musiclm eval report</title>
 <style>
@@ -120,7 +130,7 @@ th, td {{ border: 1px solid #ccc; padding: 0.4em 0.6em; text-align: left; vertic
 <table class="summary">{table}</table>
 <h2>Generated samples ({len(ordered)}, lowest CLAP score first)</h2>
 <table class="samples">
-<tr><th>#</th><th>CLAP score</th><th>caption</th><th>audio</th><th>mel spectrogram</th></tr>
+<tr><th>#</th><th>CLAP score</th>{headers}<th>caption</th><th>audio</th><th>mel spectrogram</th></tr>
 {chr(10).join(rows)}
 </table>
 </body></html>
@@ -142,6 +152,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def write_report(path: str | os.PathLike, samples: list[Sample], summary: dict[str, object]) -> Path:
-    """Write the report page (atomically, `write_text`)."""
-    return write_text(path, render(samples, summary, Path(path)))
+def write_report(path: str | os.PathLike, samples: list[Sample], summary: dict[str, object],
+                 sources: dict[str, str] | None = None) -> Path:
+    """Write the report page (atomically, `write_text`); `sources` as in `render`."""
+    return write_text(path, render(samples, summary, Path(path), sources))

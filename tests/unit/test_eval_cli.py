@@ -1,12 +1,15 @@
 """`musiclm eval`, `musiclm clap` and `musiclm generate --prompts` end to end, offline, on tiny models: a CLAP
-(tests/clap_fixtures.py), an EnCodec (tiny preset, 16 kHz, 16-dimensional frames, weights off init) and the tiny
-MusicGen of tests/fixtures.py (3200 Hz, 50 frames/s).
+(tests/clap_fixtures.py), an EnCodec (tiny preset, 16 kHz, 16-dimensional frames, weights off init), a VGGish
+(tests/vggish_fixtures.py, tiny, 128-dimensional), a PaSST (tests/passt_fixtures.py, tiny, 2 s segments) and the
+tiny MusicGen of tests/fixtures.py (3200 Hz, 50 frames/s).
 
 The numbers the commands print and write are checked against the library computed apart (metrics.folder_stats,
-CLAP.score, MusicGen.generate): FAD to 1e-9 relative (the same float64 arithmetic), CLAP scores to 1e-5, audio
-to 16-bit rounding.
+CLAP.score, passt.KLDivergence, metrics.ChromaCosineSimilarity, MusicGen.generate): FAD to 1e-9 relative (the
+same float64 arithmetic), CLAP scores to 1e-5, KL and chroma similarity to 1e-9 (the same computation), audio to
+16-bit rounding.
 """
 
+import html
 import json
 import re
 
@@ -19,6 +22,8 @@ from musiclm_core.cli import main
 from musiclm_core.encodec import PRESETS as CODEC_PRESETS, EnCodec
 
 from fixtures import tiny_musicgen, train_spm
+from passt_fixtures import write_passt_checkpoint
+from vggish_fixtures import write_vggish_checkpoint
 
 pytest.importorskip("tokenizers")
 from clap_fixtures import tiny_clap_folder  # noqa: E402
@@ -170,6 +175,177 @@ def test_eval_bad_input(models, sets, tmp_path, capsys, case, message, status):
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert len([line for line in err.splitlines() if "error" in line]) == 1  # one line (besides progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VGGish FAD, PaSST KL divergence, melody chroma similarity
+
+
+def _tune(seconds, seed, rate=SR):
+    """Four notes (fundamental + 2 harmonics) drawn from seed, a little noise: (1, N)."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(seconds * rate)
+    f = (220 * 2 ** (torch.randint(0, 12, (4,), generator=g) / 12)).repeat_interleave(-(-n // 4))[:n]
+    phase = 2 * torch.pi * torch.cumsum(f / rate, 0)
+    return (sum(0.3 / k * torch.sin(k * phase) for k in (1, 2, 3)) + 0.01 * torch.randn(n, generator=g))[None]
+
+
+@pytest.fixture(scope="module")
+def vggish_folder(tmp_path_factory):
+    return write_vggish_checkpoint(tmp_path_factory.mktemp("vggish") / "weights", tiny=True)
+
+
+@pytest.fixture(scope="module")
+def passt_file(tmp_path_factory):
+    return write_passt_checkpoint(tmp_path_factory.mktemp("passt"), tiny=True)
+
+
+def test_eval_vggish(models, vggish_folder, tmp_path, capsys):
+    """4 + 5 files of 17 s: 33 one-second windows each (Google's convention), 132 >= 129 for 128 dimensions."""
+    from musiclm_core.vggish import VGGish, VGGishEmbedding
+
+    folders = {name: tmp_path / name for name in ("generated", "reference")}
+    for (name, folder), count in zip(folders.items(), (4, 5)):
+        folder.mkdir()
+        for i in range(count):
+            save_audio(folder / f"{i}.wav", _tune(17, 10 * count + i) + _noise(17, i) * (2 if count == 4 else 1),
+                       SR)
+    run = ["eval", "--generated", str(folders["generated"]), "--reference", str(folders["reference"]),
+           "--embedding", "vggish", "--vggish", str(vggish_folder), "--out", str(tmp_path / "out"),
+           "--cache-dir", str(tmp_path / "cache")]
+    assert main(run) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    embedding = VGGishEmbedding(VGGish.from_pretrained(vggish_folder), str(vggish_folder))
+    expected = metrics.fad(metrics.folder_stats(folders["generated"], embedding),
+                           metrics.folder_stats(folders["reference"], embedding))
+    assert result["fad"] == pytest.approx(expected, rel=1e-9) and expected > 1e-3
+    assert (result["embedding"], result["embeddings_generated"], result["vggish_convention"]) == ("vggish", 132,
+                                                                                                  "google")
+    assert result["embedding_model"] == str(vggish_folder) and result["sources"]["fad"].startswith("vggish:")
+    assert "kld" not in result and "chroma_cosine" not in result
+    assert "FAD (vggish:" in capsys.readouterr().out
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "vggish:" in page
+
+    # fadtk's convention: 0.96 s examples back to back, 17 a file: too few for 128 dimensions, and said so.
+    assert main([*run, "--vggish-convention", "fadtk", "--overwrite"]) == 1
+    assert "68 embeddings from 4 file(s)" in capsys.readouterr().err
+
+
+def test_eval_vggish_clip_too_short_is_named(models, vggish_folder, sets, tmp_path, capsys):
+    _, reference = sets
+    folder = tmp_path / "short"
+    folder.mkdir()
+    save_audio(folder / "long.wav", _noise(3, 0), SR)
+    save_audio(folder / "short.wav", _noise(0.5, 1), SR)
+    code = main(["eval", "--generated", str(folder), "--reference", str(reference), "--embedding", "vggish",
+                 "--vggish", str(vggish_folder), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")])
+    assert code == 1
+    assert re.search(r"short.wav: the clip is too short for VGGish.*0.500 s", capsys.readouterr().err)
+
+
+@pytest.fixture
+def paired(tmp_path):
+    """generated/{a.wav, sub/b.wav, c.wav}; reference/ the same names (a as .flac, b at 32 kHz) holding other
+    tunes; melody/ the same names holding the generated tunes without noise (c: a different tune). 1.5 s each."""
+    root = {name: tmp_path / name for name in ("generated", "reference", "melody")}
+    for folder in root.values():
+        (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(("a", "sub/b", "c")):
+        save_audio(root["generated"] / f"{name}.wav", _tune(1.5, i) + 0.05 * _noise(1.5, 30 + i), SR)
+        ext, rate = (".flac", SR) if name == "a" else (".wav", 32_000 if name == "sub/b" else SR)
+        save_audio(root["reference"] / f"{name}{ext}", _tune(1.5, 10 + i, rate) + 0.05 * _noise(1.5, 40 + i, rate),
+                   rate)
+        save_audio(root["melody"] / f"{name}.wav", _tune(1.5, i if name != "c" else 77), SR)
+    return root
+
+
+def _eval_paired(models, paired, passt_file, out, *extra):
+    _, codec = models
+    return main(["eval", "--generated", str(paired["generated"]), "--reference", str(paired["reference"]),
+                 "--embedding", "encodec", "--encodec", str(codec), "--out", str(out),
+                 "--cache-dir", str(out.parent / "cache"), "--kl", "passt", "--passt", str(passt_file),
+                 "--passt-preset", "tiny", "--melody", str(paired["melody"]), *extra])
+
+
+def test_eval_kl_and_melody(models, paired, passt_file, tmp_path, capsys):
+    from musiclm_core.passt import KLDivergence, PaSST
+
+    assert _eval_paired(models, paired, passt_file, tmp_path / "out") == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    names = ["a", "sub/b", "c"]
+    gen = [load_audio(paired["generated"] / f"{n}.wav") for n in names]
+    ref = [load_audio(next(paired["reference"].glob(f"{n}.*"))) for n in names]
+    mel = [load_audio(paired["melody"] / f"{n}.wav") for n in names]
+
+    kl = KLDivergence(PaSST.from_pretrained(passt_file, preset="tiny"))
+    for (g, gr), (r, rr) in zip(gen, ref):
+        kl.add(g, r, gr, rr)
+    expected = kl.compute()
+    for key in ("kld", "kld_pq", "kld_qp", "kld_both"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-9), key
+    assert expected["kld"] > 1e-3 and result["kl_pairs"] == 3 and result["kl_segments"] == kl.count
+    assert result["kl_model"].startswith("passt-tiny:") and result["sources"]["kld"] == result["kl_model"]
+
+    chroma = metrics.ChromaCosineSimilarity()
+    values = [chroma.add(g, gr, m, mr) for (g, gr), (m, mr) in zip(gen, mel)]
+    assert result["chroma_cosine"] == pytest.approx(chroma.compute(), rel=1e-9)
+    assert values[0] > 0.9 and values[1] > 0.9 and values[2] < 0.6  # c's melody is another tune
+    assert result["chroma_pairs"] == 3 and result["chroma_frames"] == chroma.frames
+    assert result["sources"]["chroma_cosine"].startswith("chroma")
+    assert f"kld {result['kld']:.4f}" in printed and f"chroma cosine similarity: {chroma.compute():.4f}" in printed
+
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<th>KL (ref || gen)</th>" in html.unescape(page)
+    assert "<th>chroma cosine</th>" in page and "passt-tiny:" in page and "melody folder" in page
+    for value in values:
+        assert f"{value:.4f}" in page
+
+
+def test_eval_kl_of_a_set_against_itself_is_zero(models, paired, passt_file, tmp_path, capsys):
+    """It listens: the same files as generated, reference and melody: KL 0 (up to audiocraft's eps: KL(p || p +
+    1e-6) is about -1e-6 for each of the 527 labels), similarity 1."""
+    same = dict(paired, reference=paired["generated"], melody=paired["generated"])
+    assert _eval_paired(models, same, passt_file, tmp_path / "out") == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert abs(result["kld"]) <= 527e-6 and abs(result["kld_both"]) <= 2 * 527e-6
+    assert result["chroma_cosine"] == 1.0
+
+
+@pytest.mark.parametrize("case, message, status", [
+    ("no_reference_partner", r"1 generated file\(s\) have no file of the same name .* in --reference .*: "
+                             r".*generated/c.wav", 1),
+    ("no_generated_partner", r"1 file\(s\) of --melody .* have no generated file of the same name .*: "
+                             r".*melody/extra.wav", 1),
+    ("two_of_one_name", r"--reference .*: .*a.flac and .*a.wav have one name without extension", 1),
+    ("kl_too_short", r"reference/sub/b.wav is 0.100 s long; the KL metric \(PaSST\) needs more than 0.15 s", 1),
+    ("passt_without_kl", r"--passt and --passt-preset choose the model of --kl passt", 2),
+    ("vggish_without_vggish", r"--vggish and --vggish-convention are for --embedding vggish", 2),
+])
+def test_eval_paired_bad_input(models, paired, passt_file, tmp_path, capsys, case, message, status):
+    extra = []
+    if case == "no_reference_partner":
+        (paired["reference"] / "c.wav").unlink()
+    if case == "no_generated_partner":
+        save_audio(paired["melody"] / "extra.wav", _noise(1, 0), SR)
+    if case == "two_of_one_name":
+        save_audio(paired["reference"] / "a.wav", _noise(1, 0), SR)
+    if case == "kl_too_short":
+        save_audio(paired["reference"] / "sub" / "b.wav", _noise(0.1, 0), SR, overwrite=True)
+    if case == "passt_without_kl":
+        _, codec = models
+        code = main(["eval", "--generated", str(paired["generated"]), "--reference", str(paired["reference"]),
+                     "--embedding", "encodec", "--encodec", str(codec), "--out", str(tmp_path / "out"),
+                     "--passt", str(passt_file)])
+    elif case == "vggish_without_vggish":
+        code = _eval_paired(models, paired, passt_file, tmp_path / "out", "--vggish", "x")
+    else:
+        code = _eval_paired(models, paired, passt_file, tmp_path / "out", *extra)
+    assert code == status
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 def test_clap_command_prints_the_score_matrix(models, sets, capsys):
