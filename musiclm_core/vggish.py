@@ -278,12 +278,12 @@ class VGGish(nn.Module):
         x = examples[:, None]  # (B, 1, T, F)
         for block in self.blocks:
             for conv in block:
-                x = F.relu(conv(x))  # (B, C, T', F')
+                x = F.relu(conv(x), inplace=True)  # (B, C, T', F')
             x = F.max_pool2d(x, 2)  # (B, C, T' / 2, F' / 2)
         # Flatten channels last: the TF model was (B, T, F, C) and fc1's input rows keep that order.
         x = x.permute(0, 2, 3, 1).flatten(1)  # (B, T/16 * F/16 * C)
-        x = F.relu(self.fc1(x))  # (B, fc_dims[0])
-        x = F.relu(self.fc2(x))  # (B, fc_dims[1])
+        x = F.relu(self.fc1(x), inplace=True)  # (B, fc_dims[0])
+        x = F.relu(self.fc2(x), inplace=True)  # (B, fc_dims[1])
         return self.embedding(x)  # (B, D), no activation (vggish_slim.py: the `vggish/embedding` tensor)
 
     def postprocess(self, embeddings: Tensor) -> Tensor:
