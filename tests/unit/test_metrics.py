@@ -1,6 +1,9 @@
 """musiclm_core.metrics: the Fréchet distance against closed forms and scipy's sqrtm route, FAD's behaviour (0 on
 a set against itself, growing with a perturbation), the streaming statistics, the embeddings (EnCodec frames,
-CLAP windows) against direct calls of the models, the reference cache, captions and their errors.
+CLAP windows) against direct calls of the models, the reference cache, captions and their errors; the melody
+chroma similarity (its chroma of long clips against one STFT of the whole clip, exact) and file pairing.
+(tests/parity/test_metrics_parity.py holds FAD against fadtk and frechet-audio-distance, the melody metric against
+audiocraft's.)
 
 Tolerances (float64 statistics): closed forms and scipy's route 1e-9 relative; FAD of a set against itself
 <= 1e-6; streamed statistics vs numpy's one-shot mean and covariance 1e-9; embeddings vs direct model calls
@@ -139,6 +142,17 @@ def test_stats_file_round_trip_and_bad_file(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="bad.safetensors is not an embedding statistics file"):
         EmbeddingStats.load(tmp_path / "bad.safetensors")
+
+
+def test_stats_of_another_version_are_stale(tmp_path):
+    """Version 1 statistics came from audio resampled with another filter: refused, so the cache recomputes."""
+    from safetensors.numpy import save_file
+
+    stats = EmbeddingStats.from_embeddings(np.random.default_rng(7).normal(size=(30, 5)), "encodec:m")
+    save_file({"mean": stats.mean, "cov": stats.cov}, str(tmp_path / "old.safetensors"),
+              metadata={"format": metrics.STATS_FORMAT, "version": "1", "count": "30", "embedding": "encodec:m"})
+    with pytest.raises(ValueError, match=r"old.safetensors holds statistics of version '1' \(this is '2'"):
+        EmbeddingStats.load(tmp_path / "old.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,3 +362,96 @@ def test_model_reference_sees_a_changed_model_folder(tmp_path):
     assert first.startswith(f"{tmp_path.resolve()}@") and metrics.model_reference(str(tmp_path)) == first
     (tmp_path / "model.safetensors").write_bytes(b"22")  # retrained weights: other cached statistics
     assert metrics.model_reference(str(tmp_path)) != first
+
+
+def test_load_for_resamples_with_the_fad_packages_cutoff(codec, tmp_path):
+    """A 48 kHz file for the 16 kHz codec: resampled with resampy kaiser_best's cutoff and length (FAD_ROLLOFF,
+    FAD_ZEROS), which keeps more of the top of the band than load_audio's default filter."""
+    from musiclm_core.audio import load_audio, resample
+
+    embedding = EnCodecEmbedding(codec, "tiny")
+    t = torch.arange(48_000) / 48_000
+    save_audio(tmp_path / "a.wav", 0.5 * torch.sin(2 * torch.pi * 7400 * t)[None], 48_000)  # near 8 kHz Nyquist
+    got = metrics.load_for(embedding, tmp_path / "a.wav")
+    raw, _ = load_audio(tmp_path / "a.wav")
+    expected = resample(raw, 48_000, SR, rolloff=metrics.FAD_ROLLOFF, zeros=metrics.FAD_ZEROS)
+    assert (got - expected).abs().max() <= 1e-6
+    default, _ = load_audio(tmp_path / "a.wav", sample_rate=SR)
+    middle = slice(1000, -1000)
+    # 7.4 kHz is past the default filter's 0.90 * 8 kHz cutoff and inside kaiser_best's 0.9476 * 8 kHz
+    assert got[0, middle].abs().max() > 0.45 and default[0, middle].abs().max() < 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Melody: chroma cosine similarity
+
+
+def _chroma_one_stft(x):
+    """(N,) at 32 kHz -> (1 + N // 4096, 12) one-hot chroma from one STFT of the whole clip (no 30 s limit): the
+    steps of chroma.py written out, to check metrics.melody_chroma's 30 s pieces."""
+    from musiclm_core import chroma
+
+    window = torch.hann_window(chroma.N_FFT)
+    spec = torch.stft(x, chroma.N_FFT, chroma.HOP_LENGTH, window=window, center=True, pad_mode="reflect",
+                      return_complex=True) / window.pow(2).sum().sqrt()  # (F, T)
+    raw = chroma.chroma_filterbank(chroma.SAMPLE_RATE, chroma.N_FFT).float() @ spec.abs().pow(2)  # (12, T)
+    return torch.nn.functional.one_hot(raw.argmax(0), 12).float()  # (T, 12)
+
+
+def _tune(seconds, seed, rate=32_000):
+    g = torch.Generator().manual_seed(seed)
+    n = int(seconds * rate)
+    f = (220 * 2 ** (torch.randint(0, 12, (max(1, int(seconds * 2)),), generator=g) / 12))
+    f = f.repeat_interleave(-(-n // f.shape[0]))[:n]
+    return 0.3 * torch.sin(2 * torch.pi * torch.cumsum(f / rate, 0))[None]  # (1, N)
+
+
+@pytest.mark.parametrize("seconds", [29.9, 30.0, 30.3, 61.7])
+def test_melody_chroma_of_long_clips_equals_one_stft(seconds):
+    x = _tune(seconds, 0)[0] + 0.05 * _noise(seconds, 1, 32_000)[0]
+    ours = metrics.melody_chroma(x, 32_000)
+    expected = _chroma_one_stft(x)
+    assert ours.shape == expected.shape == (1 + x.shape[0] // 4096, 12)
+    agree = (ours.argmax(-1) == expected.argmax(-1)).float().mean()
+    assert agree == 1.0  # the tune's classes are far from ties: any frame from the wrong samples would flip
+
+
+def test_chroma_cosine_similarity_listens_and_counts_frames():
+    melody = _tune(3, 0)
+    metric = metrics.ChromaCosineSimilarity()
+    assert metric.add(melody, 32_000, melody, 32_000) == 1.0
+    assert metric.add(_tune(3, 5), 32_000, melody, 32_000) < 0.5  # another tune
+    # the same tune at 16 kHz, and a generation half as long (zero-padded: its silent frames are class 0)
+    low = torch.from_numpy(np.interp(np.arange(48_000) * 2, np.arange(96_000), melody[0].numpy()))[None].float()
+    assert metric.add(low, 16_000, melody, 32_000) > 0.9
+    half = metric.add(melody[:, :48_000], 32_000, melody, 32_000)
+    assert 0.4 < half < 0.9  # the first half agrees; the padded half only where the melody's class is C (0)
+    assert metric.pairs == 4 and metric.frames == 4 * 24  # ceil(96000 / 4096) frames of each reference
+    longer = metrics.ChromaCosineSimilarity()
+    assert longer.add(torch.cat([melody, _tune(3, 9)], 1), 32_000, melody, 32_000) == 1.0  # cut to the melody
+    with pytest.raises(ValueError, match="no clip pair was added"):
+        metrics.ChromaCosineSimilarity().compute()
+    with pytest.raises(ValueError, match=r"expected \(C, N\) or \(N,\) float audio"):
+        metric.add(torch.zeros(1, 0), 32_000, melody, 32_000)
+
+
+def test_pair_files(tmp_path):
+    gen, other = tmp_path / "gen", tmp_path / "other"
+    for name in ("a.wav", "sub/b.wav", "c.flac"):
+        save_audio(gen / name, _noise(0.01, 0), SR)
+    for name in ("sub/b.flac", "c.wav", "a.ogg"):
+        save_audio(other / name, _noise(0.01, 0), SR)
+    files = metrics.audio_files(gen)
+    pairs = metrics.pair_files(gen, files, other, what="--melody")
+    assert [(g.relative_to(gen).as_posix(), o.relative_to(other).as_posix()) for g, o in pairs] == [
+        ("a.wav", "a.ogg"), ("c.flac", "c.wav"), ("sub/b.wav", "sub/b.flac")]
+    save_audio(other / "d.wav", _noise(0.01, 0), SR)
+    with pytest.raises(ValueError, match=r"1 file\(s\) of --melody .* have no generated file .*other/d.wav"):
+        metrics.pair_files(gen, files, other, what="--melody")
+    (other / "d.wav").unlink()
+    (other / "c.wav").unlink()
+    with pytest.raises(ValueError, match=r"1 generated file\(s\) have no file of the same name .*gen/c.flac"):
+        metrics.pair_files(gen, files, other, what="--melody")
+    save_audio(gen / "c.wav", _noise(0.01, 0), SR)
+    with pytest.raises(ValueError, match=r"gen/c.flac and .*gen/c.wav have one name without extension"):
+        metrics.pair_files(gen, metrics.audio_files(gen), other, what="--melody")
