@@ -183,11 +183,12 @@ class MelFrontEnd(nn.Module):
         self.config = config
         self.register_buffer("window", torch.empty(config.win_length), persistent=False)
         self.register_buffer("banks", torch.empty(config.n_mels, config.n_fft // 2 + 1), persistent=False)
-        self.reset_buffers()
+        if not self.window.is_meta:  # made on the meta device (loading): `keys.build` calls reset_buffers after
+            self.reset_buffers()
 
     def reset_buffers(self) -> None:
         c = self.config
-        device = self.window.device if not self.window.is_meta else None
+        device = None if self.window.is_meta else self.window.device
         self.window = torch.hann_window(c.win_length, periodic=False, device=device)
         self.banks = kaldi_mel_banks(c.n_mels, c.n_fft, c.sample_rate, c.f_min, c.f_max).float().to(device)
 
