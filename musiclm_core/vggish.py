@@ -32,9 +32,14 @@ How a clip becomes embeddings differs between the FAD tools; `CONVENTIONS` names
   default): the same pre-activation embedding, no PCA, no peak normalisation, non-overlapping 0.96 s examples
   (torchvggish's `waveform_to_examples`). fadtk resamples with SoX and zero-pads clips shorter than 1 s;
   frechet-audio-distance resamples with resampy.
-* "torchvggish": what `torchvggish.vggish()` returns by default: the ReLU kept on the 128-d layer (a quirk of
-  the port; the TF model has none there) and the PCA postprocessing applied (8-bit values 0..255, as the
-  AudioSet release). Not a FAD convention; there for comparison with code that used the package as it comes.
+* "torchvggish": what `torchvggish.vggish()` returns by default: a ReLU on the 128-d layer (the port keeps
+  one there, as older versions of vggish_slim.py had; the current one, which audiocraft's instructions clone,
+  has none) and the PCA postprocessing applied (8-bit values 0..255, as the AudioSet release). Not a FAD
+  convention; there for comparison with code that used the package as it comes.
+
+The conventions differ by more than round-off (overlap, normalisation), so FAD values computed under one are
+not comparable with another's; `VGGishEmbedding` puts a non-default convention into its name, which keeps
+cached reference statistics apart.
 """
 
 from __future__ import annotations
