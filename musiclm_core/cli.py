@@ -988,13 +988,13 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--clap", default="laion/larger_clap_music", help="CLAP model: hub id or folder")
     p.add_argument("--encodec", default="facebook/encodec_24khz", help="EnCodec model: hub id or folder")
     p.add_argument("--vggish", type=Path, default=None,
-                   help="VGGish weights: torchvggish's two .pth files (vggish-10086976.pth and its PCA file) or "
-                        "the folder holding them (default: torch hub's checkpoints folder, where torchvggish "
-                        "downloads them)")
+                   help="VGGish weights: the folder holding torchvggish's two .pth files, or its "
+                        "vggish-10086976.pth with the PCA file next to it (default: torch hub's checkpoints "
+                        "folder, where torchvggish downloads them)")
     p.add_argument("--vggish-convention", choices=["google", "fadtk", "torchvggish"], default="google",
                    help="how clips become VGGish embeddings: google = 1 s windows every 0.5 s, peak-normalised "
                         "(the FAD of audiocraft and the MusicGen paper); fadtk = 0.96 s examples back to back "
-                        "(fadtk, frechet-audio-distance); torchvggish = the package's defaults (ReLU + PCA)")
+                        "(fadtk, frechet-audio-distance); torchvggish = the package as it comes (ReLU + PCA)")
     p.add_argument("--hop", type=float, default=1.0, help="--embedding clap: seconds between 10 s windows")
     p.add_argument("--kl", choices=["passt"], default=None,
                    help="also the KL divergence of PaSST's label distributions, each generated file against the "

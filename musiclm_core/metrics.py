@@ -1,8 +1,13 @@
-"""Evaluation of generated music: Fréchet audio distance (FAD) on CLAP or EnCodec embeddings, and CLAP score.
+"""Evaluation of generated music: Fréchet audio distance (FAD) on CLAP, EnCodec or VGGish embeddings, CLAP score,
+and the melody chroma cosine similarity (the KL divergence on PaSST's labels is in passt.py).
 
     audio files -> embeddings (n, D) per file -> pooled mean (D,) and covariance (D, D), float64
     FAD = |mu_g - mu_r|^2 + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^(1/2))        (Fréchet distance of two Gaussians)
     CLAP score = mean over generated files of cos(text_embeds(caption), audio_embeds(clip))   (MusicLDM, §4.1)
+    chroma cosine = sum over (generated, melody) pairs and frames of cos(chroma_g, chroma_m) / frames  (MusicGen)
+
+VGGish (`vggish.VGGishEmbedding`, the embedding of the original FAD and of the MusicGen paper) has the same
+protocol as the two embeddings here; vggish.py says how each FAD tool cuts clips into its examples.
 
 Embeddings follow fadtk (Gui et al. 2024, "Adapting Fréchet Audio Distance for Generative Music Evaluation";
 microsoft/fadtk `fadtk/model_loader.py`), which recommends CLAP-music and EnCodec for music:
@@ -30,13 +35,16 @@ our Fréchet distance to both at 1e-6 relative on the same embeddings (measured 
   (beta 10: it has no beta setting): on white noise 48 -> 16 kHz that is 1 % RMS from theirs, all of it at the
   band edge, where our default filter (cutoff 0.90) was 16 %, and would cut VGGish's top mel band (to 7.5 kHz)
   at 7.2 kHz. Channels are averaged to mono before (all three). fadtk then rounds the audio to 16-bit PCM (it
-  caches a .wav); we do not (a change of ~1.5e-5 in each sample).
+  caches a .wav); we do not (a change of ~1.5e-5 in each sample). audiocraft's FAD (VGGish through Google's
+  tool, the MusicGen paper's) resamples with julius instead (Hann sinc, cutoff 0.945, 24 zero crossings, edges
+  repeated): one filter for every embedding here, the FAD packages', is the choice; passt.py follows julius for
+  the KL metric, where audiocraft is the only reference.
 * Covariance: ddof 1 (numpy's np.cov) in all three; fadtk merges per-file statistics with Chan's update as
   `StatsAccumulator` does, frechet-audio-distance concatenates the embeddings first.
 * Precision: fadtk caches embeddings in float16 and takes each file's mean in float16, which moved FAD by 3e-6 to
   2e-5 relative in our measurements (random sets, D = 32 to 512); frechet-audio-distance keeps float32 embeddings
-  and takes the mean in float32. We keep the models' float32 output and compute every statistic in float64: the
-  statistics then depend on the audio only, not on the order or size of the batches.
+  and takes the mean in float32. We keep the models' float32 output and compute every statistic in float64 (a
+  float32 mean keeps about 7 significant digits, float64 about 16).
 * The square root: fadtk takes tr((cov1 cov2)^(1/2)) from `scipy.linalg.eig` of the non-symmetric product,
   frechet-audio-distance from `scipy.linalg.sqrtm` of it in complex arithmetic; both add eps = 1e-6 to both
   diagonals only when that is not finite, and drop an imaginary part below 1e-3. We use the symmetric form (see
