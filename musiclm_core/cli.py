@@ -1055,6 +1055,10 @@ def _eval(args: argparse.Namespace) -> int:
     captions = metrics.read_captions(args.generated, generated, args.captions)
     for name in ("metrics.json", "report.html"):
         _check_output(args.out / name, args.overwrite)
+    if kl_pairs is not None:
+        from musiclm_core.passt import checkpoint_path
+
+        passt_file = checkpoint_path(args.passt, args.passt_preset)  # a missing file fails before the FAD runs
     device = _device(args.device)
 
     clap = None
@@ -1074,10 +1078,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     kl, kl_model = None, None
     if kl_pairs is not None:
-        from musiclm_core.passt import KLDivergence, PaSST, checkpoint_path
+        from musiclm_core.passt import KLDivergence, PaSST
 
-        kl_model = f"passt-{args.passt_preset}:{checkpoint_path(args.passt, args.passt_preset).resolve()}"
-        kl_metric = KLDivergence(PaSST.from_pretrained(args.passt, preset=args.passt_preset).to(device).eval())
+        kl_model = f"passt-{args.passt_preset}:{passt_file.resolve()}"
+        kl_metric = KLDivergence(PaSST.from_pretrained(passt_file, preset=args.passt_preset).to(device).eval())
         values = metrics.kl_files(kl_metric, kl_pairs, progress=Progress("KL (PaSST)", unit="pairs"))
         kl = kl_metric.compute()
         for (path, _), value in zip(kl_pairs, values):

@@ -320,6 +320,7 @@ def test_eval_kl_of_a_set_against_itself_is_zero(models, paired, passt_file, tmp
                              r".*melody/extra.wav", 1),
     ("two_of_one_name", r"--reference .*: .*a.flac and .*a.wav have one name without extension", 1),
     ("kl_too_short", r"reference/sub/b.wav is 0.100 s long; the KL metric \(PaSST\) needs more than 0.15 s", 1),
+    ("passt_missing", r"no PaSST checkpoint for preset 'tiny' at .*nowhere.pt", 1),
     ("passt_without_kl", r"--passt and --passt-preset choose the model of --kl passt", 2),
     ("vggish_without_vggish", r"--vggish and --vggish-convention are for --embedding vggish", 2),
 ])
@@ -338,6 +339,8 @@ def test_eval_paired_bad_input(models, paired, passt_file, tmp_path, capsys, cas
         code = main(["eval", "--generated", str(paired["generated"]), "--reference", str(paired["reference"]),
                      "--embedding", "encodec", "--encodec", str(codec), "--out", str(tmp_path / "out"),
                      "--passt", str(passt_file)])
+    elif case == "passt_missing":
+        code = _eval_paired(models, paired, tmp_path / "nowhere.pt", tmp_path / "out")
     elif case == "vggish_without_vggish":
         code = _eval_paired(models, paired, passt_file, tmp_path / "out", "--vggish", "x")
     else:
