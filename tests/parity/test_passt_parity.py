@@ -35,13 +35,16 @@ import warnings
 import pytest
 import torch
 
-try:
-    import torchaudio  # noqa: F401  (hear21passt's front-end and audiocraft's audio utils import it)
-except (ImportError, OSError) as e:
-    pytest.skip(f"torchaudio cannot be imported ({e}); install it with `bash tests/install_torchaudio_reference.sh`",
-                allow_module_level=True)
+# The references are installed by tests/install_references.sh; a missing one is an error here, not a skip.
+_MISSING = [m for m in ("hear21passt", "audiocraft", "julius", "torchmetrics", "torchaudio")
+            if importlib.util.find_spec(m) is None]
+if _MISSING:
+    raise ImportError(f"the PaSST references are not installed: {_MISSING}; run `bash tests/install_references.sh` "
+                      f"(hear21passt==0.0.26, torchmetrics and lightning-utilities with --no-deps, audiocraft and "
+                      f"julius, torchaudio in pure-Python mode)")
+import torchaudio  # noqa: E402,F401  (hear21passt's front-end and audiocraft's audio utils import it)
 
-from musiclm_core.passt import PRESETS, KLDivergence, PaSST, kl_divergence, label_distributions  # noqa: E402
+from musiclm_core.passt import KLDivergence, PaSST, kl_divergence, label_distributions  # noqa: E402
 
 from passt_fixtures import sounds, write_passt_checkpoint  # noqa: E402
 

@@ -1,7 +1,6 @@
 """PaSST and its KL metric without the reference packages: presets, shapes, checkpoint loading and its errors,
 segmenting, cropping, the metric's arithmetic, and clear errors on bad input. Tiny preset (2 s segments)."""
 
-import math
 import pathlib
 
 import pytest
@@ -223,8 +222,9 @@ def test_bad_input_errors(model):
         label_distributions(model, torch.zeros(1, 4800), SR)
     with pytest.raises(ValueError, match=r"more than 0.15 s"):
         label_distributions(model, torch.zeros(1, 3300), 22_050)  # 0.1497 s
-    with pytest.raises(ValueError, match="at least one patch"):
-        model.logits(torch.zeros(1, 4000))
+    with pytest.raises(ValueError, match="at least one patch of 16 frames, 4801 samples"):
+        model.logits(torch.zeros(1, 4800))
+    assert model.logits(torch.zeros(1, 4801)).shape == (1, 527)
     nan = sounds(1.0)["noise"].clone()
     nan[0, 100] = float("nan")
     with pytest.raises(ValueError, match="1 NaN or infinite"):
