@@ -70,10 +70,14 @@ def _stub(name, **attrs):
 
 def _audiocraft_metric_class():
     """audiocraft's ChromaCosineSimilarityMetric without audiocraft's package `__init__`s (they import every
-    model, solver and metric, av and spacy among them): the four packages on its path are registered bare."""
+    model, solver and metric, av and spacy among them): the four packages on its path are registered bare while
+    it is imported, then taken out of sys.modules again, so that other tests import audiocraft as they expect."""
     if importlib.util.find_spec("audiocraft") is None or importlib.util.find_spec("torchmetrics") is None:
         pytest.fail("the audiocraft / torchmetrics references are not installed: bash tests/install_references.sh")
+    if "audiocraft.metrics.chroma_cosinesim" in sys.modules:
+        return sys.modules["audiocraft.metrics.chroma_cosinesim"].ChromaCosineSimilarityMetric
     root = list(importlib.util.find_spec("audiocraft").submodule_search_locations)[0]  # also when registered bare
+    added = []
     for package in ("audiocraft", "audiocraft.data", "audiocraft.metrics", "audiocraft.modules"):
         if package in sys.modules:
             continue
@@ -82,9 +86,19 @@ def _audiocraft_metric_class():
         module.__spec__ = importlib.machinery.ModuleSpec(package, None, is_package=True)
         module.__spec__.submodule_search_locations = module.__path__
         sys.modules[package] = module
-    from audiocraft.metrics.chroma_cosinesim import ChromaCosineSimilarityMetric
-
+        added.append(package)
+    try:
+        from audiocraft.metrics.chroma_cosinesim import ChromaCosineSimilarityMetric
+        from audiocraft.modules import chroma  # noqa: F401  (kept importable: see the extractor test)
+    finally:
+        for package in added:
+            del sys.modules[package]
     return ChromaCosineSimilarityMetric
+
+
+def _chroma_extractor_class():
+    _audiocraft_metric_class()
+    return sys.modules["audiocraft.modules.chroma"].ChromaExtractor
 
 
 def _musicgen_metric():
@@ -119,10 +133,7 @@ def _audiocraft_pairs(metric, pairs):
 
 
 def test_melody_chroma_equals_audiocraft_extractor_past_30_s():
-    _audiocraft_metric_class()  # registers audiocraft's packages bare
-    from audiocraft.modules.chroma import ChromaExtractor
-
-    extractor = ChromaExtractor(sample_rate=SR, n_chroma=12, radix2_exp=14, argmax=True)
+    extractor = _chroma_extractor_class()(sample_rate=SR, n_chroma=12, radix2_exp=14, argmax=True)
     # 5 s; exactly 30 s; 30 s + a piece shorter than a window; 70 s; under one window (zero-padded to 5 frames)
     for n in (5 * SR, 960_000, 960_000 + 13_924, 70 * SR + 123, 1000):
         x = _noise(n / SR, n)  # white noise: the closest to a 12-way tie
