@@ -1056,9 +1056,13 @@ def _eval(args: argparse.Namespace) -> int:
     for name in ("metrics.json", "report.html"):
         _check_output(args.out / name, args.overwrite)
     if kl_pairs is not None:
-        from musiclm_core.passt import checkpoint_path
+        from musiclm_core.passt import PRESETS as PASST_PRESETS, checkpoint_path
 
-        passt_file = checkpoint_path(args.passt, args.passt_preset)  # a missing file fails before the FAD runs
+        # A missing checkpoint or a clip too short for the metric fails before the FAD runs.
+        passt_file = checkpoint_path(args.passt, args.passt_preset)
+        metrics.check_durations([path for pair in kl_pairs for path in pair],
+                                PASST_PRESETS[args.passt_preset].min_segment_s,
+                                what="the KL metric (PaSST)")
     device = _device(args.device)
 
     clap = None

@@ -620,6 +620,21 @@ def pair_files(generated_folder: str | os.PathLike, generated: Sequence[Path], f
     return [(ours[n], theirs[n]) for n in ours]
 
 
+def check_durations(paths: Sequence[Path], min_seconds: float, *, what: str) -> None:
+    """ValueError naming the first of `paths` that is not longer than `min_seconds`, from the files' headers
+    (nothing is decoded: this runs before the models do). Unreadable files are left to the loader's error."""
+    import soundfile as sf
+
+    for path in paths:
+        try:
+            info = sf.info(str(path))
+        except Exception:  # soundfile's LibsndfileError / RuntimeError: load_audio names the file later
+            continue
+        if info.frames / info.samplerate <= min_seconds:
+            raise ValueError(f"{path} is {info.frames / info.samplerate:.3f} s long; {what} needs more than "
+                             f"{min_seconds} s")
+
+
 def _load_native(path: Path) -> tuple[Tensor, int]:
     wav, rate = load_audio(path)
     if wav.shape[-1] == 0:

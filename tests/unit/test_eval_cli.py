@@ -349,6 +349,7 @@ def test_eval_paired_bad_input(models, paired, passt_file, tmp_path, capsys, cas
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "out" / "metrics.json").exists()
+    assert not re.search(r"^generated: \d+/\d+ files", err, re.M)  # each fails before the FAD embeds a file
 
 
 def test_clap_command_prints_the_score_matrix(models, sets, capsys):
