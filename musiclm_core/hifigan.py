@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from musiclm_core import hub
+from musiclm_core.kernels.conv1d import conv1d
 
 KIND = "hifigan"  # the model name in a native checkpoint's config.json
 
@@ -116,14 +117,14 @@ PRESETS: dict[str, HifiGanConfig] = {
 # Layers
 
 
-# Speed (CPU): the time goes into the residual blocks' convolutions, which torch runs through oneDNN, as it does
-# for transformers' model. Routes tried and measured against it (single thread, 2026-12-03, AMD EPYC, a loaded
-# machine): oneDNN convs with the leaky ReLU and the residual add fused in (torch.ops.mkldnn._convolution_pointwise)
-# 0.91-1.01x; the transposed convs as one matrix product plus an overlap-add 0.72-1.21x; one GEMM per kernel tap,
-# or one im2col GEMM, 0.2-0.7x; 2-D channels-last convs 0.85-1.04x; FFT (overlap-save) convolution 2x for the
-# undilated kernel-11 convs at 256-512 channels only, and 0.7-1.3x elsewhere, at the price of ~350 MB of
-# precomputed spectra. None is kept: the plain ops below, plus the two passes over the activations saved by
-# sharing a stage's first leaky ReLU among its residual blocks.
+# Speed (CPU): ~90 % of the time goes into the residual blocks' convolutions, which torch runs through oneDNN near
+# the CPU's fp32 peak. `kernels.conv1d.conv1d` sends those with kernels 7 and 11 at 128 channels and more (the first
+# three stages) to an FFT overlap-save route, which does 3-4.5x fewer multiplications; the rest stay with torch.
+# Routes tried and dropped (single thread, 2026-12-03, AMD EPYC, a loaded machine): oneDNN convs with the leaky
+# ReLU and the residual add fused in (torch.ops.mkldnn._convolution_pointwise) 0.91-1.01x; the transposed convs as
+# one matrix product plus an overlap-add 0.72-1.21x; one GEMM per kernel tap, or one im2col GEMM, 0.2-0.7x; 2-D
+# channels-last convs 0.85-1.04x. Also: a stage's first leaky ReLU is shared among its residual blocks, and each
+# conv's fresh output takes the leaky ReLU and the residual add in place.
 
 
 class ResBlock1(nn.Module):
@@ -141,7 +142,8 @@ class ResBlock1(nn.Module):
         """`activated`: leaky_relu(x, slope) when the caller has it already (the stage shares it)."""
         for i, (conv1, conv2) in enumerate(zip(self.convs1, self.convs2)):
             a = activated if i == 0 and activated is not None else F.leaky_relu(x, self.slope)
-            x = x + conv2(F.leaky_relu(conv1(a), self.slope))
+            h = F.leaky_relu_(conv1d(a, conv1.weight, conv1.bias, conv1.dilation[0]), self.slope)
+            x = conv1d(h, conv2.weight, conv2.bias).add_(x)  # a new tensor: the caller's x is shared
         return x
 
 

@@ -4,7 +4,9 @@ Tiny configs (fast): random weights moved off their initialisation (every parame
 non-zero, the mean / scale buffers random), loaded by `HifiGan.from_pretrained` from the transformers folder,
 from a diffusers-style pipeline folder (`vocoder/` inside), from a pickled `pytorch_model.bin`, and from a file
 saved with weight norm applied (`parametrizations.weight.original0/1`); batched and unbatched input, with and
-without `normalize_before`. The official config (specs/ldm.md §5.1) runs under `-m slow`.
+without `normalize_before`; through torch's convolutions and through the FFT route (kernels/conv1d.py, forced
+with MUSICLM_CONV1D=fft: the tiny configs are below the sizes at which "auto" takes it). The official config
+(specs/ldm.md §5.1) runs under `-m slow`, where "auto" sends the larger residual-block convolutions to the FFT.
 
 Tolerance: max abs <= 1e-4 on the waveform (fp32).
 """
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from musiclm_core.hifigan import HifiGan
+from musiclm_core.kernels import conv1d
 
 transformers = pytest.importorskip("transformers")
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig  # noqa: E402
@@ -62,12 +65,22 @@ def folders(tmp_path_factory):
     return out
 
 
+@pytest.fixture(params=["direct", "fft"])
+def conv_route(request, monkeypatch):
+    """The convolution route for one test (route() reads MUSICLM_CONV1D once: its cache is cleared around)."""
+    monkeypatch.setenv(conv1d.ENV, request.param)
+    conv1d.route.cache_clear()
+    yield request.param
+    conv1d.route.cache_clear()
+
+
 def mel(B, T, F, seed=1):
     return torch.randn(B, T, F, generator=torch.Generator().manual_seed(seed)) * 2 - 4  # log-mel-like
 
 
 @pytest.mark.parametrize("name", ["norm0", "norm1"])
-def test_parity_batched_and_unbatched(folders, name):
+def test_parity_batched_and_unbatched(folders, name, conv_route):
+    assert conv1d.route() == conv_route
     ref, folder = folders[name]
     ours = HifiGan.from_pretrained(folder)
     assert ours.config.normalize_before == (name == "norm1")
@@ -143,13 +156,17 @@ def test_native_round_trip(folders, tmp_path):
 
 
 @pytest.mark.slow
-def test_parity_official_config(tmp_path):
+@pytest.mark.parametrize("route", ["auto", "direct"])
+def test_parity_official_config(tmp_path, route, monkeypatch):
+    monkeypatch.setenv(conv1d.ENV, route)
+    conv1d.route.cache_clear()
     ref = make_reference(OFFICIAL)
     ref.save_pretrained(tmp_path / "official")
     ours = HifiGan.from_pretrained(tmp_path / "official")
     x = mel(2, 64, 64)
     with torch.no_grad():
         expected, got = ref(x), ours(x)
+    conv1d.route.cache_clear()
     assert got.shape == expected.shape == (2, 160 * 64 + 32)
     assert (got - expected).abs().max() <= ATOL
     assert expected.std() > 0.1

@@ -1,0 +1,125 @@
+"""Length-keeping ("same") fp32 1-D convolutions for the HiFi-GAN vocoder: torch's, or FFT overlap-save.
+
+The vocoder spends ~90 % of its time in the convolutions of its residual blocks: C -> C channels, odd kernels 3, 7
+and 11 with dilations 1, 3 and 5, at C = 512 / 256 / 128 / 64 / 32 channels on 5 k / 20 k / 41 k / 82 k / 164 k
+samples for 10 s of audio. torch runs them through oneDNN at close to the CPU's fp32 peak (96 GFLOP/s on one
+Zen 4 core), so the only way to go faster is to do fewer multiplications: in the frequency domain a K-tap filter
+costs one complex multiply-add per bin instead of K real ones per sample.
+
+`fft_conv1d` (overlap-save): cut the padded input into frames of N = `N_FFT` samples that overlap by K - 1, rfft
+each frame, multiply by the filter's spectrum (one complex matrix product per frequency bin, channels in, channels
+out, frames as columns: MKL's cgemm), irfft, keep the M = N - K + 1 valid outputs of each frame. Per output sample
+and pair of channels that is (N / 2 + 1) * 8 / M real flops, 4.9 for K = 11 and 4.6 for K = 7 at N = 64, against
+2 K = 22 and 14 for the direct convolution. The transforms cost O(C L log N) and memory passes, which is why the
+route pays only at many channels and long kernels (`choose_route`).
+
+    dilation d: a dilation-d convolution of x equals an undilated one on each of the d interleaved sequences
+    x[r::d], so a frame is N samples d apart (a strided view of x: no copy) and all d phases become columns of
+    the same products. The frame length, and so the cost per output, does not grow with the dilation.
+
+    filter spectra: computed on every call from the K taps (a (N/2+1, K) DFT matrix times the weights), a block
+    of `BLOCK` output channels at a time so that the block's spectra (N/2+1 complex numbers per weight: 6x the
+    weight) stay in the cache between being made and being used. Precomputed they would take ~350 MB for the
+    official vocoder; made per call they cost ~10 % of the route's time at 512 channels.
+
+Accuracy: the fp32 FFTs round differently from the direct sum; measured 2-3e-6 max abs on unit-scale signals
+(unit-gain weights), the same order as oneDNN against a float64 reference.
+
+Which route runs: `route()` is "auto" unless MUSICLM_CONV1D=direct|fft overrides it (tests, debugging, measuring
+the other route); "auto" takes `choose_route(channels, kernel)` for fp32 tensors on the CPU and outside autograd
+(the products write into preallocated slices), and torch's convolution everywhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ROUTES = ("auto", "direct", "fft")
+ENV = "MUSICLM_CONV1D"
+N_FFT = 64  # frame length: M = 54 outputs per frame for K = 11; 128 was no faster (fewer, less efficient columns)
+BLOCK = 64  # output channels whose filter spectra are made and used together (64 x 512 x 33 x 8 B = 8.7 MB)
+
+# Where the FFT route wins (measured one thread, benchmarks/RESULTS.md): kernels of at least 7 taps on at least
+# 128 channels. Below that the transforms and the extra memory passes cost more than the saved multiplications.
+FFT_MIN_KERNEL = 7
+FFT_MIN_CHANNELS = 128
+
+
+def conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1) -> Tensor:
+    """torch's convolution with "same" zero padding (K - 1) * dilation / 2: (B, C_in, L) -> (B, C_out, L)."""
+    return F.conv1d(x, weight, bias, padding=(weight.shape[-1] - 1) * dilation // 2, dilation=dilation)
+
+
+@functools.cache
+def _dft_rows(kernel: int, n_fft: int) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each (n_fft / 2 + 1, kernel): the conjugate spectrum of a filter w is cos @ w + i sin @ w.
+    Conjugate because the convolution layers correlate (y[t] = sum_k w[k] x[t + k]): no flip needed."""
+    f = torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None]
+    k = torch.arange(kernel, dtype=torch.float64)[None]
+    angle = 2 * math.pi * f * k / n_fft
+    return torch.cos(angle).float(), torch.sin(angle).float()
+
+
+def fft_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1, *, n_fft: int = N_FFT,
+               block: int = BLOCK) -> Tensor:
+    """`conv1d_reference` by FFT overlap-save (module docstring); fp32, inference only (no autograd)."""
+    B, C_in, L = x.shape
+    C_out, _, K = weight.shape
+    d = dilation
+    if K % 2 == 0 or K >= n_fft:
+        raise ValueError(f"fft_conv1d needs an odd kernel shorter than n_fft = {n_fft}, got {K}")
+    N, Fb, M = n_fft, n_fft // 2 + 1, n_fft - K + 1
+    frames = -(-L // (M * d))  # per phase; each covers M * d consecutive outputs (M per phase)
+    padded = frames * M * d + (K - 1) * d
+    left = (K - 1) * d // 2
+    xp = F.pad(x, (left, padded - left - L))  # (B, C_in, padded)
+    # frame[b, i, f, r, n] = xp[b, i, f M d + r + n d]: N samples of phase r, d apart, a view.
+    framed = xp.as_strided((B, C_in, frames, d, N), (C_in * padded, padded, M * d, 1, d))
+    cols = B * frames * d
+    X = torch.fft.rfft(framed, dim=-1)  # (B, C_in, frames, d, Fb)
+    X = X.permute(4, 1, 0, 2, 3).reshape(Fb, C_in, cols).contiguous()  # one (C_in, cols) matrix per bin
+
+    cos, sin = (m.to(x.device) for m in _dft_rows(K, N))
+    ob = block if C_out % block == 0 else C_out
+    Y = torch.empty(C_out // ob, Fb, ob, cols, dtype=X.dtype, device=x.device)
+    for j in range(C_out // ob):
+        taps = weight[j * ob:(j + 1) * ob].reshape(ob * C_in, K).t()  # (K, ob C_in), a view
+        spectra = torch.complex(cos @ taps, sin @ taps).view(Fb, ob, C_in)
+        torch.matmul(spectra, X, out=Y[j])  # (Fb, ob, cols)
+    Y = Y.view(C_out // ob, Fb, ob, B, frames, d).permute(3, 0, 2, 4, 5, 1).reshape(B, C_out, frames, d, Fb)
+    y = torch.fft.irfft(Y, n=N, dim=-1)[..., :M]  # (B, C_out, frames, d, M): the valid outputs of each frame
+    y = y.transpose(-1, -2).reshape(B, C_out, frames * M * d)[..., :L]  # phases interleaved back
+    return y if bias is None else y.add_(bias[:, None])
+
+
+def choose_route(channels: int, kernel: int) -> str:
+    """"fft" for the shapes where it measured faster than torch's convolution, else "direct"."""
+    return "fft" if kernel >= FFT_MIN_KERNEL and channels >= FFT_MIN_CHANNELS and kernel < N_FFT else "direct"
+
+
+@functools.cache
+def route() -> str:
+    """MUSICLM_CONV1D if set ("auto", "direct", "fft"), else "auto" (read once per process)."""
+    choice = os.environ.get(ENV, "auto")
+    if choice not in ROUTES:
+        raise ValueError(f"{ENV}={choice!r}: expected one of {', '.join(ROUTES)}")
+    return choice
+
+
+def conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1) -> Tensor:
+    """Same-length convolution (B, C_in, L) -> (B, C_out, L) by the route chosen for its shape (module
+    docstring); odd kernels only."""
+    chosen = route()
+    if chosen == "direct" or x.dtype != torch.float32 or x.device.type != "cpu" or weight.shape[-1] >= N_FFT:
+        return conv1d_reference(x, weight, bias, dilation)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return conv1d_reference(x, weight, bias, dilation)
+    if chosen == "auto":
+        chosen = choose_route(weight.shape[1], weight.shape[-1])
+    return fft_conv1d(x, weight, bias, dilation) if chosen == "fft" else conv1d_reference(x, weight, bias, dilation)
