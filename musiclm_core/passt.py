@@ -11,9 +11,9 @@ the KL divergence between its label distributions on generated and reference mus
 
 This is the inference path of hear21passt 0.0.26 (kkoutini/passt_hear21: `models/preprocess.py::AugmentMelSTFT`
 in eval mode, `models/passt.py::PaSST`), which is what audiocraft's `PasstKLDivergenceMetric` runs: at inference
-there is no patchout, no dropout, and no SpecAugment-style masking or random mel range. Two quirks are kept:
+there is no patchout, no dropout, and no SpecAugment-style masking or random mel range. Three quirks are kept:
 the head normalises the *average* of the cls and distillation tokens with its own LayerNorm (eps 1e-5, the
-blocks use 1e-6) and the checkpoint's `head_dist` layer is never used (DeiT would average two heads instead);
+blocks use 1e-6); the checkpoint's `head_dist` layer is never used (DeiT would average two heads instead);
 the mel range stops at 15 kHz (hear21passt's fmax = sr / 2 - fmax_aug_range / 2 with its augmentation range
 of 2 kHz), not at Nyquist. The Kaldi filterbank (`torchaudio.compliance.kaldi.get_mel_banks`: triangles on the
 1127 ln(1 + f / 700) mel scale, no area normalisation) is computed here in float64, so torchaudio is not needed.
@@ -24,7 +24,8 @@ through `convert/passt.py`. Presets: "10sec" (hear21passt.base, time positions f
 
 The metric (audiocraft `metrics/kld.py`, `solvers/musicgen.py::evaluate_audio_generation`):
 
-    clip (C, N) at any rate -> mono, 32 kHz -> cut into segments of `segment_s` (10/20/30 s), the last one shorter;
+    clip (C, N) at any rate -> mono, 32 kHz (resampled as julius does it, audiocraft's resampler)
+        -> cut into segments of `segment_s` (10/20/30 s), the last one shorter;
     segments of 0.15 s or less are dropped -> softmax(logits) per segment -> p (S, 527)
     for each pair of segments at the same place in a generated clip (q) and its reference (p):
         kld_pq = KL(p || q + eps) = sum_l p_l (log p_l - log(q_l + eps)),  eps = 1e-6   (audiocraft's "kld")
@@ -380,34 +381,40 @@ def _resample_julius(wav: Tensor, orig_sr: int, new_sr: int) -> Tensor:
     return out[periods * new: periods * new + wav.shape[-1] * new_sr // orig_sr]
 
 
-def segment_distributions(model: PaSST, mono: Tensor, *, batch_size: int = 4, name: str = "wav") -> Tensor:
-    """(N,) mono audio at 32 kHz -> (S, num_labels) softmax probabilities, one row per segment.
-
-    Segments are consecutive `segment_s` pieces, the last one shorter; those of `min_segment_s` or less are
-    dropped (audiocraft: "too small segments that are breaking the model inference"), so a 25 s clip gives
-    2 rows with the 20 s model and a 20.1 s clip 1. Full segments run `batch_size` at a time (audiocraft runs
-    them one by one: the same numbers up to float round-off).
-    """
-    c = model.config
+def segments(mono: Tensor, config: PaSSTConfig, *, name: str = "wav") -> list[Tensor]:
+    """(N,) mono audio at 32 kHz -> the segments the metric scores: consecutive `segment_s` pieces, the last one
+    shorter; those of `min_segment_s` or less are dropped (audiocraft: "too small segments that are breaking the
+    model inference"), so a 25 s clip gives 2 with the 20 s model and a 20.1 s clip 1. None left is an error."""
+    c = config
     pieces = [p for p in torch.split(mono, c.segment_samples) if p.shape[-1] > c.min_samples]
     if not pieces:
         raise ValueError(f"{name} is {mono.shape[-1] / c.sample_rate:.3f} s long at {c.sample_rate} Hz; the KL "
                          f"metric needs more than {c.min_segment_s} s ({c.min_samples} samples), as audiocraft "
                          f"drops shorter segments")
-    rows = []
+    return pieces
+
+
+def segment_distributions(model: PaSST, pieces: list[Tensor], *, batch_size: int = 4) -> Tensor:
+    """Segments (from `segments`, of any lengths) -> (S, num_labels) softmax probabilities, one row per segment,
+    in order. Segments of one length run `batch_size` at a time (audiocraft runs them one by one: the same
+    numbers up to float round-off; batches run faster, benchmarks/passt.py)."""
+    rows: list[Tensor | None] = [None] * len(pieces)
     with torch.inference_mode():
-        full = [p for p in pieces if p.shape[-1] == c.segment_samples]
-        for i in range(0, len(full), batch_size):
-            rows.append(model.logits(torch.stack(full[i:i + batch_size])))  # (b, L)
-        rows += [model.logits(p[None]) for p in pieces if p.shape[-1] != c.segment_samples]  # the last one
-    return torch.cat(rows).float().softmax(dim=-1)  # (S, L)
+        for length in sorted({p.shape[-1] for p in pieces}):
+            index = [i for i, p in enumerate(pieces) if p.shape[-1] == length]
+            for start in range(0, len(index), batch_size):
+                batch = index[start:start + batch_size]
+                logits = model.logits(torch.stack([pieces[i] for i in batch]))  # (b, L)
+                for i, row in zip(batch, logits):
+                    rows[i] = row
+    return torch.stack(rows).float().softmax(dim=-1)  # (S, L)
 
 
 def label_distributions(model: PaSST, wav: Tensor | np.ndarray, sample_rate: int) -> Tensor:
     """One clip (C, N) or (N,) at any rate -> (S, num_labels) label probabilities per segment (float32, CPU or the
     model's device), as audiocraft's `PasstKLDivergenceMetric._get_label_distribution` forms them for one clip:
     mono, 32 kHz, `segment_s` segments (the last may be shorter), segments of 0.15 s or less dropped, softmax."""
-    return segment_distributions(model, model_input(wav, sample_rate, model.config))
+    return segment_distributions(model, segments(model_input(wav, sample_rate, model.config), model.config))
 
 
 def kl_divergence(pred_probs: Tensor, target_probs: Tensor, eps: float = 1e-6) -> Tensor:
@@ -440,7 +447,9 @@ class KLDivergence:
     both clips of a pair are cropped to the shorter one (at 32 kHz, after mixing to mono and resampling), so the
     segments stay paired: the same stretch of time is compared, and a generation longer than its reference (or
     the reverse) is not penalised for the extra part, which has nothing to be compared with. At equal lengths
-    nothing is cropped and this is audiocraft's computation. `add` returns the per-segment pair values.
+    nothing is cropped and this is audiocraft's computation. A pair whose shorter clip lasts 0.15 s or less has
+    no segment to compare and is an error (audiocraft skips it without a word). `add` returns the per-segment
+    pair values.
     `add_probs` takes label probabilities (S, L) directly (e.g. from `label_distributions`).
     """
 
@@ -460,8 +469,9 @@ class KLDivergence:
         gen = model_input(generated, sample_rate, c, name="generated")
         ref = model_input(reference, reference_sample_rate, c, name="reference")
         n = min(gen.shape[-1], ref.shape[-1])  # crop both to the shorter clip (see the class docstring)
-        return self.add_probs(segment_distributions(self.model, gen[:n], name="generated"),
-                              segment_distributions(self.model, ref[:n], name="reference"))
+        gen_pieces, ref_pieces = segments(gen[:n], c, name="generated"), segments(ref[:n], c, name="reference")
+        probs = segment_distributions(self.model, gen_pieces + ref_pieces)  # one batch: the same segment lengths
+        return self.add_probs(probs[:len(gen_pieces)], probs[len(gen_pieces):])
 
     def add_probs(self, generated: Tensor, reference: Tensor) -> dict[str, Tensor]:
         """Add paired label probabilities (S, L) of generated and reference segments."""

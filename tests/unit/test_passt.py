@@ -9,7 +9,7 @@ import torch
 from musiclm_core import hub
 from musiclm_core.convert import passt as convert
 from musiclm_core.passt import (CHECKPOINTS, PRESETS, KLDivergence, PaSST, checkpoint_path, kaldi_mel_banks,
-                                kl_divergence, label_distributions)
+                                kl_divergence, label_distributions, segment_distributions)
 
 from passt_fixtures import random_passt, sounds, write_passt_checkpoint
 
@@ -140,6 +140,15 @@ def test_segments(model, extra, rows):
     # each row is the softmax of that segment alone
     first = model.logits(wav[:, :64_000]).softmax(-1)
     assert (probs[0] - first[0]).abs().max() <= 1e-5
+
+
+def test_segment_distributions_keep_order_across_batches(model):
+    s = sounds(2.0)
+    pieces = [s["noise"][0], s["tone"][0], s["clicks"][0, :10_000], s["drone"][0], s["tone"][0, :10_000]]
+    batched = segment_distributions(model, pieces, batch_size=2)
+    alone = torch.cat([model.logits(p).softmax(-1) for p in pieces])
+    assert batched.shape == (5, 527)
+    assert (batched - alone).abs().max() <= 1e-5
 
 
 def test_label_distributions_mono_and_rate(model):
