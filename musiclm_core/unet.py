@@ -42,9 +42,13 @@ from torch import Tensor, nn
 
 from musiclm_core import hub
 from musiclm_core.kernels import attention
+from musiclm_core.kernels.winograd import WinogradConv2d
+from musiclm_core.vae import upsample_conv, upsample_conv_weights
 
 KIND = "unet"  # the model name in a native checkpoint's config.json
 MASK_BIAS = -10000.0  # what a masked context token adds to the attention scores (diffusers' UNet forward)
+# `Linear`'s oneDNN route: on where torch has oneDNN, unless MUSICLM_UNET_LINEAR=torch (measuring, debugging).
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and os.environ.get("MUSICLM_UNET_LINEAR") != "torch"
 
 
 @dataclass
@@ -156,10 +160,12 @@ class ResBlock(nn.Module):
     def __init__(self, config: UNetConfig, c_in: int, c_out: int):
         super().__init__()
         self.norm1 = nn.GroupNorm(config.norm_groups, c_in, eps=config.norm_eps)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        # Winograd F(2x2, 3x3) for the eligible calls (256+ channels in and out, CPU fp32 inference; see
+        # kernels/winograd.py), nn.Conv2d for the rest.
+        self.conv1 = WinogradConv2d(c_in, c_out, 3, padding=1)
         self.emb_proj = nn.Linear(config.emb_dim, c_out)
         self.norm2 = nn.GroupNorm(config.norm_groups, c_out, eps=config.norm_eps)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv2 = WinogradConv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
@@ -168,6 +174,25 @@ class ResBlock(nn.Module):
         h = h + self.emb_proj(emb_act)[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         return (x if self.skip is None else self.skip(x)) + h
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose CPU fp32 calls without gradients on 16 rows or more run oneDNN's matmul
+    (torch.ops.mkldnn._linear_pointwise, the op torch's compiler emits for frozen CPU linears) instead of MKL's.
+
+    Why: MKL picks its fp32 GEMM kernels by CPU vendor (kernels/linear.py), and on the AMD EPYC measured it ran
+    the transformers' matmuls at 64-90 GFLOPS on one core where oneDNN reached 88-101 (1.05-1.45x; the GEGLU's
+    (2048, 256) x (256, 2048) and the 640-channel (128, 640) x (640, 5120) gained most). Same weights, the sums in
+    another order (~1e-6 relative). Fewer rows (the embedding projections: one row per batch item) stay on
+    F.linear, as do CUDA, other dtypes, training, and torch builds without oneDNN.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and x.numel() >= 16 * self.in_features
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
 
 
 class Attention(nn.Module):
@@ -180,11 +205,11 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.context_dim = context_dim
         if context_dim is None:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.qkv = Linear(dim, 3 * dim, bias=False)
         else:
-            self.q = nn.Linear(dim, dim, bias=False)
-            self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
+            self.q = Linear(dim, dim, bias=False)
+            self.kv = Linear(context_dim, 2 * dim, bias=False)
+        self.out = Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """x (B, N, C); context (B, L, D) for a cross-attention; bias (B, 1, 1, L) additive -> (B, N, C)."""
@@ -214,8 +239,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(dim, num_heads, context_dim)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
-        self.ff_in = nn.Linear(dim, 8 * dim)  # value and gate in one matmul
-        self.ff_out = nn.Linear(4 * dim, dim)
+        self.ff_in = Linear(dim, 8 * dim)  # value and gate in one matmul
+        self.ff_out = Linear(4 * dim, dim)
 
     def forward(self, x: Tensor, context: Tensor | None, bias: Tensor | None) -> Tensor:
         x = x + self.attn1(self.norm1(x))
@@ -235,10 +260,10 @@ class Transformer(nn.Module):
     def __init__(self, config: UNetConfig, dim: int, context_dim: int | None):
         super().__init__()
         self.norm = nn.GroupNorm(config.norm_groups, dim, eps=1e-6)
-        self.proj_in = nn.Linear(dim, dim)
+        self.proj_in = Linear(dim, dim)
         self.blocks = nn.ModuleList(TransformerBlock(dim, config.num_heads, context_dim)
                                     for _ in range(config.transformer_depth))
-        self.proj_out = nn.Linear(dim, dim)
+        self.proj_out = Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor | None, bias: Tensor | None) -> Tensor:
         B, C, T, Fq = x.shape
@@ -267,10 +292,40 @@ class Layer(nn.Module):
         return x
 
 
+class UpsampleConv(WinogradConv2d):
+    """Nearest upsampling to a given size, then this 3x3 convolution (diffusers' Upsample2D with use_conv=True).
+
+    When the size is exactly twice the input's (the usual case) on the CPU without gradients, the two are one
+    sub-pixel convolution of four 2x2 kernels over the input before upsampling (vae.upsample_conv: 16 products
+    per input pixel and channel pair instead of 36, no 4x larger upsampled copy; measured with the VAE's). The
+    folded kernels are cached, as WinogradConv2d caches its transformed weight, until the weight changes.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, 3, padding=1)
+        self._folded: tuple[tuple, Tensor] | None = None
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """x (B, C, H, W) -> (B, C, *size)."""
+        H, W = x.shape[-2:]
+        if tuple(size) == (2 * H, 2 * W) and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return upsample_conv(x, self.folded_weight(), self.bias)
+        return super().forward(F.interpolate(x, size=size, mode="nearest"))
+
+    def folded_weight(self) -> Tensor:
+        """upsample_conv_weights(self.weight) (4 * C, C, 2, 2), cached (key as WinogradConv2d's)."""
+        w = self.weight
+        key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device, tuple(w.shape))
+        if self._folded is None or self._folded[0] != key:
+            # channels-last, as UNet keeps its convolution weights (`UNet.memory_format`)
+            self._folded = (key, upsample_conv_weights(w.detach()).contiguous(memory_format=torch.channels_last))
+        return self._folded[1]
+
+
 class Level(nn.Module):
     """The layers of one resolution and the conv that changes it (stride 2 down; after nearest upsampling up)."""
 
-    def __init__(self, layers: list[Layer], resample: nn.Conv2d | None):
+    def __init__(self, layers: list[Layer], resample: nn.Conv2d | UpsampleConv | None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.resample = resample
@@ -323,7 +378,7 @@ class UNet(nn.Module):
             for _ in range(config.layers_per_level + 1):
                 layers.append(Layer(config, c_prev + skip_widths.pop(), ch[i], config.attention[i]))
                 c_prev = ch[i]
-            self.up.append(Level(layers, None if i == 0 else nn.Conv2d(ch[i], ch[i], 3, padding=1)))
+            self.up.append(Level(layers, None if i == 0 else UpsampleConv(ch[i])))
 
         self.norm_out = nn.GroupNorm(config.norm_groups, ch[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
@@ -370,7 +425,7 @@ class UNet(nn.Module):
             if level.resample is not None:
                 # Nearest upsampling to the next skip's size: x2 when the sizes divide, else diffusers'
                 # `upsample_size` (unet_2d_condition.py forward_upsample_size); the two agree when they divide.
-                h = level.resample(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
+                h = level.resample(h, skips[-1].shape[-2:])
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # (B, C_out, T, F), row-major again
 
     # -- conditioning -----------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from musiclm_core import hub
 from musiclm_core.kernels.attention import attention
+from musiclm_core.kernels.winograd import WinogradConv2d
 
 KIND = "vae"  # the model name in a native checkpoint's config.json
 
@@ -112,8 +113,9 @@ def inference_on_cpu(x: Tensor) -> bool:
     return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d that runs in the channels-last layout (B, H, W, C in memory) on the CPU without gradients.
+class Conv2d(WinogradConv2d):
+    """nn.Conv2d that runs in the channels-last layout (B, H, W, C in memory) on the CPU without gradients, and its
+    3x3 convolutions of 256 channels or more by Winograd's F(2x2, 3x3) there (kernels/winograd.py).
 
     Why: torch's CPU convolution (oneDNN) reorders an NCHW input into its own layout and the result back on
     every call; a channels-last input it reads as it is. The whole decoder then stays channels-last (GroupNorm,
@@ -190,19 +192,26 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not inference_on_cpu(x):
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        B, C, H, W = x.shape  # H: time frames, W: mel bins
         # Folded on every call (a few ms at 512 channels) rather than cached: a cache could outlive a new weight.
-        weight = upsample_conv_weights(self.conv.weight)
-        x = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-        y = F.conv2d(x, weight, self.conv.bias.repeat(4))  # (B, 4 * C, H + 1, W + 1), phase-major channels
-        # Output pixel (2i + a, 2j + b), channel c is y[:, (2a + b) * C + c, i + a, j + b]. Moved in rows of C
-        # contiguous channels (both y and out are channels-last).
-        y = y.permute(0, 2, 3, 1).reshape(B, H + 1, W + 1, 2, 2, C)  # a view of the channels-last y
-        out = x.new_empty(B, H, 2, W, 2, C)  # (B, i, a, j, b, C): row 2i + a, column 2j + b
-        for a in range(2):
-            for b in range(2):
-                out[:, :, a, :, b] = y[:, a: a + H, b: b + W, a, b]
-        return out.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # (B, C, 2H, 2W), channels-last in memory
+        return upsample_conv(x, upsample_conv_weights(self.conv.weight), self.conv.bias)
+
+
+def upsample_conv(x: Tensor, folded: Tensor, bias: Tensor | None) -> Tensor:
+    """conv3x3(nearest x2 upsampling of x, padding 1) as one sub-pixel convolution (`Upsample`'s docstring):
+    x (B, C, H, W), folded = upsample_conv_weights(weight) (4 * K, C, 2, 2) -> (B, K, 2H, 2W), channels-last in
+    memory. The UNet's upsampling convolutions take it too (musiclm_core/unet.py)."""
+    B, C, H, W = x.shape  # H: time frames, W: mel bins
+    K = folded.shape[0] // 4
+    x = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(x, folded, None if bias is None else bias.repeat(4))  # (B, 4 * K, H + 1, W + 1), phase-major
+    # Output pixel (2i + a, 2j + b), channel k is y[:, (2a + b) * K + k, i + a, j + b]. Moved in rows of K
+    # contiguous channels (both y and out are channels-last).
+    y = y.permute(0, 2, 3, 1).reshape(B, H + 1, W + 1, 2, 2, K)  # a view of the channels-last y
+    out = x.new_empty(B, H, 2, W, 2, K)  # (B, i, a, j, b, K): row 2i + a, column 2j + b
+    for a in range(2):
+        for b in range(2):
+            out[:, :, a, :, b] = y[:, a: a + H, b: b + W, a, b]
+    return out.view(B, 2 * H, 2 * W, K).permute(0, 3, 1, 2)  # (B, K, 2H, 2W), channels-last in memory
 
 
 class AttentionBlock(nn.Module):
