@@ -40,6 +40,16 @@ _EXPORTS: dict[str, str] = {
     "DiagonalGaussian": "musiclm_core.vae",
     "MusicLDM": "musiclm_core.musicldm",
     "AudioLDM2": "musiclm_core.audioldm2",
+    "VGGish": "musiclm_core.vggish",
+    "VGGishConfig": "musiclm_core.vggish",
+    "VGGishEmbedding": "musiclm_core.vggish",
+    "PaSST": "musiclm_core.passt",
+    "PaSSTConfig": "musiclm_core.passt",
+    "KLDivergence": "musiclm_core.passt",
+    "label_distributions": "musiclm_core.passt",
+    "kl_divergence": "musiclm_core.passt",
+    "ChromaCosineSimilarity": "musiclm_core.metrics",
+    "melody_chroma": "musiclm_core.metrics",
 }
 
 __all__ = list(_EXPORTS)
@@ -74,3 +84,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from musiclm_core.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
     from musiclm_core.musicldm import MusicLDM
     from musiclm_core.audioldm2 import AudioLDM2
+    from musiclm_core.vggish import VGGish, VGGishConfig, VGGishEmbedding
+    from musiclm_core.passt import KLDivergence, PaSST, PaSSTConfig, kl_divergence, label_distributions
+    from musiclm_core.metrics import ChromaCosineSimilarity, melody_chroma

@@ -8,7 +8,8 @@
     musiclm generate --prompts-file prompts.txt --duration 8 -o out.wav      # out_0.wav, out_1.wav, ...
     musiclm generate "..." --model ucsd-reach/musicldm --steps 50 --scheduler dpm -n 3 -o out.wav  # also AudioLDM 2
     musiclm generate --prompts prompts.jsonl --out DIR [--batch-size N]     # an evaluation set: DIR/<id>.wav + .txt
-    musiclm eval --generated DIR --reference DIR --embedding clap|encodec --out DIR   # FAD, CLAP score, report
+    musiclm eval --generated DIR --reference DIR --embedding clap|encodec|vggish [--kl passt] [--melody DIR] --out DIR
+                                              # FAD, CLAP score, KL, melody similarity, report
     musiclm clap "text" a.wav b.wav [--model M]                             # CLAP score matrix
     musiclm train musicgen --data DIR --model facebook/musicgen-small --out runs/x --steps N [--lora R] [--resume]
     musiclm train ldm --data DIR --model ucsd-reach/musicldm --out runs/y --steps N [--lora R] [--resume]

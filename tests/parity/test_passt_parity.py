@@ -83,12 +83,24 @@ def _import_references():
     from hear21passt.models.preprocess import AugmentMelSTFT
     from hear21passt.wrapper import PasstBasicWrapper
 
-    if "audiocraft.metrics.kld" not in sys.modules:
+    if "audiocraft.metrics.kld" in sys.modules:
+        kld = sys.modules["audiocraft.metrics.kld"]
+    else:
+        # audiocraft's package __init__ imports its whole stack (av, spacy, ...): bare packages stand in for the
+        # three parents while kld is imported, then leave sys.modules again, so that the other tests
+        # (test_musicgen_audiocraft) import the real package. kld keeps working: it holds its own references.
         root = os.path.dirname(importlib.util.find_spec("audiocraft").origin)
+        added = []
         for package in ("audiocraft", "audiocraft.data", "audiocraft.metrics"):
             if package not in sys.modules:
                 _bare_package(package, [os.path.join(root, *package.split(".")[1:])])
-    import audiocraft.metrics.kld as kld
+                added.append(package)
+        try:
+            kld = importlib.import_module("audiocraft.metrics.kld")
+        finally:
+            for name in [m for m in sys.modules if m.startswith("audiocraft.")] + added:
+                if name in added or name.startswith(tuple(p + "." for p in added)):
+                    sys.modules.pop(name, None)
 
     # hear21passt's loader calls the name it imported from timm: serve local files whether timm is real or not.
     vit_helpers.download_cached_file = _download_cached_file
