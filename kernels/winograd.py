@@ -6,14 +6,17 @@ Winograd F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neur
 block of outputs from the 4x4 input tile around it with 16 products per (input, output) channel pair instead of
 36: the 2.25x fewer multiply-adds of a 3x3 convolution, as 16 independent matrix products:
 
-    U[ab] = (G g G^T)[ab]        (16, C, K)  the weight, transformed once (`winograd_weight`) and cached
+    U[ab] = (G g G^T)[ab]        (16, K, C)  the weight, transformed once (`winograd_weight`) and cached
     V[ab] = (B^T d B)[ab]        (16, P, C)  every 4x4 input tile d, P tiles (2x2 output blocks) in all
-    M[ab] = V[ab] @ U[ab]        (16, P, K)  16 GEMMs (one torch.bmm)
+    M[ab] = V[ab] @ U[ab]^T      (16, P, K)  16 GEMMs
     y     = A^T M A              (P, 2, 2, K) each tile's 2x2 outputs, + bias
 
 B^T, G and A^T are the small constant matrices below; B^T and A^T hold only 0 and +-1, so the transforms are
 additions of strided views (4 for the rows of every tile, 16 for its columns; 4 + 4 on the way back). The
 result is written in the channels-last layout (B, H, W, K in memory) that oneDNN and our models use anyway.
+The 16 GEMMs run as oneDNN matmuls (torch.ops.mkldnn._linear_pointwise, where torch has oneDNN): 86-94 GFLOPS
+on one Zen 4 core at these sizes where MKL's torch.bmm ran 66-73 (MKL picks its kernels by CPU vendor, see
+kernels/linear.py); torch.bmm otherwise.
 
 Why: torch's CPU convolution (oneDNN) runs a direct 3x3 convolution near the machine's rate, so the only way to a
 faster one is fewer operations. On the 2-core AMD EPYC (Zen 4) this project is measured on, 1 thread, fp32,
@@ -64,6 +67,8 @@ ENV = "MUSICLM_CONV3X3"
 MIN_CHANNELS = 256  # input and output channels from which the route is taken (measured: 256 gains, 128 loses)
 TILES = 1024  # tiles per band for large images: (16, 1024, C) transformed tiles, 4 MB per 64 channels in fp32
 
+ONEDNN = torch.backends.mkldnn.is_available()  # the 16 GEMMs as oneDNN matmuls (module docstring)
+
 # The F(2x2, 3x3) matrices (Lavin & Gray, section 4.1), interpolation points 0, 1, -1.
 BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))  # (4, 4) input transform B^T
 G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))    # (4, 3) weight transform
@@ -106,21 +111,22 @@ def _pair(v) -> tuple[int, int]:
 
 
 def winograd_weight(weight: Tensor) -> Tensor:
-    """(K, C, 3, 3) -> U (16, C, K) = G g G^T for every channel pair, the 16 positions (a, b) row-major.
-    Computed in float64 and rounded once to the weight's dtype."""
+    """(K, C, 3, 3) -> U (16, K, C) = G g G^T for every channel pair, the 16 positions (a, b) row-major (each
+    U[ab] a (K, C) matrix, laid out as a linear layer's weight). Computed in float64, rounded once to the
+    weight's dtype."""
     g = torch.tensor(G, dtype=torch.float64, device=weight.device)
-    U = torch.einsum("ar,kcrs,bs->abck", g, weight.detach().double(), g)  # (4, 4, C, K)
+    U = torch.einsum("ar,kcrs,bs->abkc", g, weight.detach().double(), g)  # (4, 4, K, C)
     K, C = weight.shape[:2]
-    return U.reshape(16, C, K).to(weight.dtype).contiguous()
+    return U.reshape(16, K, C).to(weight.dtype).contiguous()
 
 
 def conv3x3(x: Tensor, U: Tensor, bias: Tensor | None = None, *, tiles: int = TILES) -> Tensor:
-    """F.conv2d(x, weight, bias, padding=1) for x (B, C, H, W) with U = winograd_weight(weight) (16, C, K)
+    """F.conv2d(x, weight, bias, padding=1) for x (B, C, H, W) with U = winograd_weight(weight) (16, K, C)
     -> (B, K, H, W) with channels-last strides. Any H, W >= 1 (odd sizes: the last tile row / column is cut)."""
     B, C, H, W = x.shape
-    if U.shape[:2] != (16, C):
-        raise ValueError(f"conv3x3: input of {C} channels for transformed weight {tuple(U.shape)} (16, C, K)")
-    K = U.shape[2]
+    if U.dim() != 3 or U.shape[0] != 16 or U.shape[2] != C:
+        raise ValueError(f"conv3x3: input of {C} channels for transformed weight {tuple(U.shape)} (16, K, C)")
+    K = U.shape[1]
     nH, nW = (H + 1) // 2, (W + 1) // 2  # tiles down and across: 2x2 outputs each
     # Zero padding of 1 on every side (the conv's own), and one more row / column when H / W are odd.
     padded = x.new_zeros(B, 2 * nH + 2, 2 * nW + 2, C)  # (B, Hp, Wp, C)
@@ -157,9 +163,14 @@ def _tiles(padded: Tensor, U: Tensor, out: Tensor) -> None:
         torch.add(c[1], c[2], out=V[4 * a + 1])
         torch.sub(c[2], c[1], out=V[4 * a + 2])
         torch.sub(c[1], c[3], out=V[4 * a + 3])
-    M = torch.bmm(V.view(16, -1, C), U).view(4, 4, B, n, m, K)  # (a, b, tiles..., K)
-    # A^T M: rows of A^T over a, then over b into the output's four phases
-    S = (M[0] + M[1] + M[2], M[1] - M[2] - M[3])  # 2 x (4, B, n, m, K)
+    V = V.view(16, B * n * m, C)  # (16, P, C)
+    if ONEDNN:
+        M = [torch.ops.mkldnn._linear_pointwise(V[i], U[i], None, "none", [], "").view(B, n, m, K)
+             for i in range(16)]  # 16 x (B, n, m, K), index 4a + b
+    else:
+        M = list(torch.bmm(V, U.transpose(1, 2)).view(16, B, n, m, K))
+    # A^T M A: rows of A^T over a (S[0], S[1], each 4 x (B, n, m, K) over b), then over b into the four phases
+    S = [[M[b] + M[4 + b] + M[8 + b] for b in range(4)], [M[4 + b] - M[8 + b] - M[12 + b] for b in range(4)]]
     for a, s in enumerate(S):
         torch.add(s[0] + s[1], s[2], out=out[:, :, a, :, 0])
         torch.sub(s[1] - s[2], s[3], out=out[:, :, a, :, 1])
@@ -189,7 +200,7 @@ class WinogradConv2d(nn.Conv2d):
         self._winograd: tuple[tuple, Tensor] | None = None
 
     def winograd_weight(self) -> Tensor:
-        """U = winograd_weight(self.weight) (16, C, K), cached."""
+        """U = winograd_weight(self.weight) (16, K, C), cached."""
         w = self.weight
         # An inference tensor (made under torch.inference_mode) has no version counter, and cannot be changed
         # in place outside inference mode: its address is the key.

@@ -47,6 +47,14 @@ def test_conv3x3_matches_conv2d(shape, channels_last):
     close(W.conv3x3(x, U), W.conv3x3_reference(x, weight))  # without a bias
 
 
+def test_bmm_fallback(monkeypatch):
+    """Without oneDNN the 16 GEMMs are one torch.bmm: same result."""
+    x, weight, bias = make(2, 16, 12, 5, 6)
+    U = W.winograd_weight(weight)
+    monkeypatch.setattr(W, "ONEDNN", False)
+    close(W.conv3x3(x, U, bias), F.conv2d(x, weight, bias, padding=1))
+
+
 @pytest.mark.parametrize("tiles", [1, 3, 8])
 def test_bands_match_whole(tiles):
     """Images of more than 2 * tiles tiles go in bands of tile rows per batch item: same result, also when the
