@@ -1,7 +1,8 @@
 """Time one step of our UNet against diffusers' in the same run (MusicLDM and AudioLDM 2 configs).
 
-    flock /tmp/heavy.lock python benchmarks/unet.py            # print the table
-    flock /tmp/heavy.lock python benchmarks/unet.py --write    # and put it in RESULTS.md under "## UNet"
+    flock /tmp/heavy.lock python benchmarks/unet.py                # print the table (2 threads)
+    flock /tmp/heavy.lock python benchmarks/unet.py --threads 1    # one thread: steadier on a shared machine
+    flock /tmp/heavy.lock python benchmarks/unet.py --write        # and put it in RESULTS.md under "## UNet"
 
 One noise prediction under classifier-free guidance: batch 2 (two different conditions), a 10.24 s latent
 (2, 8, 256, 16), timestep 500. Random weights at the official sizes (diffusers' initialisation, moved off it by
@@ -12,13 +13,18 @@ noise, written with save_pretrained and loaded by `UNet.from_pretrained`, so bot
   second row is masked after 12 tokens.
 
 Columns: diffusers fp32 as it comes (its default NCHW layout and attention processors); ours fp32 (channels-last,
-fused q/k/v, 1x1 projections as linears); both again with bf16 weights and activations. Max abs difference of each
-of ours against diffusers' fp32 output, whose magnitude is printed alongside, and of diffusers' bf16 against its
-fp32 (what bf16 costs either way). A line above the table gives a 2048^3 fp32 and bf16 matmul's GFLOPS in the same
-run: the roofline a compute-bound UNet step works against (the step's GFLOP, from torch's FlopCounterMode, divided
-by its time, is the "ours GFLOPS" column: convolutions, linears and attention are nearly all of it). CPU with 2
-threads and OMP_WAIT_POLICY=PASSIVE (on a shared 2-core machine spinning OpenMP threads slow everything down,
-specs/NOTES.md). Medians of the repeats after one warm-up; the four calls alternate so that they see the same load.
+fused q/k/v, 1x1 projections as linears, and its CPU routes: Winograd F(2x2, 3x3) for the 3x3 convolutions of
+256+ channels (kernels/winograd.py), the x2 upsampling convolutions folded into 2x2 sub-pixel kernels, oneDNN
+matmuls for the transformers' linears); ours fp32 again with those routes off (MUSICLM_CONV3X3=conv, MKL's
+linears; the folding stays); both again with bf16 weights and activations. Times are wall-clock medians, and the
+fp32 speed-up is also given by process CPU time (both threads' CPU seconds), which moves less with the load.
+Max abs difference of each of ours against diffusers' fp32 output, whose magnitude is printed alongside, and of
+diffusers' bf16 against its fp32 (what bf16 costs either way). A line above the table gives a 2048^3 fp32 and bf16
+matmul's GFLOPS in the same run: the roofline a compute-bound UNet step works against (the step's GFLOP, from
+torch's FlopCounterMode, divided by its time, is the "ours GFLOPS" column: convolutions, linears and attention are
+nearly all of it). CPU with 2 threads (--threads) and OMP_WAIT_POLICY=PASSIVE (on a shared 2-core machine spinning
+OpenMP threads slow everything down, specs/NOTES.md). Medians of the repeats after one warm-up; the five calls
+alternate so that they see the same load.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import cpu_model, parse_args, report  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import cpu_model, report  # noqa: E402  (benchmarks/ is on sys.path)
 
 BASE = dict(in_channels=8, out_channels=8, block_out_channels=(128, 256, 384, 640), layers_per_block=2,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
@@ -64,6 +70,33 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def timed_both(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def parse_args():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args()
+
+
+def set_routes(on: bool) -> None:
+    """Our CPU routes on (the defaults) or off, for the next calls (see the module docstring)."""
+    from musiclm_core import unet
+    from musiclm_core.kernels import winograd
+
+    os.environ[winograd.ENV] = "winograd" if on else "conv"
+    winograd.route.cache_clear()
+    unet.ONEDNN_LINEAR = on and torch.backends.mkldnn.is_available()
 
 
 def step_gflop(ours, kwargs: dict) -> float:
@@ -99,12 +132,12 @@ def make_reference(name: str):
 
 
 def main() -> None:
-    args = parse_args(__doc__, reps=3)
+    args = parse_args()
     import diffusers
 
     from musiclm_core.unet import UNet
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     gflops = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
     rows = []
@@ -129,40 +162,49 @@ def main() -> None:
                              for k, v in their_kwargs.items()}
         calls = {
             "diffusers": lambda: reference(x, 500, **their_kwargs).sample,
-            "ours": lambda: ours(x, 500, **our_kwargs),
+            "ours": lambda: set_routes(True) or ours(x, 500, **our_kwargs),
+            "ours, routes off": lambda: set_routes(False) or ours(x, 500, **our_kwargs),
             "diffusers bf16": lambda: reference_bf16(x.bfloat16(), 500, **their_bf16_kwargs).sample,
-            "ours bf16": lambda: ours_bf16(x.bfloat16(), 500, **bf16_kwargs),
+            "ours bf16": lambda: set_routes(True) or ours_bf16(x.bfloat16(), 500, **bf16_kwargs),
         }
         with torch.inference_mode():
             outs = {k: f().float() for k, f in calls.items()}  # also the warm-up
             times = {k: [] for k in calls}
             for _ in range(args.reps):
                 for k, f in calls.items():
-                    times[k].append(timed(f))
-        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        err = {k: (outs[k] - outs["diffusers"]).abs().max().item() for k in ("ours", "diffusers bf16", "ours bf16")}
-        rows.append((name, ms, err, outs["diffusers"].abs().max().item(), step_gflop(ours, our_kwargs)))
+                    times[k].append(timed_both(f))
+        ms = {k: 1e3 * statistics.median(w for w, _ in v) for k, v in times.items()}
+        cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+        err = {k: (outs[k] - outs["diffusers"]).abs().max().item()
+               for k in ("ours", "ours, routes off", "diffusers bf16", "ours bf16")}
+        rows.append((name, ms, cpu, err, outs["diffusers"].abs().max().item(), step_gflop(ours, our_kwargs)))
         del reference, reference_bf16, ours, ours_bf16, calls, outs
         gc.collect()
     load_end = os.getloadavg()
 
     lines = [
         f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}), "
-        f"torch {torch.__version__} with 2 threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, diffusers "
+        f"torch {torch.__version__} with {args.threads} thread(s), "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, diffusers "
         f"{diffusers.__version__}. One UNet step, batch 2 (CFG), latent (2, 8, 256, 16) = 10.24 s, random weights "
-        f"at the official sizes. Median of {args.reps} after a warm-up, the four calls alternated. Load average "
+        f"at the official sizes. Median of {args.reps} after a warm-up, the five calls alternated. Load average "
         f"(1 min) {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end, on {os.cpu_count()} cores. "
         f"A 2048^3 matmul in the same run: fp32 {gflops[torch.float32]:.0f} GFLOPS, bf16 "
-        f"{gflops[torch.bfloat16]:.0f} GFLOPS. `flock /tmp/heavy.lock python benchmarks/unet.py`.",
+        f"{gflops[torch.bfloat16]:.0f} GFLOPS. `flock /tmp/heavy.lock python benchmarks/unet.py "
+        f"--threads {args.threads}`.",
         "",
         "| config (GFLOP per step) | dtype | diffusers (ms) | ours (ms) | speed-up (diffusers / ours) "
         "| ours GFLOPS | ours vs diffusers fp32 | diffusers vs diffusers fp32 | output max abs |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, ms, err, scale, gflop in rows:
+    for name, ms, cpu, err, scale, gflop in rows:
         lines.append(f"| {name} ({gflop:.0f}) | fp32 | {ms['diffusers']:.0f} | {ms['ours']:.0f} | "
-                     f"{ms['diffusers'] / ms['ours']:.2f} | {1e3 * gflop / ms['ours']:.0f} | {err['ours']:.1e} | 0 "
-                     f"| {scale:.2f} |")
+                     f"{ms['diffusers'] / ms['ours']:.2f} (CPU time: {cpu['diffusers'] / cpu['ours']:.2f}) | "
+                     f"{1e3 * gflop / ms['ours']:.0f} | {err['ours']:.1e} | 0 | {scale:.2f} |")
+        off = "ours, routes off"
+        lines.append(f"| {name} | fp32, our routes off | {ms['diffusers']:.0f} | {ms[off]:.0f} | "
+                     f"{ms['diffusers'] / ms[off]:.2f} (CPU time: {cpu['diffusers'] / cpu[off]:.2f}) | "
+                     f"{1e3 * gflop / ms[off]:.0f} | {err[off]:.1e} | 0 | {scale:.2f} |")
         lines.append(f"| {name} | bf16 | {ms['diffusers bf16']:.0f} | {ms['ours bf16']:.0f} | "
                      f"{ms['diffusers bf16'] / ms['ours bf16']:.2f} (vs diffusers fp32: "
                      f"{ms['diffusers'] / ms['ours bf16']:.2f}) | {1e3 * gflop / ms['ours bf16']:.0f} | "
