@@ -20,26 +20,37 @@ kernels/linear.py); torch.bmm otherwise.
 
 Why: torch's CPU convolution (oneDNN) runs a direct 3x3 convolution near the machine's rate, so the only way to a
 faster one is fewer operations. On the 2-core AMD EPYC (Zen 4) this project is measured on, 1 thread, fp32,
-channels-last input, CPU time (benchmarks/RESULTS.md "UNet step (CPU)"):
+channels-last input, best of 5 by CPU time, load ~2 (benchmarks/RESULTS.md "UNet step (CPU)"):
 
-    (B, C -> K, H x W)                   oneDNN    Winograd
-    (2, 256 -> 256, 128 x 8)            21-24 ms   17-19 ms    the UNet's 256-channel level
-    (2, 384 -> 384, 64 x 4)             13-17 ms    8-11 ms
-    (2, 640 -> 640, 32 x 2)             16-24 ms    7-10 ms    oneDNN is slow at this small image
-    (2, 640 -> 256, 128 x 8)            52-62 ms   35-41 ms
-    (1, 512 -> 512, 256 x 16)          175-194 ms 119-161 ms   the VAE decoder's 512-channel stage (chunked)
-    (1, 256 -> 256, 512 x 32)          170-193 ms 137-150 ms   (chunked; 160-240 ms without chunks)
-    (2, 128 -> 128, 256 x 16)           21-23 ms   24-43 ms    slower: the transforms' memory traffic dominates
-    (1, 128 -> 128, 1024 x 64)         172-206 ms 205-250 ms   slower
+    (B, C -> K, H x W)                 oneDNN   Winograd
+    (2, 256 -> 256, 128 x 8)           23 ms     18 ms    1.32x  the UNet's 256-channel level
+    (2, 384 -> 384, 64 x 4)            14 ms      9 ms    1.59x
+    (2, 640 -> 640, 32 x 2)            17 ms      8 ms    2.32x  oneDNN is slow at this small image
+    (2, 640 -> 256, 128 x 8)           56 ms     37 ms    1.51x
+    (1, 512 -> 512, 256 x 16)         185 ms    114 ms    1.61x  the VAE decoder's 512-channel stage (in bands)
+    (1, 256 -> 256, 512 x 32)         177 ms    120 ms    1.48x  (in bands; 0.7-1.1x as one block)
+    (2, 128 -> 128, 256 x 16)          23 ms     26 ms    0.91x  (0.9-1.07x over several runs and band sizes)
+    (1, 128 -> 128, 1024 x 64)        196 ms    171 ms    1.15x  (in bands; one run, not taken: see below)
 
 The transforms move 4x the input and 4x the output through memory, which the GEMMs' savings pay for only when
-both channel counts are large: the route is taken for `MIN_CHANNELS` (256) or more in and out. Images of more
-than 2 * `TILES` tiles are done in bands of about `TILES` tiles per batch item, so that the transformed tiles of
-a band stay in the cache (their memory traffic otherwise made the large VAE images slower than oneDNN).
+both channel counts are large: the route is taken for `MIN_CHANNELS` (256) or more in and out (128 channels
+gained 0.9-1.15x, within the noise of this shared machine, and a VAE decode with them on was not faster). Images
+of more than 2 * `TILES` tiles are done in bands of about `TILES` tiles per batch item, so that the transformed
+tiles of a band stay in the cache (their memory traffic otherwise made the large VAE images slower than oneDNN).
+
+End to end (same machine, official configs, random weights, a 10.24 s latent; benchmarks/unet.py and
+benchmarks/ldm_parts.py; the UNet figures include `unet.Linear`'s oneDNN matmuls, switched together):
+
+    UNet step, batch 2, 1 thread:    MusicLDM 2797 -> 2363 ms, AudioLDM 2 4711 -> 4110 ms (load ~1)
+    UNet step, batch 2, 2 threads:   MusicLDM 1627 -> 1489 ms, AudioLDM 2 3140 -> 2696 ms (load 1.0-1.6)
+    VAE decode, 1 thread:            6.71 -> 5.65 s;  2 threads: 3.54 -> 3.47 s wall, 6.67 -> 6.11 s CPU time
+
+and the UNet's output moved by less than 1e-6 against diffusers' (max abs 6e-6 either way, outputs ~2.5).
 
 Accuracy: the fp32 error of one convolution is as small as oneDNN's own (against an fp64 convolution: 2e-6 for
-Winograd, 1e-5 for oneDNN, outputs of magnitude ~7); F(4x4, 3x3), with 4x fewer products, has larger constants
-in its transforms and errors ~10x larger, and was not taken.
+Winograd, 1e-5 for oneDNN, outputs of magnitude ~7). F(4x4, 3x3) (2.25x fewer products again) is not tried yet: its
+transforms' larger constants (+-2, +-4, 1/24) raise the fp32 error (the models' parity budget is 1e-4 end to
+end), though it would move less data per output (36 transformed values per 16 outputs, against 16 per 4).
 
 Which path a call takes (`uses_winograd`) depends on the call's shapes and on one per-process choice (`route()`),
 never on a timing:
