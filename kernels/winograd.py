@@ -39,7 +39,7 @@ of more than 2 * `TILES` tiles are done in bands of about `TILES` tiles per batc
 tiles of a band stay in the cache (their memory traffic otherwise made the large VAE images slower than oneDNN).
 
 End to end (same machine, official configs, random weights, a 10.24 s latent; benchmarks/unet.py and
-benchmarks/ldm_parts.py; the UNet figures include `unet.Linear`'s oneDNN matmuls, switched together):
+benchmarks/ldm_parts.py; the UNet figures include `unet.dense`'s oneDNN matmuls, switched together):
 
     UNet step, batch 2, 1 thread:    MusicLDM 2797 -> 2363 ms, AudioLDM 2 4711 -> 4110 ms (load ~1)
     UNet step, batch 2, 2 threads:   MusicLDM 1627 -> 1489 ms, AudioLDM 2 3140 -> 2696 ms (load 1.0-1.6)

@@ -47,7 +47,7 @@ from musiclm_core.vae import upsample_conv, upsample_conv_weights
 
 KIND = "unet"  # the model name in a native checkpoint's config.json
 MASK_BIAS = -10000.0  # what a masked context token adds to the attention scores (diffusers' UNet forward)
-# `Linear`'s oneDNN route: on where torch has oneDNN, unless MUSICLM_UNET_LINEAR=torch (measuring, debugging).
+# `dense`'s oneDNN route: on where torch has oneDNN, unless MUSICLM_UNET_LINEAR=torch (measuring, debugging).
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and os.environ.get("MUSICLM_UNET_LINEAR") != "torch"
 
 
@@ -176,23 +176,22 @@ class ResBlock(nn.Module):
         return (x if self.skip is None else self.skip(x)) + h
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose CPU fp32 calls without gradients on 16 rows or more run oneDNN's matmul
-    (torch.ops.mkldnn._linear_pointwise, the op torch's compiler emits for frozen CPU linears) instead of MKL's.
+def dense(layer: nn.Module, x: Tensor) -> Tensor:
+    """layer(x) for the transformers' linears, through oneDNN's matmul (torch.ops.mkldnn._linear_pointwise, the
+    op torch's compiler emits for frozen CPU linears) instead of MKL's when `layer` is a plain nn.Linear and the
+    call is a CPU fp32 one without gradients on 16 rows or more; any other layer (a LoRA adapter) or call: layer(x).
 
     Why: MKL picks its fp32 GEMM kernels by CPU vendor (kernels/linear.py), and on the AMD EPYC measured it ran
     the transformers' matmuls at 64-90 GFLOPS on one core where oneDNN reached 88-101 (1.05-1.45x; the GEGLU's
     (2048, 256) x (256, 2048) and the 640-channel (128, 640) x (640, 5120) gained most). Same weights, the sums in
-    another order (~1e-6 relative). Fewer rows (the embedding projections: one row per batch item) stay on
-    F.linear, as do CUDA, other dtypes, training, and torch builds without oneDNN.
+    another order (~1e-6 relative). The layers stay nn.Linear, so LoRA (train/lora.py) and the key tables see
+    the usual modules.
     """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and x.numel() >= 16 * self.in_features
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
+    if (ONEDNN_LINEAR and type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32
+            and layer.weight.dtype == torch.float32 and x.numel() >= 16 * layer.in_features
+            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    return layer(x)
 
 
 class Attention(nn.Module):
@@ -205,24 +204,24 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.context_dim = context_dim
         if context_dim is None:
-            self.qkv = Linear(dim, 3 * dim, bias=False)
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         else:
-            self.q = Linear(dim, dim, bias=False)
-            self.kv = Linear(context_dim, 2 * dim, bias=False)
-        self.out = Linear(dim, dim)
+            self.q = nn.Linear(dim, dim, bias=False)
+            self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """x (B, N, C); context (B, L, D) for a cross-attention; bias (B, 1, 1, L) additive -> (B, N, C)."""
         B, N, C = x.shape
         H = self.num_heads
         if self.context_dim is None:
-            q, k, v = self.qkv(x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D)
+            q, k, v = dense(self.qkv, x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D)
         else:
             L = context.shape[1]
-            q = self.q(x).view(B, N, H, C // H).transpose(1, 2)  # (B, H, N, D)
-            k, v = self.kv(context).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, D)
+            q = dense(self.q, x).view(B, N, H, C // H).transpose(1, 2)  # (B, H, N, D)
+            k, v = dense(self.kv, context).view(B, L, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, D)
         out = attention(q, k, v, bias=bias)  # (B, H, N, D)
-        return self.out(out.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+        return dense(self.out, out.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
 
 
 class TransformerBlock(nn.Module):
@@ -239,14 +238,14 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(dim, num_heads, context_dim)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
-        self.ff_in = Linear(dim, 8 * dim)  # value and gate in one matmul
-        self.ff_out = Linear(4 * dim, dim)
+        self.ff_in = nn.Linear(dim, 8 * dim)  # value and gate in one matmul
+        self.ff_out = nn.Linear(4 * dim, dim)
 
     def forward(self, x: Tensor, context: Tensor | None, bias: Tensor | None) -> Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context, bias)
-        value, gate = self.ff_in(self.norm3(x)).chunk(2, dim=-1)  # 2 x (B, N, 4C)
-        return x + self.ff_out(value * F.gelu(gate))
+        value, gate = dense(self.ff_in, self.norm3(x)).chunk(2, dim=-1)  # 2 x (B, N, 4C)
+        return x + dense(self.ff_out, value * F.gelu(gate))
 
 
 class Transformer(nn.Module):
@@ -260,18 +259,18 @@ class Transformer(nn.Module):
     def __init__(self, config: UNetConfig, dim: int, context_dim: int | None):
         super().__init__()
         self.norm = nn.GroupNorm(config.norm_groups, dim, eps=1e-6)
-        self.proj_in = Linear(dim, dim)
+        self.proj_in = nn.Linear(dim, dim)
         self.blocks = nn.ModuleList(TransformerBlock(dim, config.num_heads, context_dim)
                                     for _ in range(config.transformer_depth))
-        self.proj_out = Linear(dim, dim)
+        self.proj_out = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor | None, bias: Tensor | None) -> Tensor:
         B, C, T, Fq = x.shape
         # (B, C, T, F) -> (B, T, F, C) -> (B, N, C): no copy when x is channels-last
-        h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, T * Fq, C))
+        h = dense(self.proj_in, self.norm(x).permute(0, 2, 3, 1).reshape(B, T * Fq, C))
         for block in self.blocks:
             h = block(h, context, bias)
-        h = self.proj_out(h).view(B, T, Fq, C).permute(0, 3, 1, 2)  # (B, C, T, F), channels-last strides
+        h = dense(self.proj_out, h).view(B, T, Fq, C).permute(0, 3, 1, 2)  # (B, C, T, F), channels-last strides
         return x + h
 
 

@@ -205,13 +205,27 @@ def test_unet_fast_routes_match_plain(route, monkeypatch):
     assert (fast - plain).abs().max().item() <= 1e-5
 
 
-def test_unet_linear_route_matches_f_linear(monkeypatch):
-    """unet.Linear (oneDNN's matmul on 16+ rows) against F.linear, with and without a bias, 3-D input."""
+def test_unet_dense_matches_f_linear(monkeypatch):
+    """unet.dense (oneDNN's matmul on 16+ rows) against F.linear, with and without a bias, 3-D input; a layer that
+    is not a plain nn.Linear (a LoRA adapter) is called as it is."""
     import musiclm_core.unet as unet_module
 
     monkeypatch.setattr(unet_module, "ONEDNN_LINEAR", True)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 17, 48)
     for bias in (True, False):
-        layer = unet_module.Linear(48, 40, bias=bias)
-        x = torch.randn(2, 17, 48)
+        layer = torch.nn.Linear(48, 40, bias=bias)
         with torch.no_grad():
-            close(layer(x), F.linear(x, layer.weight, layer.bias))
+            close(unet_module.dense(layer, x), F.linear(x, layer.weight, layer.bias))
+    assert len(calls) == 2
+
+    class Adapter(torch.nn.Linear):
+        def forward(self, h):
+            return super().forward(h) + 1.0
+
+    adapter = Adapter(48, 40)
+    with torch.no_grad():
+        close(unet_module.dense(adapter, x), F.linear(x, adapter.weight, adapter.bias) + 1.0)
+    assert len(calls) == 2
