@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from musiclm_core.kernels.switch import env_route
 
 ROUTES = ("auto", "direct", "fft")
 ENV = "MUSICLM_CONV1D"
@@ -110,10 +111,7 @@ def choose_route(channels: int, kernel: int) -> str:
 @functools.cache
 def route() -> str:
     """MUSICLM_CONV1D if set ("auto", "direct", "fft"), else "auto" (read once per process)."""
-    choice = os.environ.get(ENV, "auto")
-    if choice not in ROUTES:
-        raise ValueError(f"{ENV}={choice!r}: expected one of {', '.join(ROUTES)}")
-    return choice
+    return env_route(ENV, ROUTES) or "auto"
 
 
 def conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1) -> Tensor:

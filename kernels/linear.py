@@ -31,13 +31,14 @@ calls it. The layer's `state_dict` writes the original (N, K) `weight`, so check
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from musiclm_core.kernels.switch import env_route
 
 ROUTES = ("linear", "blocked")
 ENV = "MUSICLM_LINEAR"
@@ -97,12 +98,7 @@ def choose_route(info: CpuInfo, *, mkl: bool) -> str:
 @functools.cache
 def route() -> str:
     """This process's route: MUSICLM_LINEAR if set, else `choose_route` for this CPU (decided once)."""
-    choice = os.environ.get(ENV)
-    if choice is not None:
-        if choice not in ROUTES:
-            raise ValueError(f"{ENV}={choice!r}: expected {' or '.join(ROUTES)}")
-        return choice
-    return choose_route(cpu_info(), mkl=torch.backends.mkl.is_available())
+    return env_route(ENV, ROUTES) or choose_route(cpu_info(), mkl=torch.backends.mkl.is_available())
 
 
 # ---------------------------------------------------------------------------------------------------------------

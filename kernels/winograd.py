@@ -67,11 +67,12 @@ forward dispatches (same parameters and state_dict keys), caching the transforme
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from musiclm_core.kernels.switch import env_route
 
 ROUTES = ("conv", "winograd")
 ENV = "MUSICLM_CONV3X3"
@@ -89,12 +90,7 @@ AT = ((1, 1, 1, 0), (0, 1, -1, -1))                               # (2, 4) outpu
 @functools.cache
 def route() -> str:
     """This process's route: MUSICLM_CONV3X3 if set, else "winograd" (decided once)."""
-    choice = os.environ.get(ENV)
-    if choice is not None:
-        if choice not in ROUTES:
-            raise ValueError(f"{ENV}={choice!r}: expected {' or '.join(ROUTES)}")
-        return choice
-    return "winograd"
+    return env_route(ENV, ROUTES) or "winograd"
 
 
 def eligible(x: Tensor, weight: Tensor, *, stride=1, padding=1, dilation=1, groups: int = 1,

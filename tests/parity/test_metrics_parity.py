@@ -33,33 +33,24 @@ import torch
 from musiclm_core import metrics
 from musiclm_core.metrics import ChromaCosineSimilarity, EmbeddingStats, melody_chroma
 
+from stubs import Stub
+
 SR = 32000
 
 
-class _Stub(types.ModuleType):
-    """A stand-in for a module a reference imports at module level but never uses on the tested path: anything
-    taken from it fails when used, so the stub cannot change what the test computes."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def unusable(*args, **kwargs):
-            raise RuntimeError(f"the test's stub of {self.__name__}.{name} was used")
-        return unusable
 
 
 def _stub(name, **attrs):
     top = name.split(".")[0]
-    if not isinstance(sys.modules.get(top), _Stub) and importlib.util.find_spec(top) is not None:
+    if not isinstance(sys.modules.get(top), Stub) and importlib.util.find_spec(top) is not None:
         return None  # the real package is installed: use it
-    module = _Stub(name)
+    module = Stub(name)
     module.__dict__.update(attrs)
     module.__path__ = []
     module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
     sys.modules.setdefault(name, module)
     parent, _, child = name.rpartition(".")
-    if parent and isinstance(sys.modules.get(parent), _Stub):
+    if parent and isinstance(sys.modules.get(parent), Stub):
         setattr(sys.modules[parent], child, sys.modules[name])
     return sys.modules[name]
 

@@ -44,6 +44,7 @@ from musiclm_core import generate as G  # noqa: E402
 from musiclm_core.musicgen import MusicGenLM  # noqa: E402
 
 from fixtures import train_spm  # noqa: E402
+from stubs import Stub  # noqa: E402
 
 LOGIT_TOL = 1e-4
 # Code embeddings larger than the sinusoids (norm ~ sqrt(dim / 2)): with the 0.2 of the other weights the random
@@ -51,21 +52,10 @@ LOGIT_TOL = 1e-4
 EMB_STD = 2.0
 
 
-class _Stub(types.ModuleType):
-    """A stand-in for a module audiocraft imports at module level but never uses on the LM's path: anything
-    taken from it fails when used, so the stub cannot change what the test computes."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def unusable(*args, **kwargs):
-            raise RuntimeError(f"the test's stub of {self.__name__}.{name} was used")
-        return unusable
 
 
 def _stub(name, **attrs):
-    module = _Stub(name)
+    module = Stub(name)
     module.__dict__.update(attrs)
     module.__path__ = []  # a package without submodules: `import name.sub` fails with ImportError
     module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
@@ -92,9 +82,9 @@ def _import_audiocraft():
     for name in ("spacy", "av", "librosa", "flashy"):
         if importlib.util.find_spec(name) is None:
             _stub(name)
-    if isinstance(sys.modules.get("librosa"), _Stub):
+    if isinstance(sys.modules.get("librosa"), Stub):
         sys.modules["librosa"].filters = _stub("librosa.filters")
-    if isinstance(sys.modules.get("flashy"), _Stub):
+    if isinstance(sys.modules.get("flashy"), Stub):
         sys.modules["flashy"].distrib = _stub("flashy.distrib")
     root = os.path.dirname(importlib.util.find_spec("audiocraft").origin)
     for package in ("audiocraft", "audiocraft.models"):
