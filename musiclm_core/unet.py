@@ -42,13 +42,15 @@ from torch import Tensor, nn
 
 from musiclm_core import hub
 from musiclm_core.kernels import attention
+from musiclm_core.kernels.switch import env_route
 from musiclm_core.kernels.winograd import WinogradConv2d
 from musiclm_core.vae import upsample_conv, upsample_conv_weights
 
 KIND = "unet"  # the model name in a native checkpoint's config.json
 MASK_BIAS = -10000.0  # what a masked context token adds to the attention scores (diffusers' UNet forward)
 # `dense`'s oneDNN route: on where torch has oneDNN, unless MUSICLM_UNET_LINEAR=torch (measuring, debugging).
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and os.environ.get("MUSICLM_UNET_LINEAR") != "torch"
+ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
+                 and env_route("MUSICLM_UNET_LINEAR", ("onednn", "torch")) != "torch")
 
 
 @dataclass
