@@ -221,20 +221,24 @@ def test_relaid_musicgen_lm(tmp_path):
     assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
 
 
+@pytest.mark.parametrize("melody", [False, True], ids=["musicgen", "melody"])
 @pytest.mark.parametrize("route", L.ROUTES)
-def test_native_lm_is_read_not_mapped_on_the_blocked_route(tmp_path, monkeypatch, route):
+def test_native_lm_is_read_not_mapped_on_the_blocked_route(tmp_path, monkeypatch, route, melody):
     """relayout copies the LM's fp32 weights into blocks: mapped, the file's pages would stay resident next to the
-    copy (one mapping backs every tensor of the file), so the blocked route reads the native file instead."""
+    copy (one mapping backs every tensor of the file), so the blocked route reads the native file instead. The
+    Melody LM gets the same layout when loaded on its own."""
     from musiclm_core import hub
+    from musiclm_core import melody as M
 
-    MusicGenLM(PRESETS["tiny"]).save_pretrained(tmp_path / "lm")
+    cls, config = (M.MusicGenMelodyLM, M.PRESETS["tiny"]) if melody else (MusicGenLM, PRESETS["tiny"])
+    cls(config).save_pretrained(tmp_path / "lm")
     seen = []
     load_tensors = hub.load_tensors
     monkeypatch.setattr(hub, "load_tensors", lambda path, **kw: seen.append(kw.get("mmap")) or load_tensors(path, **kw))
     monkeypatch.setenv(L.ENV, route)
     L.route.cache_clear()
     try:
-        lm = MusicGenLM.from_pretrained(tmp_path / "lm")
+        lm = cls.from_pretrained(tmp_path / "lm")
     finally:
         monkeypatch.delenv(L.ENV)
         L.route.cache_clear()
