@@ -46,16 +46,8 @@ OFFICIAL = {
 REFERENCE = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "dpm": DPMSolverMultistepScheduler,
              "euler": EulerDiscreteScheduler, "lms": LMSDiscreteScheduler}
 ALPHAS_CUMPROD = DDIMScheduler.from_config(OFFICIAL).alphas_cumprod.double()
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' np.array(tensor) on numpy 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors of a few hundred numbers: a second thread only adds synchronisation (seconds on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # diffusers' np.array(tensor) on numpy 2
+              pytest.mark.usefixtures("one_thread")]
 
 
 def fake_unet(x: torch.Tensor, t, prediction_type: str, shift: float = 0.0) -> torch.Tensor:

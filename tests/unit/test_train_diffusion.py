@@ -17,12 +17,7 @@ MEL = MEL_PRESETS["tiny"]  # 8 kHz, hop 40, 16 bins: what the tiny VAE takes
 SCHEDULE = dict(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear")  # the checkpoints'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()  # tiny models: a second thread only waits (see test_train_musicgen.py)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, a second thread only waits
 
 
 def tiny_clips(n=4, seed=0):

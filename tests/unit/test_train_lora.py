@@ -10,12 +10,7 @@ from musiclm_core.train import lora
 from musiclm_core.unet import UNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()  # tiny models: a second thread only waits (see test_train_musicgen.py)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, a second thread only waits
 
 
 def lm_and_input():

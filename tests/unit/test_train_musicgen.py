@@ -28,14 +28,7 @@ def write_clips(folder, n=4, seconds=1.0, sidecar=True):
     return folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny models' matmuls are too small to split: a second thread only waits, and on a loaded machine
-    # the waiting made the loop tests 6x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, a second thread only waits
 
 
 @pytest.fixture(scope="module")
