@@ -124,14 +124,19 @@ def _audiocraft_pairs(metric, pairs):
 
 
 def test_melody_chroma_equals_audiocraft_extractor_past_30_s():
-    extractor = _chroma_extractor_class()(sample_rate=SR, n_chroma=12, radix2_exp=14, argmax=True)
+    # argmax=False: the normalised chroma, so that near-ties can be told apart (its argmax is the reference's)
+    extractor = _chroma_extractor_class()(sample_rate=SR, n_chroma=12, radix2_exp=14, argmax=False)
     # 5 s; exactly 30 s; 30 s + a piece shorter than a window; 70 s; under one window (zero-padded to 5 frames)
     for n in (5 * SR, 960_000, 960_000 + 13_924, 70 * SR + 123, 1000):
         x = _noise(n / SR, n)  # white noise: the closest to a 12-way tie
         ours = melody_chroma(x, SR)
-        theirs = extractor(x[None])[0]  # (T, 12)
+        theirs = extractor(x[None])[0]  # (T, 12), each frame's largest class 1
         assert ours.shape == theirs.shape, n
-        assert torch.equal(ours.argmax(-1), theirs.argmax(-1)), n
+        # Two computation paths: a frame whose two largest classes are within float32 round-off of each other may
+        # pick either on another CPU (measured here: identical on every frame).
+        top2 = theirs.topk(2, dim=-1).values  # (T, 2)
+        near_tie = top2[:, 0] - top2[:, 1] <= 1e-5 * top2[:, 0]
+        assert not ((ours.argmax(-1) != theirs.argmax(-1)) & ~near_tie).any(), n
         assert (ours.sum(-1) == 1).all()
 
 
