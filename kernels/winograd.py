@@ -74,17 +74,28 @@ from torch import Tensor, nn
 
 from musiclm_core.kernels.switch import env_route
 
-ROUTES = ("conv", "winograd")
+ROUTES = ("conv", "winograd", "winograd2", "winograd4")
 ENV = "MUSICLM_CONV3X3"
-MIN_CHANNELS = 256  # input and output channels from which the route is taken (measured: 256 gains, 128 loses)
-TILES = 1024  # tiles per band for large images: (16, 1024, C) transformed tiles, 4 MB per 64 channels in fp32
+# Input and output channels from which each tile size is taken (measured: F(2x2) gains from 256, F(4x4) from 128).
+MIN_CHANNELS = {2: 256, 4: 128}
+# Tiles per band for large images: the transformed tiles of a band, (16, 1024, C) or (36, 512, C), stay in the
+# L3 cache (4.5-9 MB per 128 channels in fp32).
+TILES = {2: 1024, 4: 512}
 
-ONEDNN = torch.backends.mkldnn.is_available()  # the 16 GEMMs as oneDNN matmuls (module docstring)
+ONEDNN = torch.backends.mkldnn.is_available()  # the GEMMs as oneDNN matmuls (module docstring)
 
-# The F(2x2, 3x3) matrices (Lavin & Gray, section 4.1), interpolation points 0, 1, -1.
+# The F(2x2, 3x3) matrices (Lavin & Gray, section 4.1), interpolation points 0, 1, -1 (and infinity).
 BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))  # (4, 4) input transform B^T
 G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))    # (4, 3) weight transform
 AT = ((1, 1, 1, 0), (0, 1, -1, -1))                               # (2, 4) output transform A^T
+
+# The F(4x4, 3x3) matrices (Lavin & Gray, section 4.2), interpolation points 0, 1, -1, 2, -2 (and infinity).
+# `_bt6` and `_at6` apply BT4 and AT4 with their common terms shared; the tests hold them to these tables.
+BT4 = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0),
+       (0, 4, 0, -5, 0, 1))                                                         # (6, 6)
+G4 = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+      (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))                                          # (6, 3)
+AT4 = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))  # (4, 6)
 
 
 @functools.cache
@@ -95,18 +106,36 @@ def route() -> str:
 
 def eligible(x: Tensor, weight: Tensor, *, stride=1, padding=1, dilation=1, groups: int = 1,
              padding_mode: str = "zeros") -> bool:
-    """Whether conv2d(x, weight, ...) is a call `conv3x3` computes and is faster for (module docstring)."""
+    """Whether conv2d(x, weight, ...) is a call `conv3x3` computes: CPU fp32 without gradients, 3x3 kernel,
+    stride 1, padding 1, dilation 1, one group, zero padding (channel counts are `tile`'s business)."""
     K, C, kh, kw = weight.shape
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and x.dim() == 4 and (kh, kw) == (3, 3) and groups == 1 and padding_mode == "zeros"
-            and _pair(stride) == (1, 1) and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1)
-            and min(C, K) >= MIN_CHANNELS)
+            and _pair(stride) == (1, 1) and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1))
+
+
+def tile(x: Tensor, weight: Tensor, **conv_args) -> int:
+    """The output tile the call takes: 4 (F(4x4, 3x3)), 2 (F(2x2, 3x3)) or 0 (F.conv2d), from the route, the
+    call's shapes and `eligible` (module docstring)."""
+    r = route()
+    if r == "conv" or not eligible(x, weight, **conv_args):
+        return 0
+    channels = min(weight.shape[:2])
+    if r in ("winograd2", "winograd4"):
+        m = int(r[-1])
+        return m if channels >= MIN_CHANNELS[m] else 0
+    H, W = x.shape[-2:]
+    # F(4x4) unless its tiles, cut off at the image's edge, need more products than F(2x2)'s (small images)
+    four = 36 * -(-H // 4) * -(-W // 4) <= 16 * -(-H // 2) * -(-W // 2)
+    if four and channels >= MIN_CHANNELS[4]:
+        return 4
+    return 2 if channels >= MIN_CHANNELS[2] else 0
 
 
 def uses_winograd(x: Tensor, weight: Tensor, **conv_args) -> bool:
-    """The path a call takes: Winograd when the route is "winograd" and the call is `eligible`."""
-    return route() == "winograd" and eligible(x, weight, **conv_args)
+    """Whether the call takes a Winograd route (`tile` > 0)."""
+    return tile(x, weight, **conv_args) > 0
 
 
 def _pair(v) -> tuple[int, int]:
@@ -117,46 +146,62 @@ def _pair(v) -> tuple[int, int]:
 # The kernel
 
 
-def winograd_weight(weight: Tensor) -> Tensor:
-    """(K, C, 3, 3) -> U (16, K, C) = G g G^T for every channel pair, the 16 positions (a, b) row-major (each
-    U[ab] a (K, C) matrix, laid out as a linear layer's weight). Computed in float64, rounded once to the
-    weight's dtype."""
-    g = torch.tensor(G, dtype=torch.float64, device=weight.device)
-    U = torch.einsum("ar,kcrs,bs->abkc", g, weight.detach().double(), g)  # (4, 4, K, C)
+def winograd_weight(weight: Tensor, m: int = 2) -> Tensor:
+    """(K, C, 3, 3) -> U (n * n, K, C) = G g G^T for every channel pair, n = m + 2 (16 positions for F(2x2, 3x3),
+    36 for F(4x4, 3x3)), the positions (a, b) row-major (each U[ab] a (K, C) matrix, laid out as a linear
+    layer's weight). Computed in float64, rounded once to the weight's dtype."""
+    if m not in (2, 4):
+        raise ValueError(f"winograd_weight: output tile {m}, expected 2 or 4")
+    g = torch.tensor(G if m == 2 else G4, dtype=torch.float64, device=weight.device)
+    U = torch.einsum("ar,kcrs,bs->abkc", g, weight.detach().double(), g)  # (n, n, K, C)
     K, C = weight.shape[:2]
-    return U.reshape(16, K, C).to(weight.dtype).contiguous()
+    return U.reshape((m + 2) ** 2, K, C).to(weight.dtype).contiguous()
 
 
-def conv3x3(x: Tensor, U: Tensor, bias: Tensor | None = None, *, tiles: int = TILES) -> Tensor:
-    """F.conv2d(x, weight, bias, padding=1) for x (B, C, H, W) with U = winograd_weight(weight) (16, K, C)
-    -> (B, K, H, W) with channels-last strides. Any H, W >= 1 (odd sizes: the last tile row / column is cut)."""
+def conv3x3(x: Tensor, U: Tensor, bias: Tensor | None = None, *, tiles: int | None = None) -> Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for x (B, C, H, W) with U = winograd_weight(weight, m), (16, K, C) for
+    F(2x2, 3x3) or (36, K, C) for F(4x4, 3x3) -> (B, K, H, W) with channels-last strides. Any H, W >= 1 (sizes
+    that are not a multiple of the tile: the last tile row / column is cut). `tiles`: band size (default TILES)."""
     B, C, H, W = x.shape
-    if U.dim() != 3 or U.shape[0] != 16 or U.shape[2] != C:
-        raise ValueError(f"conv3x3: input of {C} channels for transformed weight {tuple(U.shape)} (16, K, C)")
+    if U.dim() != 3 or U.shape[0] not in (16, 36) or U.shape[2] != C:
+        raise ValueError(f"conv3x3: input of {C} channels for transformed weight {tuple(U.shape)} "
+                         "(16 or 36, K, C)")
+    m = 2 if U.shape[0] == 16 else 4
+    tiles = TILES[m] if tiles is None else tiles
     K = U.shape[1]
-    nH, nW = (H + 1) // 2, (W + 1) // 2  # tiles down and across: 2x2 outputs each
-    # Zero padding of 1 on every side (the conv's own), and one more row / column when H / W are odd.
-    padded = x.new_zeros(B, 2 * nH + 2, 2 * nW + 2, C)  # (B, Hp, Wp, C)
+    nH, nW = -(-H // m), -(-W // m)  # tiles down and across: m x m outputs each
+    # Zero padding of 1 on every side (the conv's own), and more at the bottom / right to whole tiles.
+    padded = x.new_zeros(B, m * nH + 2, m * nW + 2, C)  # (B, Hp, Wp, C)
     padded[:, 1:H + 1, 1:W + 1] = x.permute(0, 2, 3, 1)
-    out = x.new_empty(B, nH, 2, nW, 2, K)  # (B, tile row, a, tile column, b, K): (B, 2 nH, 2 nW, K) row-major
+    out = x.new_empty(B, nH, m, nW, m, K)  # (B, tile row, a, tile column, b, K): (B, m nH, m nW, K) row-major
+    run = _tiles2 if m == 2 else _tiles4
     if B * nH * nW <= 2 * tiles:
-        _tiles(padded, U, out)
+        run(padded, U, out)
     else:
         rows = max(1, tiles // nW)  # tile rows per band
         for b in range(B):
             for i in range(0, nH, rows):
                 n = min(rows, nH - i)
-                _tiles(padded[b:b + 1, 2 * i:2 * (i + n) + 2], U, out[b:b + 1, i:i + n])
-    y = out.view(B, 2 * nH, 2 * nW, K)[:, :H, :W]  # (B, H, W, K)
-    if H % 2 or W % 2:
-        y = y.contiguous()  # the cut-off row / column would leave strides the next layers read slowly
+                run(padded[b:b + 1, m * i:m * (i + n) + 2], U, out[b:b + 1, i:i + n])
+    y = out.view(B, m * nH, m * nW, K)[:, :H, :W]  # (B, H, W, K)
+    if H % m or W % m:
+        y = y.contiguous()  # the cut-off rows / columns would leave strides the next layers read slowly
     if bias is not None:
         y += bias
     return y.permute(0, 3, 1, 2)  # (B, K, H, W), channels-last strides
 
 
-def _tiles(padded: Tensor, U: Tensor, out: Tensor) -> None:
-    """Every tile of `padded` (B, 2n + 2, 2m + 2, C) through V -> M -> A^T M A, written into out (B, n, 2, m, 2, K)."""
+def _gemms(V: Tensor, U: Tensor, shape: tuple[int, ...]) -> list[Tensor]:
+    """M[i] = V[i] @ U[i]^T for V (n, P, C), U (n, K, C): n x (P, K), each viewed as `shape`."""
+    if ONEDNN:
+        return [torch.ops.mkldnn._linear_pointwise(V[i], U[i], None, "none", [], "").view(shape)
+                for i in range(V.shape[0])]
+    return list(torch.bmm(V, U.transpose(1, 2)).view(V.shape[0], *shape))
+
+
+def _tiles2(padded: Tensor, U: Tensor, out: Tensor) -> None:
+    """F(2x2, 3x3) on every tile of `padded` (B, 2n + 2, 2m + 2, C) through V -> M -> A^T M A, written into
+    out (B, n, 2, m, 2, K)."""
     B, n, _, m, _, K = out.shape
     C = padded.shape[-1]
     # B^T d: rows 2i + r of the padded image, r = 0..3, combined per BT's rows (each (B, n, Wp, C))
@@ -170,17 +215,57 @@ def _tiles(padded: Tensor, U: Tensor, out: Tensor) -> None:
         torch.add(c[1], c[2], out=V[4 * a + 1])
         torch.sub(c[2], c[1], out=V[4 * a + 2])
         torch.sub(c[1], c[3], out=V[4 * a + 3])
-    V = V.view(16, B * n * m, C)  # (16, P, C)
-    if ONEDNN:
-        M = [torch.ops.mkldnn._linear_pointwise(V[i], U[i], None, "none", [], "").view(B, n, m, K)
-             for i in range(16)]  # 16 x (B, n, m, K), index 4a + b
-    else:
-        M = list(torch.bmm(V, U.transpose(1, 2)).view(16, B, n, m, K))
+    M = _gemms(V.view(16, B * n * m, C), U, (B, n, m, K))  # 16 x (B, n, m, K), index 4a + b
     # A^T M A: rows of A^T over a (S[0], S[1], each 4 x (B, n, m, K) over b), then over b into the four phases
     S = [[M[b] + M[4 + b] + M[8 + b] for b in range(4)], [M[4 + b] - M[8 + b] - M[12 + b] for b in range(4)]]
     for a, s in enumerate(S):
         torch.add(s[0] + s[1], s[2], out=out[:, :, a, :, 0])
         torch.sub(s[1] - s[2], s[3], out=out[:, :, a, :, 1])
+
+
+def _bt6(d: list[Tensor], out: Tensor) -> None:
+    """out[r] = sum_s BT4[r][s] d[s] for r = 0..5, d six views of one shape, out (6, *shape): 12 passes."""
+    d0, d1, d2, d3, d4, d5 = d
+    p = torch.add(d4, d2, alpha=-4)
+    q = torch.add(d3, d1, alpha=-4)
+    torch.add(p, q, out=out[1])             # -4 d1 - 4 d2 + d3 + d4
+    torch.sub(p, q, out=out[2])             #  4 d1 - 4 d2 - d3 + d4
+    u = torch.sub(d4, d2, out=p)
+    v = torch.sub(d3, d1, out=q)
+    torch.add(u, v, alpha=2, out=out[3])    # -2 d1 - d2 + 2 d3 + d4
+    torch.add(u, v, alpha=-2, out=out[4])   #  2 d1 - d2 - 2 d3 + d4
+    torch.add(u, torch.sub(d0, d2), alpha=4, out=out[0])   # 4 d0 - 5 d2 + d4
+    torch.add(torch.sub(d5, d3), v, alpha=-4, out=out[5])  # 4 d1 - 5 d3 + d5
+
+
+def _at6(M: list[Tensor], out: list[Tensor]) -> None:
+    """out[i] = sum_s AT4[i][s] M[s] for i = 0..3, M six tensors of one shape, out four tensors of it."""
+    s, d = M[1] + M[2], M[1] - M[2]
+    S, D = M[3] + M[4], M[3] - M[4]
+    torch.add(M[0] + s, S, out=out[0])
+    torch.add(d, D, alpha=2, out=out[1])
+    torch.add(s, S, alpha=4, out=out[2])
+    torch.add(d + M[5], D, alpha=8, out=out[3])
+
+
+def _tiles4(padded: Tensor, U: Tensor, out: Tensor) -> None:
+    """F(4x4, 3x3) on every tile of `padded` (B, 4n + 2, 4m + 2, C) through V -> M -> A^T M A, written into
+    out (B, n, 4, m, 4, K)."""
+    B, n, _, m, _, K = out.shape
+    C = padded.shape[-1]
+    # B^T d on rows 4i + r, r = 0..5 (each (B, n, Wp, C)), then (B^T d) B on columns 4j + s into V[6a + b]
+    T = padded.new_empty(6, B, n, padded.shape[2], C)
+    _bt6([padded[:, r:r + 4 * n:4] for r in range(6)], T)
+    V = padded.new_empty(36, B, n, m, C)
+    for a in range(6):
+        _bt6([T[a][:, :, s:s + 4 * m:4] for s in range(6)], V[6 * a:6 * a + 6])
+    M = _gemms(V.view(36, B * n * m, C), U, (B, n, m, K))  # 36 x (B, n, m, K), index 6a + b
+    # A^T M A: over b for each a (Q[a][j], j = 0..3), then over a into the 16 phases (i, j) of out
+    Q = padded.new_empty(6, 4, B, n, m, K)
+    for a in range(6):
+        _at6(M[6 * a:6 * a + 6], Q[a])
+    for j in range(4):
+        _at6([Q[a][j] for a in range(6)], [out[:, :, i, :, j] for i in range(4)])
 
 
 def conv3x3_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -193,32 +278,33 @@ def conv3x3_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
 
 
 class WinogradConv2d(nn.Conv2d):
-    """nn.Conv2d whose eligible calls (`uses_winograd`) run `conv3x3`; the others, and all calls under the route
+    """nn.Conv2d whose Winograd calls (`tile` > 0) run `conv3x3`; the others, and all calls under the route
     "conv", run nn.Conv2d's own forward. Same parameters and state_dict as nn.Conv2d.
 
-    The transformed weight (16/9 of the weight's size) is made on the first eligible call and kept until the
-    weight changes (another tensor, an in-place update, another device or dtype). It is a plain attribute, not a
-    buffer: it is never saved.
+    The transformed weight of each tile size (16/9 or 36/9 of the weight's size) is made on the first call that
+    takes it and kept until the weight changes (another tensor, an in-place update, another device or dtype). It
+    is a plain attribute, not a buffer: it is never saved.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-        self._winograd: tuple[tuple, Tensor] | None = None
+        self._winograd: dict[int, tuple[tuple, Tensor]] = {}
 
-    def winograd_weight(self) -> Tensor:
-        """U = winograd_weight(self.weight) (16, K, C), cached."""
+    def winograd_weight(self, m: int = 2) -> Tensor:
+        """U = winograd_weight(self.weight, m) ((m + 2)^2, K, C), cached."""
         w = self.weight
         # An inference tensor (made under torch.inference_mode) has no version counter, and cannot be changed
         # in place outside inference mode: its address is the key.
         version = -1 if w.is_inference() else w._version
         key = (w.data_ptr(), version, w.dtype, w.device, tuple(w.shape))
-        if self._winograd is None or self._winograd[0] != key:
-            self._winograd = (key, winograd_weight(w))
-        return self._winograd[1]
+        if m not in self._winograd or self._winograd[m][0] != key:
+            self._winograd[m] = (key, winograd_weight(w, m))
+        return self._winograd[m][1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if uses_winograd(x, self.weight, stride=self.stride, padding=self.padding, dilation=self.dilation,
-                         groups=self.groups, padding_mode=self.padding_mode):
-            return conv3x3(x, self.winograd_weight(), self.bias)
+        m = tile(x, self.weight, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                 groups=self.groups, padding_mode=self.padding_mode)
+        if m:
+            return conv3x3(x, self.winograd_weight(m), self.bias)
         return super().forward(x)
