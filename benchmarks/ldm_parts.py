@@ -2,6 +2,7 @@
 
     python benchmarks/ldm_parts.py            # print the table
     python benchmarks/ldm_parts.py --write    # and put it in benchmarks/RESULTS.md under "## LDM parts"
+    python benchmarks/ldm_parts.py --part vocoder --reps 3    # one part only (printed, never written)
 
 The official configs (specs/ldm.md §4.1, §5.1) with random weights: diffusers' `AutoencoderKL` and transformers'
 `SpeechT5HifiGan` at their own initialisation, written with save_pretrained and loaded by ours through
@@ -17,6 +18,7 @@ slowly).
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 # benchmarks/ (the script's folder is on sys.path)
-from _common import load_line, machine_lines, median_s, parse_args, report
+from _common import load_line, machine_lines, median_s, report
 
 SECONDS = 10.24
 FRAMES = 1024  # mel frames of a 10.24 s clip (hop 160 at 16 kHz)
@@ -72,21 +74,65 @@ def build_vocoder(folder: Path):
     return reference, HifiGan.from_pretrained(folder / "vocoder")
 
 
+def parse_args() -> argparse.Namespace:
+    """_common.parse_args' options (--write, --reps) and --part: one part alone is printed, never written (the
+    RESULTS.md section holds both)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--part", choices=("all", "vae", "vocoder"), default="all")
+    args = parser.parse_args()
+    if args.write and args.part != "all":
+        parser.error("--write needs --part all (the RESULTS.md section holds both parts)")
+    return args
+
+
+def vae_rows(rows: list, z, ref_vae, vae, vae_bf16, reps: int) -> None:
+    expected = ref_vae.decode(z).sample
+    scale = expected.abs().max().item()
+    err = (vae.decode(z) - expected).abs().max().item()
+    rows.append(("VAE decode, fp32", *median_s(lambda: vae.decode(z), lambda: ref_vae.decode(z), reps),
+                 err, scale, "diffusers"))
+    err = (vae_bf16.decode(z.bfloat16()).float() - expected).abs().max().item()
+    rows.append(("VAE decode, ours bf16", *median_s(lambda: vae_bf16.decode(z.bfloat16()),
+                                                    lambda: ref_vae.decode(z), reps),
+                 err, scale, "diffusers fp32"))
+    ref_vae_cl = ref_vae.to(memory_format=torch.channels_last)  # in place: the last VAE row
+    z_cl = z.contiguous(memory_format=torch.channels_last)
+    err = (ref_vae_cl.decode(z_cl).sample - expected).abs().max().item()
+    rows.append(("VAE decode, fp32 (reference channels-last)",
+                 *median_s(lambda: vae.decode(z), lambda: ref_vae_cl.decode(z_cl), reps),
+                 (vae.decode(z) - expected).abs().max().item(), scale,
+                 f"diffusers channels-last (itself {err:.1e} from NCHW)"))
+
+
+def vocoder_rows(rows: list, mel, ref_vocoder, vocoder, reps: int) -> None:
+    expected = ref_vocoder(mel)
+    err = (vocoder(mel) - expected).abs().max().item()
+    rows.append(("vocoder 1024 frames, fp32", *median_s(lambda: vocoder(mel), lambda: ref_vocoder(mel), reps),
+                 err, expected.abs().max().item(), "transformers"))
+    # One thread as well: steadier on a shared machine, and what a process that runs several jobs gets.
+    torch.set_num_threads(1)
+    rows.append(("vocoder 1024 frames, fp32, 1 thread",
+                 *median_s(lambda: vocoder(mel), lambda: ref_vocoder(mel), reps),
+                 err, expected.abs().max().item(), "transformers"))
+    torch.set_num_threads(2)
+
+
 def main() -> None:
-    args = parse_args(__doc__, reps=3)
+    args = parse_args()
 
     import diffusers
     import transformers
 
     torch.set_num_threads(2)
     folder = Path(tempfile.mkdtemp(prefix="ldm_parts_bench_"))
+    ref_vae = vae = vae_bf16 = ref_vocoder = vocoder = None
     try:
-        ref_vae, vae, vae_bf16 = build_vae(folder)
-        try:
+        if args.part in ("all", "vae"):
+            ref_vae, vae, vae_bf16 = build_vae(folder)
+        if args.part in ("all", "vocoder"):
             ref_vocoder, vocoder = build_vocoder(folder)
-        except ImportError as err:  # musiclm_core.hifigan not there yet: time the VAE alone
-            print(f"vocoder skipped: {err}")
-            ref_vocoder = vocoder = None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -95,34 +141,10 @@ def main() -> None:
     header = machine_lines()  # with the load average before the runs
     rows = []  # (what, ours s, reference s, max abs diff, reference output max abs)
     with torch.inference_mode():
-        expected = ref_vae.decode(z).sample
-        scale = expected.abs().max().item()
-        err = (vae.decode(z) - expected).abs().max().item()
-        rows.append(("VAE decode, fp32", *median_s(lambda: vae.decode(z), lambda: ref_vae.decode(z), args.reps),
-                     err, scale, "diffusers"))
-        err = (vae_bf16.decode(z.bfloat16()).float() - expected).abs().max().item()
-        rows.append(("VAE decode, ours bf16", *median_s(lambda: vae_bf16.decode(z.bfloat16()),
-                                                        lambda: ref_vae.decode(z), args.reps),
-                     err, scale, "diffusers fp32"))
-        ref_vae_cl = ref_vae.to(memory_format=torch.channels_last)  # in place: the last VAE row
-        z_cl = z.contiguous(memory_format=torch.channels_last)
-        err = (ref_vae_cl.decode(z_cl).sample - expected).abs().max().item()
-        rows.append(("VAE decode, fp32 (reference channels-last)",
-                     *median_s(lambda: vae.decode(z), lambda: ref_vae_cl.decode(z_cl), args.reps),
-                     (vae.decode(z) - expected).abs().max().item(), scale,
-                     f"diffusers channels-last (itself {err:.1e} from NCHW)"))
+        if vae is not None:
+            vae_rows(rows, z, ref_vae, vae, vae_bf16, args.reps)
         if vocoder is not None:
-            expected = ref_vocoder(mel)
-            err = (vocoder(mel) - expected).abs().max().item()
-            rows.append(("vocoder 1024 frames, fp32", *median_s(lambda: vocoder(mel), lambda: ref_vocoder(mel),
-                                                                 args.reps),
-                         err, expected.abs().max().item(), "transformers"))
-            # One thread as well: steadier on a shared machine, and what a process that runs several jobs gets.
-            torch.set_num_threads(1)
-            rows.append(("vocoder 1024 frames, fp32, 1 thread",
-                         *median_s(lambda: vocoder(mel), lambda: ref_vocoder(mel), args.reps),
-                         err, expected.abs().max().item(), "transformers"))
-            torch.set_num_threads(2)
+            vocoder_rows(rows, mel, ref_vocoder, vocoder, args.reps)
 
     lines = [
         *header,
@@ -132,7 +154,7 @@ def main() -> None:
         f"SpeechT5HifiGan configs, random weights, fp32 unless the row says otherwise; {SECONDS} s clip: latents "
         f"(1, 8, 256, 16) -> mel (1, 1, 1024, 64) -> 163 872 samples. Median of {args.reps} runs after a warm-up, "
         f"ours and the reference alternated (a shared machine: absolute times move with the load, the ratio less "
-        f"so). `python benchmarks/ldm_parts.py --write`.",
+        f"so). `python benchmarks/ldm_parts.py --part {args.part} --reps {args.reps}`.",
         "",
         "| what | reference | ours (ms) | reference (ms) | speed-up (reference / ours) | max abs diff "
         "| reference output max abs |",
