@@ -48,9 +48,15 @@ from musiclm_core.vae import upsample_conv, upsample_conv_weights
 
 KIND = "unet"  # the model name in a native checkpoint's config.json
 MASK_BIAS = -10000.0  # what a masked context token adds to the attention scores (diffusers' UNet forward)
-# `dense`'s oneDNN route: on where torch has oneDNN, unless MUSICLM_UNET_LINEAR=torch (measuring, debugging).
+# The oneDNN route of `dense`, `geglu` and `pointwise_conv`: on where torch has oneDNN, unless
+# MUSICLM_UNET_LINEAR=torch (measuring, debugging).
 ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
                  and env_route("MUSICLM_UNET_LINEAR", ("onednn", "torch")) != "torch")
+# How `UpsampleConv` computes an exact x2 upsampling + 3x3 conv on the CPU without gradients (its docstring):
+# "gemm" (default) as four matmuls, one per output phase, for MIN_GEMM_UPSAMPLE channels or more, the folded 2x2
+# convolution below that; "conv" the folded convolution always. MUSICLM_UNET_UPSAMPLE=gemm|conv overrides.
+UPSAMPLE_ROUTE = env_route("MUSICLM_UNET_UPSAMPLE", ("gemm", "conv")) or "gemm"
+MIN_GEMM_UPSAMPLE = 384
 
 
 @dataclass
@@ -172,10 +178,12 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
         """x (B, C_in, T, F), emb_act = SiLU(emb) (B, E) -> (B, C_out, T, F)."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(emb_act)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.skip is None else self.skip(x)) + h
+        # SiLU in place on the GroupNorm's fresh output, the embedding added in place to the conv's: one pass
+        # and no new (B, C, T, F) buffer each (neither output is saved for a backward pass).
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = h.add_(self.emb_proj(emb_act)[:, :, None, None])
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.skip is None else pointwise_conv(self.skip, x))
 
 
 def dense(layer: nn.Module, x: Tensor) -> Tensor:
@@ -189,11 +197,49 @@ def dense(layer: nn.Module, x: Tensor) -> Tensor:
     another order (~1e-6 relative). The layers stay nn.Linear, so LoRA (train/lora.py) and the key tables see
     the usual modules.
     """
-    if (ONEDNN_LINEAR and type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32
-            and layer.weight.dtype == torch.float32 and x.numel() >= 16 * layer.in_features
-            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))):
+    if _onednn(layer, nn.Linear, x):
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
     return layer(x)
+
+
+def _onednn(layer: nn.Module, kind: type, x: Tensor) -> bool:
+    """Whether a call of `layer` (exactly a `kind`) on x takes the oneDNN route (`dense`'s docstring)."""
+    return (ONEDNN_LINEAR and type(layer) is kind and x.device.type == "cpu" and x.dtype == torch.float32
+            and layer.weight.dtype == torch.float32 and x.numel() >= 16 * layer.weight.shape[1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad)))
+
+
+def geglu(layer: nn.Linear, x: Tensor) -> Tensor:
+    """value * GELU(gate) with [value | gate] = layer(x) (B, N, 2H) -> (B, N, H): the GEGLU's first half.
+
+    On `dense`'s oneDNN route the two halves are two matmuls on the halves of the weight (row slices, no copy),
+    the exact (erf) GELU fused into the gate's as oneDNN's post-op, and the product taken in place in the value's
+    output: no (B, N, 2H) output read back strided, no separate GELU pass or product buffer. On the 2-core EPYC
+    measured (2 x 1024 tokens, 256 -> 2048 -> 256, the MusicLDM / AudioLDM 2 top level) the feed-forward took
+    17-18 ms instead of 19-30 ms on 2 threads, 34-37 instead of 35-50 on 1. Same sums (~2e-6 on outputs ~1).
+    """
+    if _onednn(layer, nn.Linear, x):
+        half = layer.weight.shape[0] // 2
+        w, b = layer.weight, layer.bias
+        gate = torch.ops.mkldnn._linear_pointwise(x, w[half:], None if b is None else b[half:], "gelu", [], "none")
+        value = torch.ops.mkldnn._linear_pointwise(x, w[:half], None if b is None else b[:half], "none", [], "")
+        return value.mul_(gate)
+    value, gate = layer(x).chunk(2, dim=-1)  # 2 x (B, N, H)
+    return value * F.gelu(gate)
+
+
+def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """conv(x) for a 1x1 convolution (the ResBlocks' skips): on `dense`'s oneDNN route a matmul over the
+    channels of the (B, T, F, C) view of a channels-last x (a view, no copy), returned with channels-last strides;
+    torch's convolution otherwise. Measured 1.05-1.3x torch's 1x1 convolution on one EPYC core at the UNet's skip
+    shapes (it took torch's slow im2col path for channels-last inputs)."""
+    K, C = conv.weight.shape[:2]
+    if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+            and _onednn(conv, nn.Conv2d, x)):
+        w = conv.weight.reshape(K, C)  # a view in either memory format: the kernel is 1x1
+        y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), w, conv.bias, "none", [], "")  # (B, T, F, K)
+        return y.permute(0, 3, 1, 2)  # (B, K, T, F), channels-last strides
+    return conv(x)
 
 
 class Attention(nn.Module):
@@ -246,8 +292,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None, bias: Tensor | None) -> Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context, bias)
-        value, gate = dense(self.ff_in, self.norm3(x)).chunk(2, dim=-1)  # 2 x (B, N, 4C)
-        return x + dense(self.ff_out, value * F.gelu(gate))
+        return x + dense(self.ff_out, geglu(self.ff_in, self.norm3(x)))  # GEGLU (B, N, 4C) -> (B, N, C)
 
 
 class Transformer(nn.Module):
@@ -300,27 +345,69 @@ class UpsampleConv(WinogradConv2d):
     sub-pixel convolution of four 2x2 kernels over the input before upsampling (vae.upsample_conv: 16 products
     per input pixel and channel pair instead of 36, no 4x larger upsampled copy; measured with the VAE's). The
     folded kernels are cached, as WinogradConv2d caches its transformed weight, until the weight changes.
+
+    At MIN_GEMM_UPSAMPLE (384) channels or more in fp32 (route "gemm", `UPSAMPLE_ROUTE`) the four phases are
+    four oneDNN matmuls instead (`upsample_gemm`): oneDNN's convolution ran the folded 640-channel kernels on the
+    (2, 640, 32, 2) image at about half its matmul rate. One EPYC core, (B, C, H, W) before upsampling, folded
+    conv -> phase matmuls: (2, 640, 32, 2) 34.7 -> 19.1 ms, (2, 384, 64, 4) 33.2 -> 29.4 ms, (2, 256, 128, 8)
+    52.3 -> 53.5 ms (so left on the folded conv); both ~4e-5 from the unfolded conv at outputs ~10.
     """
 
     def __init__(self, channels: int):
         super().__init__(channels, channels, 3, padding=1)
         self._folded: tuple[tuple, Tensor] | None = None
+        self._phases: tuple[tuple, Tensor] | None = None
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """x (B, C, H, W) -> (B, C, *size)."""
         H, W = x.shape[-2:]
         if tuple(size) == (2 * H, 2 * W) and x.device.type == "cpu" and not torch.is_grad_enabled():
+            if self.uses_gemm(x):
+                return upsample_gemm(x, self.phase_weight(), self.bias)
             return upsample_conv(x, self.folded_weight(), self.bias)
         return super().forward(F.interpolate(x, size=size, mode="nearest"))
 
+    def uses_gemm(self, x: Tensor) -> bool:
+        """Whether an exact x2 call on x (CPU, no gradients) takes `upsample_gemm` (class docstring)."""
+        return (UPSAMPLE_ROUTE == "gemm" and torch.backends.mkldnn.is_available() and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and self.in_channels >= MIN_GEMM_UPSAMPLE)
+
+    def _key(self) -> tuple:
+        w = self.weight  # the cache key, as WinogradConv2d's: address, version (none for inference tensors), ...
+        return (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device, tuple(w.shape))
+
     def folded_weight(self) -> Tensor:
-        """upsample_conv_weights(self.weight) (4 * C, C, 2, 2), cached (key as WinogradConv2d's)."""
-        w = self.weight
-        key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device, tuple(w.shape))
-        if self._folded is None or self._folded[0] != key:
+        """upsample_conv_weights(self.weight) (4 * C, C, 2, 2), cached."""
+        if self._folded is None or self._folded[0] != self._key():
             # channels-last, as UNet keeps its convolution weights (`UNet.memory_format`)
-            self._folded = (key, upsample_conv_weights(w.detach()).contiguous(memory_format=torch.channels_last))
+            folded = upsample_conv_weights(self.weight.detach()).contiguous(memory_format=torch.channels_last)
+            self._folded = (self._key(), folded)
         return self._folded[1]
+
+    def phase_weight(self) -> Tensor:
+        """The folded kernels as four matmul weights (4, C_out, 4 * C_in), columns (r, s, c), cached."""
+        if self._phases is None or self._phases[0] != self._key():
+            K, C = self.weight.shape[:2]
+            folded = upsample_conv_weights(self.weight.detach()).view(4, K, C, 2, 2)  # (phase, K, C, r, s)
+            self._phases = (self._key(), folded.permute(0, 1, 3, 4, 2).reshape(4, K, 4 * C).contiguous())
+        return self._phases[1]
+
+
+def upsample_gemm(x: Tensor, phases: Tensor, bias: Tensor | None) -> Tensor:
+    """vae.upsample_conv as four matmuls: x (B, C, H, W), phases = UpsampleConv.phase_weight() (4, K, 4C)
+    -> (B, K, 2H, 2W) channels-last in memory. Output pixel (2i + a, 2j + b) reads input rows i - 1 + a + r and
+    columns j - 1 + b + s (r, s in 0, 1; vae.upsample_conv_weights), i.e. rows i + a + r, columns j + b + s of x
+    padded by one: per phase p = 2a + b, the four shifted (B, H, W, C) windows side by side times phases[p]."""
+    B, C, H, W = x.shape
+    K = phases.shape[1]
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H + 2, W + 2, C)
+    out = x.new_empty(B, H, 2, W, 2, K)  # (B, i, a, j, b, K): row 2i + a, column 2j + b
+    for a in range(2):
+        for b in range(2):
+            windows = torch.cat([padded[:, a + r:a + r + H, b + s:b + s + W] for r in range(2) for s in range(2)],
+                                dim=-1)  # (B, H, W, 4C), columns (r, s, c)
+            out[:, :, a, :, b] = torch.ops.mkldnn._linear_pointwise(windows, phases[2 * a + b], bias, "none", [], "")
+    return out.view(B, 2 * H, 2 * W, K).permute(0, 3, 1, 2)  # (B, K, 2H, 2W), channels-last in memory
 
 
 class Level(nn.Module):
