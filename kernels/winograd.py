@@ -133,6 +133,12 @@ def tile(x: Tensor, weight: Tensor, **conv_args) -> int:
     return 2 if channels >= MIN_CHANNELS[2] else 0
 
 
+def uses_upsample_winograd(x: Tensor, weight: Tensor) -> bool:
+    """Whether conv3x3(nearest x2 upsampling of x) takes `upsample_conv3x3`: a route other than "conv", an
+    `eligible` call and MIN_CHANNELS[2] channels or more in and out."""
+    return route() != "conv" and eligible(x, weight) and min(weight.shape[:2]) >= MIN_CHANNELS[2]
+
+
 def uses_winograd(x: Tensor, weight: Tensor, **conv_args) -> bool:
     """Whether the call takes a Winograd route (`tile` > 0)."""
     return tile(x, weight, **conv_args) > 0
@@ -268,6 +274,82 @@ def _tiles4(padded: Tensor, U: Tensor, out: Tensor) -> None:
         _at6([Q[a][j] for a in range(6)], [out[:, :, i, :, j] for i in range(4)])
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# A 3x3 convolution after a nearest-neighbour x2 upsampling: F(2x2, 3x3) on the upsampled image
+#
+# The 4x4 tile under each 2x2 output block (2i + a, 2j + b) of the upsampled image holds input rows i - 1, i, i,
+# i + 1 (and the same columns), so B^T's rows give x[i-1] - x[i], 2 x[i], 0, x[i] - x[i+1]: one transformed row
+# (and column) is zero and 9 of the 16 positions remain, built from the input's differences D[i] = x[i-1] - x[i]
+# and the input itself, each shared by neighbouring tiles. Per dimension, with the kernel's taps w0, w1, w2:
+#
+#     output row 2i     = x[i-1] w0 + x[i] (w1 + w2)   = D[i] w0     + x[i] (w0 + w1 + w2)
+#     output row 2i + 1 = x[i] (w0 + w1) + x[i+1] w2   = D[i+1] (-w2) + x[i] (w0 + w1 + w2)
+#
+# so the four phases of the output are four GEMMs (DD, Dx, xD, xx: differences along rows / columns or not) over
+# the input's pixels with 4 + 2 + 2 + 1 = 9 transformed weights: 9 products per input pixel and channel pair,
+# where the folded sub-pixel convolution (vae.upsample_conv, four 2x2 kernels) needs 16 and the plain conv on the
+# upsampled image 36.
+
+# Row (and column) functionals of the three taps: w0, w0 + w1 + w2, -w2.
+UPSAMPLE_TAPS = ((1, 0, 0), (1, 1, 1), (0, 0, -1))
+UPSAMPLE_PIXELS = 1024  # input pixels per band (the nine GEMMs' outputs of a band stay in the cache)
+
+
+def upsample_weight(weight: Tensor) -> Tensor:
+    """(K, C, 3, 3) -> (9 K, C): the weights of the DD (4 K: taps (w0 | -w2) x (w0 | -w2)), Dx (2 K: (w0 | -w2)
+    x sum), xD (2 K: sum x (w0 | -w2)) and xx (K: sum x sum) GEMMs, stacked. Computed in float64, rounded once."""
+    p = torch.tensor(UPSAMPLE_TAPS, dtype=torch.float64, device=weight.device)
+    Wpq = torch.einsum("pr,kcrs,qs->pqkc", p, weight.detach().double(), p)  # (3, 3, K, C), functionals p, q
+    stacked = [Wpq[0, 0], Wpq[0, 2], Wpq[2, 0], Wpq[2, 2], Wpq[0, 1], Wpq[2, 1], Wpq[1, 0], Wpq[1, 2], Wpq[1, 1]]
+    return torch.cat(stacked).to(weight.dtype).contiguous()
+
+
+def upsample_conv3x3(x: Tensor, U: Tensor, bias: Tensor | None = None, *,
+                     pixels: int = UPSAMPLE_PIXELS) -> Tensor:
+    """F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1) for x (B, C, H, W)
+    with U = upsample_weight(weight) (9 K, C) -> (B, K, 2H, 2W) with channels-last strides. `pixels`: band size."""
+    B, C, H, W = x.shape
+    if U.dim() != 2 or U.shape[0] % 9 or U.shape[1] != C:
+        raise ValueError(f"upsample_conv3x3: input of {C} channels for weight {tuple(U.shape)} (9 K, C)")
+    K = U.shape[0] // 9
+    padded = x.new_zeros(B, H + 2, W + 2, C)  # (B, H + 2, W + 2, C): the conv's zero padding, before upsampling
+    padded[:, 1:H + 1, 1:W + 1] = x.permute(0, 2, 3, 1)
+    out = x.new_empty(B, H, 2, W, 2, K)  # (B, i, a, j, b, K): output pixel (2i + a, 2j + b)
+    if B * H * W <= 2 * pixels:
+        _upsample_band(padded, U, bias, out)
+    else:
+        rows = max(1, pixels // W)
+        for b in range(B):
+            for i in range(0, H, rows):
+                n = min(rows, H - i)
+                _upsample_band(padded[b:b + 1, i:i + n + 2], U, bias, out[b:b + 1, i:i + n])
+    return out.view(B, 2 * H, 2 * W, K).permute(0, 3, 1, 2)  # (B, K, 2H, 2W), channels-last strides
+
+
+def _upsample_band(padded: Tensor, U: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """The rows of `out` (B, n, 2, W, 2, K) from padded input rows (B, n + 2, W + 2, C)."""
+    B, n, _, W, _, K = out.shape
+    C = padded.shape[-1]
+    D = padded[:, :-1] - padded[:, 1:]                    # (B, n + 1, W + 2, C): D[i] = x[i-1] - x[i]
+    DD = D[:, :, :-1] - D[:, :, 1:]                       # (B, n + 1, W + 1, C): and along the columns
+    Dx = D[:, :, 1:W + 1].contiguous()                    # (B, n + 1, W, C)
+    xD = padded[:, 1:n + 1, :-1] - padded[:, 1:n + 1, 1:]  # (B, n, W + 1, C)
+    xx = padded[:, 1:n + 1, 1:W + 1].contiguous()         # (B, n, W, C)
+    Udd, Udx, Uxd, Uxx = U.split([4 * K, 2 * K, 2 * K, K])
+    # the bias goes in once, with the xx term that every phase shares
+    Mdd = _gemms(DD.view(1, -1, C), Udd[None], (B, n + 1, W + 1, 2, 2, K))[0]  # (.., a, b, K): Udd's order
+    Mdx = _gemms(Dx.view(1, -1, C), Udx[None], (B, n + 1, W, 2, K))[0]
+    Mxd = _gemms(xD.view(1, -1, C), Uxd[None], (B, n, W + 1, 2, K))[0]
+    Mxx = _gemms(xx.view(1, -1, C), Uxx[None], (B, n, W, K))[0]
+    if bias is not None:
+        Mxx += bias
+    for a in range(2):
+        rows = Mxx + Mdx[:, a:a + n, :, a]  # row phase a: D[i] w0 (a = 0) or D[i+1] (-w2) (a = 1), plus x[i] sum
+        for b in range(2):
+            torch.add(rows, Mxd[:, :, b:b + W, b], out=out[:, :, a, :, b])
+            out[:, :, a, :, b] += Mdd[:, a:a + n, b:b + W, a, b]
+
+
 def conv3x3_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """What `conv3x3` computes, from the untransformed weight (K, C, 3, 3): torch's own convolution."""
     return F.conv2d(x, weight, bias, padding=1)
@@ -289,18 +371,25 @@ class WinogradConv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-        self._winograd: dict[int, tuple[tuple, Tensor]] = {}
+        self._winograd: dict[int | str, tuple[tuple, Tensor]] = {}
 
     def winograd_weight(self, m: int = 2) -> Tensor:
         """U = winograd_weight(self.weight, m) ((m + 2)^2, K, C), cached."""
+        return self._cached(m, lambda w: winograd_weight(w, m))
+
+    def upsample_weight(self) -> Tensor:
+        """upsample_weight(self.weight) (9 K, C), cached: for the callers that upsample x2 before this conv."""
+        return self._cached("upsample", upsample_weight)
+
+    def _cached(self, name: int | str, make) -> Tensor:
         w = self.weight
         # An inference tensor (made under torch.inference_mode) has no version counter, and cannot be changed
         # in place outside inference mode: its address is the key.
         version = -1 if w.is_inference() else w._version
         key = (w.data_ptr(), version, w.dtype, w.device, tuple(w.shape))
-        if m not in self._winograd or self._winograd[m][0] != key:
-            self._winograd[m] = (key, winograd_weight(w, m))
-        return self._winograd[m][1]
+        if name not in self._winograd or self._winograd[name][0] != key:
+            self._winograd[name] = (key, make(w))
+        return self._winograd[name][1]
 
     def forward(self, x: Tensor) -> Tensor:
         m = tile(x, self.weight, stride=self.stride, padding=self.padding, dilation=self.dilation,

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from musiclm_core import hub
 from musiclm_core.kernels.attention import attention
+from musiclm_core.kernels import winograd
 from musiclm_core.kernels.winograd import WinogradConv2d
 
 KIND = "vae"  # the model name in a native checkpoint's config.json
@@ -194,6 +195,9 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not inference_on_cpu(x):
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if winograd.uses_upsample_winograd(x, self.conv.weight):
+            # F(2x2, 3x3) on the upsampled image: 9 products per input pixel and channel pair (kernels/winograd.py)
+            return winograd.upsample_conv3x3(x, self.conv.upsample_weight(), self.conv.bias)
         # Folded on every call (a few ms at 512 channels) rather than cached: a cache could outlive a new weight.
         return upsample_conv(x, upsample_conv_weights(self.conv.weight), self.conv.bias)
 

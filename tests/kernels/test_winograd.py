@@ -137,6 +137,45 @@ def test_wrong_channels_raise(m):
         W.conv3x3(x, W.winograd_weight(weight[:, :6], m))
 
 
+# -- the x2 upsampling convolution ------------------------------------------------------------------------------
+
+
+def upsampled_reference(x, weight, bias=None):
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+
+
+@pytest.mark.parametrize("pixels", [1, 5, 10 ** 6])
+@pytest.mark.parametrize("shape", [(1, 8, 5, 1, 1), (2, 8, 5, 3, 5), (2, 16, 12, 9, 4), (1, 24, 40, 5, 16)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_conv3x3_matches_conv2d(shape, pixels, channels_last):
+    """conv3x3 after a nearest x2 upsampling, in bands of every size (one row, a short last band, whole), against
+    F.interpolate + F.conv2d; channels-last result; without a bias too."""
+    x, weight, bias = make(*shape, channels_last=channels_last)
+    U = W.upsample_weight(weight)
+    assert U.shape == (9 * shape[2], shape[1])
+    ref = upsampled_reference(x, weight, bias)
+    y = W.upsample_conv3x3(x, U, bias, pixels=pixels)
+    assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    close(y, ref)
+    close(W.upsample_conv3x3(x, U, pixels=pixels), upsampled_reference(x, weight))
+
+
+def test_upsample_conv3x3_listens_and_checks():
+    """One input pixel moves the 4x4 output block around its 2x2 copy, nothing else; a weight of other input
+    channels is an error naming both."""
+    x, weight, bias = make(1, 8, 6, 5, 4)
+    U = W.upsample_weight(weight)
+    y = W.upsample_conv3x3(x, U, bias)
+    x2 = x.clone()
+    x2[0, 2, 2, 1] += 1.0
+    changed = (W.upsample_conv3x3(x2, U, bias) - y).abs().amax(dim=1) > 1e-5  # (B, 2H, 2W)
+    expected = torch.zeros_like(changed)
+    expected[0, 3:7, 1:5] = True
+    assert torch.equal(changed, expected)
+    with pytest.raises(ValueError, match="input of 8 channels"):
+        W.upsample_conv3x3(x, W.upsample_weight(weight[:, :6]))
+
+
 # -- dispatch ---------------------------------------------------------------------------------------------------
 
 
@@ -200,6 +239,18 @@ def test_tile_choice(route):
     assert not W.uses_winograd(torch.randn(1, 256, 8, 8), torch.randn(256, 256, 3, 3))
 
 
+def test_upsample_choice(route):
+    """The upsampling route: any route but conv, from 256 channels in and out, eligible calls only."""
+    x, w = torch.randn(1, 256, 4, 4), torch.randn(256, 256, 3, 3)
+    for name, expect in ((None, True), ("winograd2", True), ("winograd4", True), ("conv", False)):
+        route(name)
+        assert W.uses_upsample_winograd(x, w) == expect, name
+    route(None)
+    assert not W.uses_upsample_winograd(torch.randn(1, 128, 4, 4), torch.randn(128, 128, 3, 3))
+    assert not W.uses_upsample_winograd(x.double(), w.double())
+    assert not W.uses_upsample_winograd(x, w.requires_grad_())
+
+
 def test_layer_dispatch_and_cache(route, monkeypatch):
     """WinogradConv2d takes conv3x3 with the tile `tile` says, matches nn.Conv2d either way, and transforms its
     weight again after the weight changes in place."""
@@ -224,8 +275,13 @@ def test_layer_dispatch_and_cache(route, monkeypatch):
         assert layer.winograd_weight(4) is U4 and layer.winograd_weight(2) is U2  # cached, each tile size
         layer.weight.mul_(2)
         plain.weight.mul_(2)
-        assert layer.winograd_weight(4) is not U4  # remade after the in-place update
+        Uup = layer.upsample_weight()
+        assert layer.upsample_weight() is Uup
+        layer.weight.mul_(2)
+        plain.weight.mul_(2)
+        assert layer.winograd_weight(4) is not U4 and layer.upsample_weight() is not Uup  # remade after the update
         close(layer(x), plain(x), 4)
+        close(W.upsample_conv3x3(x, layer.upsample_weight(), layer.bias), plain(F.interpolate(x, scale_factor=2.0)))
     calls.clear()
     y = layer(x)  # gradients on: nn.Conv2d's own forward, differentiable
     assert not calls and y.requires_grad

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from musiclm_core.convert.vae import config_from_diffusers
 from musiclm_core.hub import CheckpointError
+from musiclm_core.kernels import winograd
 from musiclm_core.vae import PRESETS, AutoencoderKL, DiagonalGaussian, Upsample, VAEConfig, upsample_conv_weights
 
 ATOL = 1e-4
@@ -67,8 +68,28 @@ def test_cpu_routes_match_torch_ops(model):
     assert fast_mel.is_contiguous()
 
 
+@pytest.fixture
+def conv_route(monkeypatch):
+    """Set MUSICLM_CONV3X3 for one test, with the Winograd routes taken from 6 channels (a tiny model stands
+    for the official one); route() is read once per process, its cache is cleared around the test."""
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", {2: 6, 4: 6})
+
+    def set_route(value: str):
+        monkeypatch.setenv(winograd.ENV, value)
+        winograd.route.cache_clear()
+    yield set_route
+    winograd.route.cache_clear()
+
+
+@pytest.mark.parametrize("route", ["winograd", "conv"])
 @pytest.mark.parametrize("H, W", [(1, 1), (3, 5), (8, 16)])
-def test_subpixel_upsample(H, W):
+def test_upsample_routes(H, W, route, conv_route, monkeypatch):
+    """Upsample on the CPU without gradients: F(2x2, 3x3) on the upsampled image (winograd.upsample_conv3x3)
+    under the Winograd routes, the folded sub-pixel convolution under "conv"; both against interpolate + conv."""
+    conv_route(route)
+    calls = []
+    real = winograd.upsample_conv3x3
+    monkeypatch.setattr(winograd, "upsample_conv3x3", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     up = Upsample(6)
     x = torch.randn(2, 6, H, W)
@@ -77,7 +98,34 @@ def test_subpixel_upsample(H, W):
         out = up(x)
     assert out.shape == (2, 6, 2 * H, 2 * W)
     assert (out - expected).abs().max() <= 1e-5
+    assert len(calls) == (route == "winograd")
     assert upsample_conv_weights(up.conv.weight).shape == (24, 6, 2, 2)
+
+
+@pytest.mark.parametrize("route", ["winograd", "winograd2", "winograd4"])
+def test_winograd_routes_match_torch_ops(route, conv_route, monkeypatch):
+    """The tiny model with the 3x3 convs of its 32- and 64-channel stages on the Winograd routes (by default
+    F(4x4) from 64 channels and F(2x2) from 32 here, or one tile size forced) and the upsampling by
+    upsample_conv3x3, against torch's plain ops (gradients on): max abs 1e-4 (outputs of order 1-10)."""
+    conv_route(route)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", {2: 32, 4: 64} if route == "winograd" else {2: 32, 4: 32})
+    upsampled = []
+    real_up = winograd.upsample_conv3x3
+    monkeypatch.setattr(winograd, "upsample_conv3x3", lambda *a, **k: upsampled.append(1) or real_up(*a, **k))
+    tiles = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, U, *a, **k: tiles.append(U.shape[0]) or real(x, U, *a, **k))
+    model = tiny_model(1)
+    mel = torch.randn(2, 1, 24, 16)
+    z = torch.randn(2, 8, 12, 8)
+    with torch.no_grad():
+        fast_mean, fast_mel = model.encode(mel).mean, model.decode(z)
+    plain_mean, plain_mel = model.encode(mel).mean.detach(), model.decode(z).detach()  # grad enabled
+    expected = {"winograd": {16, 36}, "winograd2": {16}, "winograd4": {36}}[route]
+    assert set(tiles) == expected and upsampled
+    assert (fast_mean - plain_mean).abs().max() <= ATOL
+    assert (fast_mel - plain_mel).abs().max() <= ATOL
+    assert plain_mel.abs().max() > 0.5
 
 
 def test_posterior():
