@@ -31,6 +31,7 @@ of heads, specs/ldm.md §15.1), so the head size is channels / 8 (32, 48, 80).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, fields
@@ -55,8 +56,15 @@ ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
 # How `UpsampleConv` computes an exact x2 upsampling + 3x3 conv on the CPU without gradients (its docstring):
 # "gemm" (default) as four matmuls, one per output phase, for MIN_GEMM_UPSAMPLE channels or more, the folded 2x2
 # convolution below that; "conv" the folded convolution always. MUSICLM_UNET_UPSAMPLE=gemm|conv overrides.
-UPSAMPLE_ROUTE = env_route("MUSICLM_UNET_UPSAMPLE", ("gemm", "conv")) or "gemm"
-MIN_GEMM_UPSAMPLE = 384
+UPSAMPLE_ENV = "MUSICLM_UNET_UPSAMPLE"
+UPSAMPLE_ROUTES = ("conv", "gemm")
+MIN_GEMM_UPSAMPLE = 384  # measured: 384 and 640 channels gain, 256 does not (UpsampleConv)
+
+
+@functools.cache
+def upsample_route() -> str:
+    """This process's upsampling route: MUSICLM_UNET_UPSAMPLE if set, else "gemm" (decided once)."""
+    return env_route(UPSAMPLE_ENV, UPSAMPLE_ROUTES) or "gemm"
 
 
 @dataclass
@@ -346,7 +354,7 @@ class UpsampleConv(WinogradConv2d):
     per input pixel and channel pair instead of 36, no 4x larger upsampled copy; measured with the VAE's). The
     folded kernels are cached, as WinogradConv2d caches its transformed weight, until the weight changes.
 
-    At MIN_GEMM_UPSAMPLE (384) channels or more in fp32 (route "gemm", `UPSAMPLE_ROUTE`) the four phases are
+    At MIN_GEMM_UPSAMPLE (384) channels or more in fp32 (route "gemm", `upsample_route`) the four phases are
     four oneDNN matmuls instead (`upsample_gemm`): oneDNN's convolution ran the folded 640-channel kernels on the
     (2, 640, 32, 2) image at about half its matmul rate. One EPYC core, (B, C, H, W) before upsampling, folded
     conv -> phase matmuls: (2, 640, 32, 2) 34.7 -> 19.1 ms, (2, 384, 64, 4) 33.2 -> 29.4 ms, (2, 256, 128, 8)
@@ -369,7 +377,7 @@ class UpsampleConv(WinogradConv2d):
 
     def uses_gemm(self, x: Tensor) -> bool:
         """Whether an exact x2 call on x (CPU, no gradients) takes `upsample_gemm` (class docstring)."""
-        return (UPSAMPLE_ROUTE == "gemm" and torch.backends.mkldnn.is_available() and x.dtype == torch.float32
+        return (upsample_route() == "gemm" and torch.backends.mkldnn.is_available() and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and self.in_channels >= MIN_GEMM_UPSAMPLE)
 
     def _key(self) -> tuple:

@@ -233,3 +233,119 @@ def test_memory_formats_agree():
         model.memory_format = torch.contiguous_format
         row_major = model(x, 10, **cond)
     torch.testing.assert_close(row_major, default, atol=1e-5, rtol=0)
+
+
+# -- the CPU routes against the plain computations ----------------------------------------------------------------
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """The oneDNN linear route on, with a count of its matmul calls (to show a route ran)."""
+    import musiclm_core.unet as unet_module
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(unet_module, "ONEDNN_LINEAR", True)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[3]) or real(*a))
+    return calls
+
+
+def test_geglu_matches_plain(onednn):
+    """unet.geglu on the oneDNN route (two matmuls, GELU fused into the gate's) against value * GELU(gate) from
+    F.linear: max abs <= 1e-5 on outputs ~1; a layer that is not a plain nn.Linear (LoRA) takes the plain path."""
+    import torch.nn.functional as F
+
+    from musiclm_core.unet import geglu
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 48)
+    for bias in (True, False):
+        layer = torch.nn.Linear(48, 2 * 40, bias=bias)
+        value, gate = F.linear(x, layer.weight, layer.bias).chunk(2, dim=-1)
+        with torch.no_grad():
+            fast = geglu(layer, x)
+            assert (geglu(layer, x + 0.1) - fast).abs().max() > 1e-2  # the comparison can fail
+        assert fast.shape == (2, 17, 40)
+        torch.testing.assert_close(fast, value * F.gelu(gate), atol=1e-5, rtol=0)
+    assert onednn.count("gelu") == 2 * 2  # the fused route ran, twice per bias setting
+
+    class Adapter(torch.nn.Linear):
+        def forward(self, h):
+            return super().forward(h) + 1.0
+
+    onednn.clear()
+    adapter = Adapter(48, 80)
+    value, gate = (F.linear(x, adapter.weight, adapter.bias) + 1.0).chunk(2, dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(geglu(adapter, x), value * F.gelu(gate), atol=1e-6, rtol=0)
+    assert not onednn
+
+
+def test_pointwise_conv_matches_conv(onednn):
+    """unet.pointwise_conv (a 1x1 conv as a oneDNN matmul over the channels) against F.conv2d, for channels-last
+    and row-major inputs: max abs <= 1e-5 on outputs ~1, channels-last strides out; gradients on: nn.Conv2d."""
+    import torch.nn.functional as F
+
+    from musiclm_core.unet import pointwise_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(48, 24, 1)
+    x = torch.randn(2, 48, 7, 5)
+    expected = F.conv2d(x, conv.weight, conv.bias)
+    with torch.no_grad():
+        for layout in (torch.channels_last, torch.contiguous_format):
+            y = pointwise_conv(conv, x.contiguous(memory_format=layout))
+            torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        assert (pointwise_conv(conv, x + 0.1) - expected).abs().max() > 1e-2  # the comparison can fail
+    assert len(onednn) == 3
+    y = pointwise_conv(conv, x)
+    assert y.requires_grad and len(onednn) == 3  # differentiable: nn.Conv2d's own forward
+
+
+@pytest.mark.parametrize("route", ["gemm", "conv"])
+def test_upsample_routes_match_interpolate_then_conv(monkeypatch, route):
+    """UpsampleConv's x2 routes (four phase matmuls; the folded 2x2 convolution) against F.interpolate + F.conv2d:
+    max abs <= 1e-5 on outputs ~1. The route follows MUSICLM_UNET_UPSAMPLE; a non-x2 size takes the plain path."""
+    import torch.nn.functional as F
+
+    import musiclm_core.unet as unet_module
+    from musiclm_core.unet import UpsampleConv
+
+    monkeypatch.setattr(unet_module, "MIN_GEMM_UPSAMPLE", 16)  # tiny channels take the route too
+    monkeypatch.setenv(unet_module.UPSAMPLE_ENV, route)
+    unet_module.upsample_route.cache_clear()
+    taken = []
+    for name in ("upsample_gemm", "upsample_conv"):
+        real = getattr(unet_module, name)
+        monkeypatch.setattr(unet_module, name, lambda *a, _n=name, _f=real: taken.append(_n) or _f(*a))
+    try:
+        torch.manual_seed(0)
+        layer = UpsampleConv(24)
+        x = torch.randn(2, 24, 5, 3).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            for size in ((10, 6), (9, 5)):
+                expected = F.conv2d(F.interpolate(x, size=size), layer.weight, layer.bias, padding=1)
+                y = layer(x, size)
+                torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
+                assert (layer(x + 0.1, size) - expected).abs().max() > 1e-2  # the comparison can fail
+    finally:
+        unet_module.upsample_route.cache_clear()
+    assert taken == [f"upsample_{route}"] * 2  # the x2 calls only; (9, 5) is interpolate + conv
+
+
+def test_upsample_switch_refuses_an_unknown_route(monkeypatch):
+    import musiclm_core.unet as unet_module
+
+    monkeypatch.setenv(unet_module.UPSAMPLE_ENV, "fastest")
+    unet_module.upsample_route.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"MUSICLM_UNET_UPSAMPLE='fastest': expected conv or gemm"):
+            unet_module.upsample_route()
+        monkeypatch.delenv(unet_module.UPSAMPLE_ENV)
+        unet_module.upsample_route.cache_clear()
+        assert unet_module.upsample_route() == "gemm"
+    finally:
+        unet_module.upsample_route.cache_clear()
