@@ -31,7 +31,6 @@ of heads, specs/ldm.md §15.1), so the head size is channels / 8 (32, 48, 80).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass, fields
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from musiclm_core import hub
-from musiclm_core.kernels import attention
+from musiclm_core.kernels import attention, winograd
 from musiclm_core.kernels.switch import env_route
 from musiclm_core.kernels.winograd import WinogradConv2d
 from musiclm_core.vae import upsample_conv, upsample_conv_weights
@@ -53,20 +52,6 @@ MASK_BIAS = -10000.0  # what a masked context token adds to the attention scores
 # MUSICLM_UNET_LINEAR=torch (measuring, debugging).
 ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
                  and env_route("MUSICLM_UNET_LINEAR", ("onednn", "torch")) != "torch")
-# How `UpsampleConv` computes an exact x2 upsampling + 3x3 conv on the CPU without gradients (its docstring):
-# "gemm" (default) as four matmuls, one per output phase, for MIN_GEMM_UPSAMPLE channels or more, the folded 2x2
-# convolution below that; "conv" the folded convolution always. MUSICLM_UNET_UPSAMPLE=gemm|conv overrides.
-UPSAMPLE_ENV = "MUSICLM_UNET_UPSAMPLE"
-UPSAMPLE_ROUTES = ("conv", "gemm")
-MIN_GEMM_UPSAMPLE = 384  # measured: 384 and 640 channels gain, 256 does not (UpsampleConv)
-
-
-@functools.cache
-def upsample_route() -> str:
-    """This process's upsampling route: MUSICLM_UNET_UPSAMPLE if set, else "gemm" (decided once)."""
-    return env_route(UPSAMPLE_ENV, UPSAMPLE_ROUTES) or "gemm"
-
-
 @dataclass
 class UNetConfig:
     in_channels: int = 8                              # latent channels in
@@ -349,73 +334,40 @@ class Layer(nn.Module):
 class UpsampleConv(WinogradConv2d):
     """Nearest upsampling to a given size, then this 3x3 convolution (diffusers' Upsample2D with use_conv=True).
 
-    When the size is exactly twice the input's (the usual case) on the CPU without gradients, the two are one
-    sub-pixel convolution of four 2x2 kernels over the input before upsampling (vae.upsample_conv: 16 products
-    per input pixel and channel pair instead of 36, no 4x larger upsampled copy; measured with the VAE's). The
-    folded kernels are cached, as WinogradConv2d caches its transformed weight, until the weight changes.
-
-    At MIN_GEMM_UPSAMPLE (384) channels or more in fp32 (route "gemm", `upsample_route`) the four phases are
-    four oneDNN matmuls instead (`upsample_gemm`): oneDNN's convolution ran the folded 640-channel kernels on the
-    (2, 640, 32, 2) image at about half its matmul rate. One EPYC core, (B, C, H, W) before upsampling, folded
-    conv -> phase matmuls: (2, 640, 32, 2) 34.7 -> 19.1 ms, (2, 384, 64, 4) 33.2 -> 29.4 ms, (2, 256, 128, 8)
-    52.3 -> 53.5 ms (so left on the folded conv); both ~4e-5 from the unfolded conv at outputs ~10.
+    When the size is exactly twice the input's (the usual case) on the CPU without gradients, the upsampled image
+    is never made:
+      * Winograd F(2x2, 3x3) on the upsampled image, built from the input (kernels/winograd.upsample_conv3x3: 9
+        products per input pixel and channel pair), for the calls winograd.uses_upsample_winograd takes (CPU fp32,
+        256+ channels, MUSICLM_CONV3X3 not "conv"): on one EPYC core, (B, C, H, W) before upsampling, against the
+        folded convolution below: (2, 640, 32, 2) 34.4 -> 14.0 ms, (2, 384, 64, 4) 32.6 -> 17.9 ms,
+        (2, 256, 128, 8) 49.7 -> 31.5 ms; 2 threads 18.2 -> 10.2, 18.3 -> 12.0, 25.4 -> 20.0 ms wall (load ~1.4);
+        ~1e-5 from the unfolded conv at outputs ~3, as the folded one;
+      * otherwise one sub-pixel convolution of four 2x2 kernels over the input (vae.upsample_conv: 16 products
+        per input pixel and channel pair instead of 36, no 4x larger upsampled copy; measured with the VAE's).
+    Both transformed weights are cached until the weight changes (WinogradConv2d's cache; `folded_weight`).
     """
 
     def __init__(self, channels: int):
         super().__init__(channels, channels, 3, padding=1)
         self._folded: tuple[tuple, Tensor] | None = None
-        self._phases: tuple[tuple, Tensor] | None = None
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """x (B, C, H, W) -> (B, C, *size)."""
         H, W = x.shape[-2:]
         if tuple(size) == (2 * H, 2 * W) and x.device.type == "cpu" and not torch.is_grad_enabled():
-            if self.uses_gemm(x):
-                return upsample_gemm(x, self.phase_weight(), self.bias)
+            if winograd.uses_upsample_winograd(x, self.weight):
+                return winograd.upsample_conv3x3(x, self.upsample_weight(), self.bias)
             return upsample_conv(x, self.folded_weight(), self.bias)
         return super().forward(F.interpolate(x, size=size, mode="nearest"))
 
-    def uses_gemm(self, x: Tensor) -> bool:
-        """Whether an exact x2 call on x (CPU, no gradients) takes `upsample_gemm` (class docstring)."""
-        return (upsample_route() == "gemm" and torch.backends.mkldnn.is_available() and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and self.in_channels >= MIN_GEMM_UPSAMPLE)
-
-    def _key(self) -> tuple:
-        w = self.weight  # the cache key, as WinogradConv2d's: address, version (none for inference tensors), ...
-        return (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device, tuple(w.shape))
-
     def folded_weight(self) -> Tensor:
-        """upsample_conv_weights(self.weight) (4 * C, C, 2, 2), cached."""
-        if self._folded is None or self._folded[0] != self._key():
+        """upsample_conv_weights(self.weight) (4 * C, C, 2, 2), cached (key as WinogradConv2d's)."""
+        w = self.weight
+        key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device, tuple(w.shape))
+        if self._folded is None or self._folded[0] != key:
             # channels-last, as UNet keeps its convolution weights (`UNet.memory_format`)
-            folded = upsample_conv_weights(self.weight.detach()).contiguous(memory_format=torch.channels_last)
-            self._folded = (self._key(), folded)
+            self._folded = (key, upsample_conv_weights(w.detach()).contiguous(memory_format=torch.channels_last))
         return self._folded[1]
-
-    def phase_weight(self) -> Tensor:
-        """The folded kernels as four matmul weights (4, C_out, 4 * C_in), columns (r, s, c), cached."""
-        if self._phases is None or self._phases[0] != self._key():
-            K, C = self.weight.shape[:2]
-            folded = upsample_conv_weights(self.weight.detach()).view(4, K, C, 2, 2)  # (phase, K, C, r, s)
-            self._phases = (self._key(), folded.permute(0, 1, 3, 4, 2).reshape(4, K, 4 * C).contiguous())
-        return self._phases[1]
-
-
-def upsample_gemm(x: Tensor, phases: Tensor, bias: Tensor | None) -> Tensor:
-    """vae.upsample_conv as four matmuls: x (B, C, H, W), phases = UpsampleConv.phase_weight() (4, K, 4C)
-    -> (B, K, 2H, 2W) channels-last in memory. Output pixel (2i + a, 2j + b) reads input rows i - 1 + a + r and
-    columns j - 1 + b + s (r, s in 0, 1; vae.upsample_conv_weights), i.e. rows i + a + r, columns j + b + s of x
-    padded by one: per phase p = 2a + b, the four shifted (B, H, W, C) windows side by side times phases[p]."""
-    B, C, H, W = x.shape
-    K = phases.shape[1]
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H + 2, W + 2, C)
-    out = x.new_empty(B, H, 2, W, 2, K)  # (B, i, a, j, b, K): row 2i + a, column 2j + b
-    for a in range(2):
-        for b in range(2):
-            windows = torch.cat([padded[:, a + r:a + r + H, b + s:b + s + W] for r in range(2) for s in range(2)],
-                                dim=-1)  # (B, H, W, 4C), columns (r, s, c)
-            out[:, :, a, :, b] = torch.ops.mkldnn._linear_pointwise(windows, phases[2 * a + b], bias, "none", [], "")
-    return out.view(B, 2 * H, 2 * W, K).permute(0, 3, 1, 2)  # (B, K, 2H, 2W), channels-last in memory
 
 
 class Level(nn.Module):

@@ -305,22 +305,24 @@ def test_pointwise_conv_matches_conv(onednn):
     assert y.requires_grad and len(onednn) == 3  # differentiable: nn.Conv2d's own forward
 
 
-@pytest.mark.parametrize("route", ["gemm", "conv"])
+@pytest.mark.parametrize("route", ["winograd", "conv"])
 def test_upsample_routes_match_interpolate_then_conv(monkeypatch, route):
-    """UpsampleConv's x2 routes (four phase matmuls; the folded 2x2 convolution) against F.interpolate + F.conv2d:
-    max abs <= 1e-5 on outputs ~1. The route follows MUSICLM_UNET_UPSAMPLE; a non-x2 size takes the plain path."""
+    """UpsampleConv's x2 routes (F(2x2, 3x3) on the upsampled image, kernels/winograd.upsample_conv3x3; the
+    folded 2x2 convolution under MUSICLM_CONV3X3=conv) against F.interpolate + F.conv2d: max abs <= 1e-5 on
+    outputs ~1. A size that is not x2 takes the plain path; so does a call with gradients."""
     import torch.nn.functional as F
 
     import musiclm_core.unet as unet_module
+    from musiclm_core.kernels import winograd
     from musiclm_core.unet import UpsampleConv
 
-    monkeypatch.setattr(unet_module, "MIN_GEMM_UPSAMPLE", 16)  # tiny channels take the route too
-    monkeypatch.setenv(unet_module.UPSAMPLE_ENV, route)
-    unet_module.upsample_route.cache_clear()
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", {2: 16, 4: 16})  # tiny channels take the route too
+    monkeypatch.setenv(winograd.ENV, route)
+    winograd.route.cache_clear()
     taken = []
-    for name in ("upsample_gemm", "upsample_conv"):
-        real = getattr(unet_module, name)
-        monkeypatch.setattr(unet_module, name, lambda *a, _n=name, _f=real: taken.append(_n) or _f(*a))
+    for module, name in ((winograd, "upsample_conv3x3"), (unet_module, "upsample_conv")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real: taken.append(_n) or _f(*a))
     try:
         torch.manual_seed(0)
         layer = UpsampleConv(24)
@@ -331,21 +333,7 @@ def test_upsample_routes_match_interpolate_then_conv(monkeypatch, route):
                 y = layer(x, size)
                 torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
                 assert (layer(x + 0.1, size) - expected).abs().max() > 1e-2  # the comparison can fail
+        assert layer(x, (10, 6)).requires_grad  # gradients on: interpolate + conv, differentiable
     finally:
-        unet_module.upsample_route.cache_clear()
-    assert taken == [f"upsample_{route}"] * 2  # the x2 calls only; (9, 5) is interpolate + conv
-
-
-def test_upsample_switch_refuses_an_unknown_route(monkeypatch):
-    import musiclm_core.unet as unet_module
-
-    monkeypatch.setenv(unet_module.UPSAMPLE_ENV, "fastest")
-    unet_module.upsample_route.cache_clear()
-    try:
-        with pytest.raises(ValueError, match=r"MUSICLM_UNET_UPSAMPLE='fastest': expected conv or gemm"):
-            unet_module.upsample_route()
-        monkeypatch.delenv(unet_module.UPSAMPLE_ENV)
-        unet_module.upsample_route.cache_clear()
-        assert unet_module.upsample_route() == "gemm"
-    finally:
-        unet_module.upsample_route.cache_clear()
+        winograd.route.cache_clear()
+    assert taken == [{"winograd": "upsample_conv3x3", "conv": "upsample_conv"}[route]] * 2  # the x2 calls only
