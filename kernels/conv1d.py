@@ -50,10 +50,11 @@ ENV = "MUSICLM_CONV1D"
 N_FFT = 64  # frame length: M = 54 outputs per frame for K = 11; 128 was no faster (fewer, less efficient columns)
 BLOCK = 64  # output channels whose filter spectra are made and used together (64 x 512 x 33 x 8 B = 8.7 MB)
 
-# Where the FFT route wins (measured one thread, benchmarks/RESULTS.md): kernels of at least 7 taps on at least
-# 128 channels. Below that the transforms and the extra memory passes cost more than the saved multiplications.
+# Where the FFT route wins (measured one thread, module docstring): the direct convolution's multiplies per output
+# sample, kernel x channels, at least 704 (kernels 7 and 11 at 128 channels and more, kernel 11 at 64 channels).
+# Below that the transforms and the extra memory passes cost more than the saved multiplications.
 FFT_MIN_KERNEL = 7
-FFT_MIN_CHANNELS = 128
+FFT_MIN_TAPS = 704  # kernel x input channels
 
 
 def conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1) -> Tensor:
@@ -99,13 +100,28 @@ def fft_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1
         torch.matmul(spectra, X, out=Y[j])  # (Fb, ob, cols)
     Y = Y.view(C_out // ob, Fb, ob, B, frames, d).permute(3, 0, 2, 4, 5, 1).reshape(B, C_out, frames, d, Fb)
     y = torch.fft.irfft(Y, n=N, dim=-1)[..., :M]  # (B, C_out, frames, d, M): the valid outputs of each frame
-    y = y.transpose(-1, -2).reshape(B, C_out, frames * M * d)[..., :L]  # phases interleaved back
-    return y if bias is None else y.add_(bias[:, None])
+    y = y.transpose(-1, -2)  # (B, C_out, frames, M, d): phases interleaved back, a view
+    # One copy into a contiguous (B, C_out, L), bias added on the way: a strided result (rows of frames * M * d
+    # samples cut to L) made the next layers slower (oneDNN's convolution copies such an input first: +5-30 %).
+    out = x.new_empty(B, C_out, L)
+    whole = L // (M * d)  # frames that fit entirely; the last one is cut to L
+    body = out[..., :whole * M * d].view(B, C_out, whole, M, d)
+    rest = L - whole * M * d
+    if bias is None:
+        body.copy_(y[:, :, :whole])
+        if rest:
+            out[..., whole * M * d:] = y[:, :, whole].reshape(B, C_out, M * d)[..., :rest]
+    else:
+        torch.add(y[:, :, :whole], bias[:, None, None, None], out=body)
+        if rest:
+            torch.add(y[:, :, whole].reshape(B, C_out, M * d)[..., :rest], bias[:, None], out=out[..., whole * M * d:])
+    return out
 
 
 def choose_route(channels: int, kernel: int) -> str:
     """"fft" for the shapes where it measured faster than torch's convolution, else "direct"."""
-    return "fft" if kernel >= FFT_MIN_KERNEL and channels >= FFT_MIN_CHANNELS and kernel < N_FFT else "direct"
+    fft = FFT_MIN_KERNEL <= kernel < N_FFT and kernel * channels >= FFT_MIN_TAPS
+    return "fft" if fft else "direct"
 
 
 @functools.cache

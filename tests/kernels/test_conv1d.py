@@ -76,8 +76,20 @@ def test_fft_rejects_kernels_it_cannot_take(K, n_fft):
 
 
 def test_choose_route_table():
-    assert conv.choose_route(512, 11) == conv.choose_route(128, 7) == "fft"
-    assert conv.choose_route(512, 3) == conv.choose_route(64, 11) == conv.choose_route(32, 7) == "direct"
+    assert conv.choose_route(512, 11) == conv.choose_route(128, 7) == conv.choose_route(64, 11) == "fft"
+    assert conv.choose_route(512, 3) == conv.choose_route(64, 7) == conv.choose_route(32, 11) == "direct"
+    assert conv.choose_route(512, 65) == "direct"  # longer than a frame
+
+
+def test_fft_output_is_contiguous():
+    """The route returns a contiguous (B, C_out, L) whether or not L fills its last frame (a strided result slows
+    the next layers down), with or without bias."""
+    for L, bias in ((540, True), (541, True), (77, False)):  # 540 = 10 frames of M = 54 at n_fft 64, K = 11
+        x, w, b = case(1, 4, 4, L, 11, bias=bias)
+        for d in (1, 3):
+            y = conv.fft_conv1d(x, w, b, d)
+            assert y.is_contiguous() and y.shape == (1, 4, L)
+            assert (y - conv.conv1d_reference(x, w, b, d)).abs().max() <= ATOL
 
 
 def test_route_env(use_route):
