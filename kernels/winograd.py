@@ -1,67 +1,91 @@
-"""3x3 convolutions (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3), in plain torch ops.
+"""3x3 convolutions (stride 1, padding 1) by Winograd's minimal filtering F(4x4, 3x3) and F(2x2, 3x3), in plain
+torch ops; and the 3x3 convolution after a nearest x2 upsampling by F(2x2, 3x3) on the upsampled image.
 
-    y = conv3x3(x, weight, bias)       x (B, C, H, W) -> y (B, K, H, W), weight (K, C, 3, 3)
+    y = conv3x3(x, U, bias)            x (B, C, H, W) -> y (B, K, H, W), U = winograd_weight(weight (K, C, 3, 3), m)
+    y = upsample_conv3x3(x, U, bias)   x (B, C, H, W) -> y (B, K, 2H, 2W), U = upsample_weight(weight)
 
-Winograd F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks") computes each 2x2
-block of outputs from the 4x4 input tile around it with 16 products per (input, output) channel pair instead of
-36: the 2.25x fewer multiply-adds of a 3x3 convolution, as 16 independent matrix products:
+Winograd F(m x m, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks") computes each m x m
+block of outputs from the n x n input tile around it (n = m + 2) with n^2 products per (input, output) channel pair
+instead of 9 m^2: 16 for 4 outputs with F(2x2) (2.25x fewer multiply-adds than direct), 36 for 16 outputs with
+F(4x4) (4x fewer), as n^2 independent matrix products:
 
-    U[ab] = (G g G^T)[ab]        (16, K, C)  the weight, transformed once (`winograd_weight`) and cached
-    V[ab] = (B^T d B)[ab]        (16, P, C)  every 4x4 input tile d, P tiles (2x2 output blocks) in all
-    M[ab] = V[ab] @ U[ab]^T      (16, P, K)  16 GEMMs
-    y     = A^T M A              (P, 2, 2, K) each tile's 2x2 outputs, + bias
+    U[ab] = (G g G^T)[ab]        (n^2, K, C)  the weight, transformed once (`winograd_weight`) and cached
+    V[ab] = (B^T d B)[ab]        (n^2, P, C)  every n x n input tile d, P tiles (m x m output blocks) in all
+    M[ab] = V[ab] @ U[ab]^T      (n^2, P, K)  n^2 GEMMs
+    y     = A^T M A              (P, m, m, K) each tile's m x m outputs, + bias
 
-B^T, G and A^T are the small constant matrices below; B^T and A^T hold only 0 and +-1, so the transforms are
-additions of strided views (4 for the rows of every tile, 16 for its columns; 4 + 4 on the way back). The
-result is written in the channels-last layout (B, H, W, K in memory) that oneDNN and our models use anyway.
-The 16 GEMMs run as oneDNN matmuls (torch.ops.mkldnn._linear_pointwise, where torch has oneDNN): 86-94 GFLOPS
-on one Zen 4 core at these sizes where MKL's torch.bmm ran 66-73 (MKL picks its kernels by CPU vendor, see
-kernels/linear.py); torch.bmm otherwise.
+B^T, G and A^T are the small constant matrices below. The transforms are sums of strided views, run per axis
+(rows of every tile, then its columns) with the common terms shared: F(2x2) 4 + 16 passes in, 16 + 8 out; F(4x4)
+12 + 72 in, 60 + 40 out (`_bt6`, `_at6`). F(4x4) moves less data per output (36 transformed values per 16 outputs
+against 16 per 4), which is why it also gains at 128 channels, where F(2x2) does not. The result is written in the
+channels-last layout (B, H, W, K in memory) that oneDNN and our models use anyway. The GEMMs run as oneDNN matmuls
+(torch.ops.mkldnn._linear_pointwise, where torch has oneDNN): 86-94 GFLOPS on one Zen 4 core at these sizes where
+MKL's torch.bmm ran 66-73 (MKL picks its kernels by CPU vendor, see kernels/linear.py); torch.bmm otherwise.
 
 Why: torch's CPU convolution (oneDNN) runs a direct 3x3 convolution near the machine's rate, so the only way to a
 faster one is fewer operations. On the 2-core AMD EPYC (Zen 4) this project is measured on, 1 thread, fp32,
-channels-last input, best of 5 by CPU time, load ~2 (benchmarks/RESULTS.md "UNet step (CPU)"):
+channels-last input, best of 5 by CPU time, load 1.2 (2026-12-04, /tmp scripts under the heavy-work lock):
 
-    (B, C -> K, H x W)                 oneDNN   Winograd
-    (2, 256 -> 256, 128 x 8)           23 ms     18 ms    1.32x  the UNet's 256-channel level
-    (2, 384 -> 384, 64 x 4)            14 ms      9 ms    1.59x
-    (2, 640 -> 640, 32 x 2)            17 ms      8 ms    2.32x  oneDNN is slow at this small image
-    (2, 640 -> 256, 128 x 8)           56 ms     37 ms    1.51x
-    (1, 512 -> 512, 256 x 16)         185 ms    114 ms    1.61x  the VAE decoder's 512-channel stage (in bands)
-    (1, 256 -> 256, 512 x 32)         177 ms    120 ms    1.48x  (in bands; 0.7-1.1x as one block)
-    (2, 128 -> 128, 256 x 16)          23 ms     26 ms    0.91x  (0.9-1.07x over several runs and band sizes)
-    (1, 128 -> 128, 1024 x 64)        196 ms    171 ms    1.15x  (in bands; one run, not taken: see below)
+    (B, C -> K, H x W)                 oneDNN   F(2x2)          F(4x4)
+    (2, 256 -> 256, 128 x 8)           21 ms     15 ms  1.39x    12 ms  1.74x   the UNet's 256-channel level
+    (2, 384 -> 384, 64 x 4)            12 ms      8.5   1.42x     9.4   1.29x   (F(4x4) 1.85x in another run)
+    (2, 640 -> 640, 32 x 2)            14 ms      7.2   1.94x    11.6   1.19x   half of F(4x4)'s tile is cut off
+    (2, 640 -> 256, 128 x 8)           53 ms     34     1.57x    24     2.21x
+    (1, 512 -> 512, 256 x 16)         172 ms    113     1.53x    61     2.85x   the VAE decoder's 512-channel stage
+    (1, 256 -> 256, 512 x 32)         167 ms    115     1.45x    92     1.81x
+    (2, 128 -> 128, 256 x 16)          21 ms     22     0.98x    15     1.39x   the UNet's 128-channel level
+    (1, 128 -> 128, 1024 x 64)        170 ms    162     1.05x   113-138 1.24-1.57x  the VAE's last stage
 
-The transforms move 4x the input and 4x the output through memory, which the GEMMs' savings pay for only when
-both channel counts are large: the route is taken for `MIN_CHANNELS` (256) or more in and out (128 channels
-gained 0.9-1.15x, within the noise of this shared machine, and a VAE decode with them on was not faster). Images
-of more than 2 * `TILES` tiles are done in bands of about `TILES` tiles per batch item, so that the transformed
-tiles of a band stay in the cache (their memory traffic otherwise made the large VAE images slower than oneDNN).
+(F(2x2) and F(4x4) in bands of 1024 and 512 tiles.) Which tile a call takes (`tile`) follows from its shapes:
+F(4x4) unless its tiles, cut off at the image's edge, need more products than F(2x2)'s (images 2 wide), from
+MIN_CHANNELS[4] (128) input and output channels; else F(2x2) from MIN_CHANNELS[2] (256); else oneDNN. F(4x4) at
+128 channels is taken on one thread only: with two threads its transforms, many short memory-bound passes that
+are each a parallel region, ran no faster than on one ((1, 128 -> 128, 1024 x 64): 120-155 ms wall on two threads,
+oneDNN 85 ms), so from two threads on it starts at MIN_CHANNELS_THREADED (256), where it still gained ((1, 512 ->
+512, 256 x 16) 43 ms wall, oneDNN 84 ms; (1, 256 -> 256, 512 x 32) 64 ms, oneDNN 84 ms; load 1.3). Images of more
+than 2 * `TILES` tiles are done in bands of about `TILES` tiles per batch item, so that the transformed tiles of a
+band stay in the cache (their memory traffic otherwise made the large VAE images slower than oneDNN).
 
-End to end (same machine, official configs, random weights, a 10.24 s latent; benchmarks/unet.py and
-benchmarks/ldm_parts.py; the UNet figures include `unet.dense`'s oneDNN matmuls, switched together):
+The convolution after a nearest x2 upsampling (the decoders' and the UNet's up-sampling) is F(2x2, 3x3) on the
+upsampled image with its tiles aligned to the 2 x 2 copies of each input pixel: one transformed row and column are
+zero, and the rest are differences of the input that neighbouring tiles share (see the section above
+`upsample_weight`): 9 GEMM products per input pixel and channel pair where the folded sub-pixel convolution
+(vae.upsample_conv, four 2x2 kernels through oneDNN) needs 16, and the plain conv on the upsampled image 36. Same
+machine, 1 thread, CPU time, (B, C, H, W) before upsampling, folded -> here: (1, 512, 256, 16) 393 -> 240 ms 1.64x,
+(1, 256, 512, 32) 397 -> 262 ms 1.51x, (2, 640, 32, 2) 33 -> 15 ms 2.24x, (2, 384, 64, 4) 32 -> 18 ms 1.76x,
+(2, 256, 128, 8) 50 -> 31 ms 1.62x (load 1.5). Taken from MIN_CHANNELS[2] channels in and out.
 
-    UNet step, batch 2, 1 thread:    MusicLDM 2797 -> 2363 ms, AudioLDM 2 4711 -> 4110 ms (load ~1)
-    UNet step, batch 2, 2 threads:   MusicLDM 1627 -> 1489 ms, AudioLDM 2 3140 -> 2696 ms (load 1.0-1.6)
-    VAE decode, 1 thread:            6.71 -> 5.65 s;  2 threads: 3.54 -> 3.47 s wall, 6.67 -> 6.11 s CPU time
+End to end (same machine, official configs, random weights, a 10.24 s latent, ours and diffusers alternated;
+F(2x2) only, as before, against this module's routes):
 
-and the UNet's output moved by less than 1e-6 against diffusers' (max abs 6e-6 either way, outputs ~2.5).
+    VAE decode, 1 thread (CPU time):   diffusers 7.4-7.5 s; F(2x2) 5.0-5.1 s 1.44-1.51x; F(4x4) + upsampling
+                                       4.0 s 1.87x (load 1.1-1.2)
+    UNet step, MusicLDM, 1 thread:     diffusers 2289 ms; F(2x2) 1888 ms 1.21x; F(4x4) 1739 ms 1.32x (load 1.5-2.2,
+                                       with unet.py's own routes; the upsampling convs through upsample_conv3x3 too:
+                                       1708 ms 1.34x)
 
-Accuracy: the fp32 error of one convolution is as small as oneDNN's own (against an fp64 convolution: 2e-6 for
-Winograd, 1e-5 for oneDNN, outputs of magnitude ~7). F(4x4, 3x3) (2.25x fewer products again) is not tried yet: its
-transforms' larger constants (+-2, +-4, 1/24) raise the fp32 error (the models' parity budget is 1e-4 end to
-end), though it would move less data per output (36 transformed values per 16 outputs, against 16 per 4).
+Accuracy: against an fp64 convolution, one F(2x2) convolution's fp32 error is as small as oneDNN's (max abs 2-4e-6
+on outputs ~5, 256-512 channels), F(4x4)'s 10-20x larger (5e-5 to 1.1e-4 on outputs ~5-6 at 128-512 channels,
+8e-6 relative to the output's max). Nearly all of it is the fp32 GEMMs' rounding, which F(4x4)'s constants (up
+to 8 in A^T, 4 and 5 in B^T) enlarge; the interpolation points matter less than that (0, +-1, 2, -1/2 measured
+2-3x lower in a plain einsum, at more transform passes; +-1/2 higher). The models' parity with diffusers (budget
+1e-4) holds with margin: VAE 10.24 s decode 3.6e-5 (F(2x2) only: 1.3e-5, oneDNN: 1.6e-5; from an fp64 run of the
+same model 3.4e-5), UNet step at the official sizes 1.2-1.35e-5 (F(2x2): 5-6e-6, oneDNN 6-7e-6, outputs ~2.1-2.5).
+The upsampling route's error is below the folded convolution's (5e-6 against 1e-5 from fp64).
 
-Which path a call takes (`uses_winograd`) depends on the call's shapes and on one per-process choice (`route()`),
+Which path a call takes depends on the call's shapes, the thread count and one per-process choice (`route()`),
 never on a timing:
 
-    route "winograd"  (default) CPU fp32 calls without gradients, 3x3 kernel, stride 1, padding 1, dilation 1, one
-                      group, zero padding, at least MIN_CHANNELS input and output channels; all others: F.conv2d
-    route "conv"      always F.conv2d
+    route "winograd"   (default) CPU fp32 calls without gradients, 3x3 kernel, stride 1, padding 1, dilation 1,
+                       one group, zero padding (`eligible`): F(4x4) or F(2x2) by `tile`; others F.conv2d
+    route "winograd2"  the same calls with F(2x2) only (from MIN_CHANNELS[2])
+    route "winograd4"  the same calls with F(4x4) only (from MIN_CHANNELS[4], whatever the image or threads)
+    route "conv"       always F.conv2d; the upsampling convs stay folded (vae.upsample_conv)
 
-MUSICLM_CONV3X3=conv|winograd overrides the default (tests, debugging, measuring the other route).
-`conv3x3_reference` is F.conv2d with the same signature as `conv3x3`; `WinogradConv2d` is the nn.Conv2d whose
-forward dispatches (same parameters and state_dict keys), caching the transformed weight until the weight changes.
+MUSICLM_CONV3X3=conv|winograd|winograd2|winograd4 overrides the default (tests, debugging, measuring the other
+routes). `conv3x3_reference` is F.conv2d with the same signature as `conv3x3`; `WinogradConv2d` is the nn.Conv2d
+whose forward dispatches (same parameters and state_dict keys), caching each transformed weight until the weight
+changes.
 """
 
 from __future__ import annotations
@@ -78,6 +102,10 @@ ROUTES = ("conv", "winograd", "winograd2", "winograd4")
 ENV = "MUSICLM_CONV3X3"
 # Input and output channels from which each tile size is taken (measured: F(2x2) gains from 256, F(4x4) from 128).
 MIN_CHANNELS = {2: 256, 4: 128}
+# F(4x4) with more than one thread: from 256 channels. At 128 its many small memory-bound transform passes are
+# most of its time, and each is a parallel region that did not run faster on two threads (PASSIVE OpenMP waits
+# on a shared machine), where oneDNN's direct convolution halves its time.
+MIN_CHANNELS_THREADED = 256
 # Tiles per band for large images: the transformed tiles of a band, (16, 1024, C) or (36, 512, C), stay in the
 # L3 cache (4.5-9 MB per 128 channels in fp32).
 TILES = {2: 1024, 4: 512}
@@ -128,7 +156,8 @@ def tile(x: Tensor, weight: Tensor, **conv_args) -> int:
     H, W = x.shape[-2:]
     # F(4x4) unless its tiles, cut off at the image's edge, need more products than F(2x2)'s (small images)
     four = 36 * -(-H // 4) * -(-W // 4) <= 16 * -(-H // 2) * -(-W // 2)
-    if four and channels >= MIN_CHANNELS[4]:
+    min_four = MIN_CHANNELS[4] if torch.get_num_threads() == 1 else max(MIN_CHANNELS[4], MIN_CHANNELS_THREADED)
+    if four and channels >= min_four:
         return 4
     return 2 if channels >= MIN_CHANNELS[2] else 0
 

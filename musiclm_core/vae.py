@@ -116,16 +116,18 @@ def inference_on_cpu(x: Tensor) -> bool:
 
 class Conv2d(WinogradConv2d):
     """nn.Conv2d that runs in the channels-last layout (B, H, W, C in memory) on the CPU without gradients, and its
-    3x3 convolutions of 256 channels or more by Winograd's F(2x2, 3x3) there (kernels/winograd.py).
+    3x3 convolutions by Winograd's F(4x4, 3x3) or F(2x2, 3x3) there (kernels/winograd.py: F(4x4) from 128
+    channels on one thread, from 256 on more; F(2x2) where F(4x4) does not pay).
 
     Why: torch's CPU convolution (oneDNN) reorders an NCHW input into its own layout and the result back on
     every call; a channels-last input it reads as it is. The whole decoder then stays channels-last (GroupNorm,
     SiLU, the residual adds and the attention's reshapes all read that layout directly). With the sub-pixel
     `Upsample`, a 10.24 s decode ran 1.29-1.36x faster than diffusers' NCHW decoder and 1.10-1.13x faster than
     diffusers moved to channels-last (2-core AMD EPYC, 2 threads, busy machine; benchmarks/ldm_parts.py). Same sums, same
-    weights; the layout of the weight itself made no difference (measured). With the Winograd route on as well
-    (the 512- and 256-channel stages), a quieter run (load ~1) gave 1.41x on 1 thread (1.19x with the route
-    off) and 1.40x wall / 1.49x CPU time on 2 threads (1.38x / 1.37x off); max abs 1-3e-5 from diffusers either way.
+    weights; the layout of the weight itself made no difference (measured). With the Winograd routes on as well, 1
+    thread, CPU time: 1.44-1.51x with F(2x2) for the 512- and 256-channel stages only, 1.87x with F(4x4) (the
+    128-channel stage too) and the upsampling by `winograd.upsample_conv3x3` (load 1.1-1.2); max abs 3.6e-5 from
+    diffusers (1.3e-5 with F(2x2) only).
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -185,7 +187,9 @@ class Upsample(nn.Module):
     On the CPU without gradients the two are one sub-pixel convolution: four 2x2 kernels (`upsample_conv_weights`)
     over the input padded by one, whose outputs interleave into the four phases of the result. Same sums with the
     taps that read the same input pixel added first: 16 products per input pixel and channel pair instead of 36,
-    and no 4x larger upsampled copy in memory.
+    and no 4x larger upsampled copy in memory. Under the Winograd routes (256+ channels) it is F(2x2, 3x3) on the
+    upsampled image instead (`winograd.upsample_conv3x3`): 9 products per input pixel and channel pair, 1.5-1.6x
+    faster than the folded kernels at the decoder's (1, 512, 256, 16) and (1, 256, 512, 32).
     """
 
     def __init__(self, channels: int):

@@ -220,14 +220,21 @@ def test_eligible_calls():
 
 
 def test_tile_choice(route):
-    """F(4x4) from 128 channels, F(2x2) from 256 where F(4x4)'s cut-off tiles would need more products (a
+    """F(4x4) from 128 channels on one thread (256 on more), F(2x2) from 256 where F(4x4)'s cut-off tiles would need more products (a
     2-wide image), F.conv2d below; the routes winograd2 / winograd4 force one tile size (still from its channel
     count), conv none."""
     def t(C, K, H, Wd):
         return W.tile(torch.randn(1, C, H, Wd), torch.randn(K, C, 3, 3))
     route(None)
-    assert [t(256, 256, 16, 8), t(128, 128, 16, 8), t(128, 256, 16, 8), t(64, 256, 16, 8)] == [4, 4, 4, 0]
-    assert [t(640, 640, 32, 2), t(128, 128, 32, 2), t(256, 256, 4, 4), t(256, 256, 1, 1)] == [2, 0, 4, 2]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert [t(256, 256, 16, 8), t(128, 128, 16, 8), t(128, 256, 16, 8), t(64, 256, 16, 8)] == [4, 4, 4, 0]
+        assert [t(640, 640, 32, 2), t(128, 128, 32, 2), t(256, 256, 4, 4), t(256, 256, 1, 1)] == [2, 0, 4, 2]
+        torch.set_num_threads(2)  # F(4x4) from 256 channels with more than one thread
+        assert [t(256, 256, 16, 8), t(128, 128, 16, 8), t(128, 256, 16, 8)] == [4, 0, 0]
+    finally:
+        torch.set_num_threads(threads)
     assert not W.uses_winograd(torch.randn(1, 64, 8, 8), torch.randn(64, 64, 3, 3))
     assert W.tile(torch.randn(1, 256, 8, 8), torch.randn(256, 256, 3, 3), stride=2) == 0  # not eligible
     route("winograd2")
@@ -255,6 +262,7 @@ def test_layer_dispatch_and_cache(route, monkeypatch):
     """WinogradConv2d takes conv3x3 with the tile `tile` says, matches nn.Conv2d either way, and transforms its
     weight again after the weight changes in place."""
     monkeypatch.setattr(W, "MIN_CHANNELS", {2: 8, 4: 8})  # a small layer stands for a 256-channel one
+    monkeypatch.setattr(W, "MIN_CHANNELS_THREADED", 8)
     torch.manual_seed(0)
     layer = W.WinogradConv2d(8, 12, 3, padding=1)
     plain = torch.nn.Conv2d(8, 12, 3, padding=1)
@@ -306,6 +314,7 @@ def test_unet_fast_routes_match_plain(route, monkeypatch):
     x = torch.randn(2, 8, 14, 8)
     kwargs = dict(encoder_hidden_states=torch.randn(2, 5, 24), encoder_hidden_states_1=torch.randn(2, 7, 40))
     monkeypatch.setattr(W, "MIN_CHANNELS", {2: 16, 4: 16})
+    monkeypatch.setattr(W, "MIN_CHANNELS_THREADED", 16)
     route("winograd")
     calls = []
     real = W.conv3x3

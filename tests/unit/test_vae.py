@@ -73,6 +73,7 @@ def conv_route(monkeypatch):
     """Set MUSICLM_CONV3X3 for one test, with the Winograd routes taken from 6 channels (a tiny model stands
     for the official one); route() is read once per process, its cache is cleared around the test."""
     monkeypatch.setattr(winograd, "MIN_CHANNELS", {2: 6, 4: 6})
+    monkeypatch.setattr(winograd, "MIN_CHANNELS_THREADED", 6)
 
     def set_route(value: str):
         monkeypatch.setenv(winograd.ENV, value)
