@@ -22,9 +22,29 @@ route pays only at many channels and long kernels (`choose_route`).
     weight) stay in the cache between being made and being used. Precomputed they would take ~350 MB for the
     official vocoder; made per call they cost ~10 % of the route's time at 512 channels.
 
-Measured (AMD EPYC Zen 4, official vocoder, 10.24 s of mel, busy machine, benchmarks/ldm_parts.py): the whole
-vocoder 1.32-1.48x transformers' on one thread (torch's convolutions alone: 0.99-1.02x), 1.16-1.23x on two: torch
-runs a CPU FFT on one thread whatever the thread count, and the small per-block products gain little from a second.
+Measured (AMD EPYC Zen 4, 2 cores shared with other jobs, fp32, official vocoder shapes). Per convolution, one
+thread, best of 5 by CPU time, load 1-1.5 (2026-12-04): the FFT route against torch's is 1.5-2.6x at 512 and 256
+channels (kernel 11: 105-165 ms against 265-295 ms; kernel 7 ~1.55x), 1.3-1.6x for kernel 7 and 1.75-1.9x for kernel
+11 at 128 channels; at 64 channels kernel 11 gains 1.15-1.35x on one thread but loses on two (0.83-1.04x by CPU
+time), kernel 7 loses (0.86-0.98x), and at 32 channels both lose (0.57-0.87x): hence `choose_route`. The whole
+vocoder against transformers' (benchmarks/ldm_parts.py --part vocoder, alternated, median of 3): 1.33-1.48x on one
+thread and 1.16-1.38x on two (loads 1.4-3), short of the 1.5x target. On two threads it is fragile under load (one
+run at load 1.5 gave 0.62x, the reference alternated with it unharmed), probably because its many short parallel
+regions wait for a core another process holds. After this route the one-thread time (~7.0 s on a quiet machine) is
+~35 % the products (complex matmuls), ~35 % torch's convolutions (kernel 3 at all widths, everything at 64 and 32
+channels), ~8 % the transposed convolutions, the rest transforms and copies.
+
+Tried and dropped (2026-12-04, each against this route or torch's convolution, one thread unless said): the complex
+products in real arithmetic, as one interleaved real-block GEMM (MKL: 0.91x the complex matmul) or Gauss's three
+real products on oneDNN (1.07-1.35x on the products alone with all output channels at once, 0.95-1.1x in 64-channel
+blocks; the planar copies, the stacking and the 100 MB of spectra at 512 channels ate the gain); the whole
+convolution in real GEMMs (DFTs as matrix products, overlap-add, Gauss folded into the inverse DFT matrix):
+0.7-0.9x, its thin DFT products ran far below peak; rfft along the first axis to skip the transposes (torch puts the
+transformed axis last anyway): 0.75x; splitting the FFTs over two Python threads: no gain, torch's FFTs were not the
+two-thread bottleneck (5 ms either way for a (256, 380, 64) batch); spectra in 128/256-channel blocks: 0.99x / 0.97x
+for the whole vocoder; 1-D Winograd F(4, 3) for the kernel-3 convolutions: 1.44x at 512 channels but 5x the fp32
+error (1.1e-5), 0.7-1.0x at 256 and below (about 2 % of the vocoder: not taken); the transposed convolutions as
+polyphase convolutions: 0.98-1.4x per layer, within the noise, about 1 % of the vocoder.
 
 Accuracy: the fp32 FFTs round differently from the direct sum; measured 2-3e-6 max abs on unit-scale signals
 (unit-gain weights), the same order as oneDNN against a float64 reference.
@@ -50,11 +70,11 @@ ENV = "MUSICLM_CONV1D"
 N_FFT = 64  # frame length: M = 54 outputs per frame for K = 11; 128 was no faster (fewer, less efficient columns)
 BLOCK = 64  # output channels whose filter spectra are made and used together (64 x 512 x 33 x 8 B = 8.7 MB)
 
-# Where the FFT route wins (measured one thread, module docstring): the direct convolution's multiplies per output
-# sample, kernel x channels, at least 704 (kernels 7 and 11 at 128 channels and more, kernel 11 at 64 channels).
-# Below that the transforms and the extra memory passes cost more than the saved multiplications.
+# Where the FFT route wins (measured, module docstring): kernels of at least 7 taps on at least 128 channels. Below
+# that the transforms and the extra memory passes cost more than the saved multiplications. (Kernel 11 at 64
+# channels gained 1.15-1.35x per convolution on one thread but lost 0.83-1.04x by CPU time on two: left direct.)
 FFT_MIN_KERNEL = 7
-FFT_MIN_TAPS = 704  # kernel x input channels
+FFT_MIN_CHANNELS = 128
 
 
 def conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1) -> Tensor:
@@ -120,8 +140,7 @@ def fft_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1
 
 def choose_route(channels: int, kernel: int) -> str:
     """"fft" for the shapes where it measured faster than torch's convolution, else "direct"."""
-    fft = FFT_MIN_KERNEL <= kernel < N_FFT and kernel * channels >= FFT_MIN_TAPS
-    return "fft" if fft else "direct"
+    return "fft" if FFT_MIN_KERNEL <= kernel < N_FFT and channels >= FFT_MIN_CHANNELS else "direct"
 
 
 @functools.cache
