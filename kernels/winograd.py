@@ -55,22 +55,27 @@ machine, 1 thread, CPU time, (B, C, H, W) before upsampling, folded -> here: (1,
 (1, 256, 512, 32) 397 -> 262 ms 1.51x, (2, 640, 32, 2) 33 -> 15 ms 2.24x, (2, 384, 64, 4) 32 -> 18 ms 1.76x,
 (2, 256, 128, 8) 50 -> 31 ms 1.62x (load 1.5). Taken from MIN_CHANNELS[2] channels in and out.
 
-End to end (same machine, official configs, random weights, a 10.24 s latent, ours and diffusers alternated;
-F(2x2) only, as before, against this module's routes):
+End to end (same machine, official configs, random weights, a 10.24 s latent, ours and diffusers alternated,
+medians of 3; "F(2x2)" is MUSICLM_CONV3X3=winograd2, the upsampling convs then also by upsample_conv3x3):
 
-    VAE decode, 1 thread (CPU time):   diffusers 7.4-7.5 s; F(2x2) 5.0-5.1 s 1.44-1.51x; F(4x4) + upsampling
-                                       4.0 s 1.87x (load 1.1-1.2)
-    UNet step, MusicLDM, 1 thread:     diffusers 2289 ms; F(2x2) 1888 ms 1.21x; F(4x4) 1739 ms 1.32x (load 1.5-2.2,
-                                       with unet.py's own routes; the upsampling convs through upsample_conv3x3 too:
-                                       1708 ms 1.34x)
+    VAE decode, 1 thread (CPU time):   diffusers 7.4-7.5 s; F(2x2) 5.0-5.1 s 1.44-1.51x (before the upsampling
+                                       route: 5.1 s 1.44x); default 4.0 s 1.87x (load 1.1-1.2)
+    VAE decode, 2 threads (wall):      diffusers 4.52 s; F(2x2) 3.44 s 1.31x; default 2.93 s 1.54x (CPU time 1.68x;
+                                       load 1.6; the 128-channel stage on oneDNN, see MIN_CHANNELS_THREADED)
+    UNet step, MusicLDM, 1 thread:     diffusers 2289 ms; F(2x2) 1888 ms 1.21x; default 1739 ms 1.32x (load 1.5-2.2,
+                                       with unet.py's own routes); its upsampling convs through upsample_conv3x3
+                                       too (not in unet.py yet): 1708 ms 1.34x
+    UNet step, MusicLDM, 2 threads:    diffusers 1641 ms wall; F(2x2) 1362 ms 1.20x; default 1356 ms 1.21x; with
+                                       upsample_conv3x3 1254 ms 1.31x (CPU time 1.39x; load 1.7)
 
 Accuracy: against an fp64 convolution, one F(2x2) convolution's fp32 error is as small as oneDNN's (max abs 2-4e-6
 on outputs ~5, 256-512 channels), F(4x4)'s 10-20x larger (5e-5 to 1.1e-4 on outputs ~5-6 at 128-512 channels,
 8e-6 relative to the output's max). Nearly all of it is the fp32 GEMMs' rounding, which F(4x4)'s constants (up
 to 8 in A^T, 4 and 5 in B^T) enlarge; the interpolation points matter less than that (0, +-1, 2, -1/2 measured
 2-3x lower in a plain einsum, at more transform passes; +-1/2 higher). The models' parity with diffusers (budget
-1e-4) holds with margin: VAE 10.24 s decode 3.6e-5 (F(2x2) only: 1.3e-5, oneDNN: 1.6e-5; from an fp64 run of the
-same model 3.4e-5), UNet step at the official sizes 1.2-1.35e-5 (F(2x2): 5-6e-6, oneDNN 6-7e-6, outputs ~2.1-2.5).
+1e-4) holds with margin: VAE 10.24 s decode 3.3-3.8e-5 (F(2x2) only: 1.3e-5, oneDNN: 1.6e-5; from an fp64 run of
+the same model 3.2-3.8e-5), UNet step at the official sizes 1.1-1.5e-5 (F(2x2): 5-6e-6, oneDNN 6-7e-6, outputs
+~2.1-2.5).
 The upsampling route's error is below the folded convolution's (5e-6 against 1e-5 from fp64).
 
 Which path a call takes depends on the call's shapes, the thread count and one per-process choice (`route()`),

@@ -220,9 +220,9 @@ def test_eligible_calls():
 
 
 def test_tile_choice(route):
-    """F(4x4) from 128 channels on one thread (256 on more), F(2x2) from 256 where F(4x4)'s cut-off tiles would need more products (a
-    2-wide image), F.conv2d below; the routes winograd2 / winograd4 force one tile size (still from its channel
-    count), conv none."""
+    """F(4x4) from 128 channels on one thread (256 on more), F(2x2) from 256 where F(4x4)'s cut-off tiles would
+    need more products (a 2-wide image), F.conv2d below; the routes winograd2 / winograd4 force one tile size
+    (still from its channel count), conv none."""
     def t(C, K, H, Wd):
         return W.tile(torch.randn(1, C, H, Wd), torch.randn(K, C, 3, 3))
     route(None)
