@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from musiclm_core import hub
-from musiclm_core.kernels.attention import attention
 from musiclm_core.kernels import winograd
+from musiclm_core.kernels.attention import attention
 from musiclm_core.kernels.winograd import WinogradConv2d
 
 KIND = "vae"  # the model name in a native checkpoint's config.json
