@@ -27,6 +27,22 @@ masked row averages all keys as the reference does.
 
 Heads: `num_heads` in every transformer (8 in both checkpoints: diffusers reads `attention_head_dim` as the number
 of heads, specs/ldm.md §15.1), so the head size is channels / 8 (32, 48, 80).
+
+CPU routes (fp32 inference; each with its switch and a test against the plain computation): Winograd for the 3x3
+ResBlock convs and the x2 upsampling convs (kernels/winograd.py, MUSICLM_CONV3X3), oneDNN matmuls for the
+transformers' linears, the GEGLU (GELU fused into the gate's matmul) and the ResBlocks' 1x1 skips (`dense`, `geglu`,
+`pointwise_conv`; MUSICLM_UNET_LINEAR=torch turns them off). One step at batch 2, latent (2, 8, 256, 16), official
+configs, random weights, 2-core AMD EPYC (Zen 4), against diffusers 0.42 in the same run (benchmarks/unet.py):
+
+    1 thread, load 1.2-1.6           MusicLDM                  AudioLDM 2
+    before this file's GEGLU/skip    2089 ms (1.28x)           -
+    now                              1740-1873 ms (1.33-1.36x) 3545-3646 ms (1.19-1.20x)
+    2 threads, load 1.2-1.9          1.00-1.15x wall, 1.17-1.22x by CPU time; AudioLDM 2 1.11x, 1.18x by CPU time
+
+The step is near the machine's fp32 rate in its matmuls (one core ~90-100 GFLOPS in oneDNN); what is left at one
+thread is mostly self-attention at 1024 tokens (torch's flash kernel, ~33 ms a call, 20 calls in AudioLDM 2) and
+the transformers' matmuls. On 2 threads the wall time moves with the other jobs on the 2 cores: the Winograd
+ResBlocks measured no faster there than on one thread under load ~1.7 (many small ops, each a thread handoff).
 """
 
 from __future__ import annotations
@@ -224,8 +240,8 @@ def geglu(layer: nn.Linear, x: Tensor) -> Tensor:
 def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """conv(x) for a 1x1 convolution (the ResBlocks' skips): on `dense`'s oneDNN route a matmul over the
     channels of the (B, T, F, C) view of a channels-last x (a view, no copy), returned with channels-last strides;
-    torch's convolution otherwise. Measured 1.05-1.3x torch's 1x1 convolution on one EPYC core at the UNet's skip
-    shapes (it took torch's slow im2col path for channels-last inputs)."""
+    torch's convolution otherwise. On one EPYC core 0.97-1.28x torch's 1x1 convolution at the UNet's six skip
+    shapes (torch took its slow im2col path there; it is oneDNN's too on 2 threads, where the two run level)."""
     K, C = conv.weight.shape[:2]
     if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
             and _onednn(conv, nn.Conv2d, x)):
