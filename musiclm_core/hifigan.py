@@ -123,7 +123,9 @@ PRESETS: dict[str, HifiGanConfig] = {
 # Routes tried and dropped (single thread, 2026-12-03, AMD EPYC, a loaded machine): oneDNN convs with the leaky
 # ReLU and the residual add fused in (torch.ops.mkldnn._convolution_pointwise) 0.91-1.01x; the transposed convs as
 # one matrix product plus an overlap-add 0.72-1.21x; one GEMM per kernel tap, or one im2col GEMM, 0.2-0.7x; 2-D
-# channels-last convs 0.85-1.04x. Also: a stage's first leaky ReLU is shared among its residual blocks, and each
+# channels-last convs 0.85-1.04x; on 2026-12-04 the transposed convs as polyphase convs (0.98-1.4x per layer, ~1 % of
+# the vocoder), 1-D Winograd for the kernel-3 convs, and real-arithmetic products for the FFT route (figures in
+# kernels/conv1d.py's docstring). Also: a stage's first leaky ReLU is shared among its residual blocks, and each
 # conv's fresh output takes the leaky ReLU and the residual add in place.
 
 
