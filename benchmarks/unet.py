@@ -14,19 +14,19 @@ noise, written with save_pretrained and loaded by `UNet.from_pretrained`, so bot
 
 Columns: diffusers fp32 as it comes (its default NCHW layout and attention processors); ours fp32 (channels-last,
 fused q/k/v, 1x1 projections as linears, and its CPU routes: Winograd for the stride-1 3x3 convolutions
-(kernels/winograd.py: F(4x4, 3x3) from 128 channels, F(2x2, 3x3) where that needs fewer products), the x2 upsampling
-convolutions as F(2x2, 3x3) on the upsampled image built from the input (256+ channels) or folded into 2x2 sub-pixel
-kernels (below), oneDNN matmuls for the transformers' linears with GELU fused into the GEGLU's, the ResBlocks' 1x1
-skips as oneDNN matmuls); ours fp32 again with those routes off (MUSICLM_CONV3X3=conv, MKL's linears and torch's 1x1
-convolutions; the folding stays); both again with bf16 weights and activations. Times are wall-clock medians, and
-the fp32 speed-up is also given by process CPU time (both threads' CPU seconds), which moves less with the load. Max
-abs difference of each of ours against diffusers' fp32 output, whose magnitude is printed alongside, and of
-diffusers' bf16 against its fp32 (what bf16 costs either way). A line above the table gives a 2048^3 fp32 and bf16
-matmul's GFLOPS in the same run: the roofline a compute-bound UNet step works against (the step's GFLOP, from
-torch's FlopCounterMode, divided by its time, is the "ours GFLOPS" column: convolutions, linears and attention are
-nearly all of it). CPU with 2 threads (--threads) and OMP_WAIT_POLICY=PASSIVE (on a shared 2-core machine spinning
-OpenMP threads slow everything down, specs/NOTES.md). Medians of the repeats after one warm-up; the five calls
-alternate so that they see the same load.
+(kernels/winograd.py: F(4x4, 3x3) from 128 channels on one thread, from 256 on two, F(2x2, 3x3) where that needs
+fewer products), the x2 upsampling convolutions as F(2x2, 3x3) on the upsampled image built from the input (256+
+channels) or folded into 2x2 sub-pixel kernels (below), oneDNN matmuls for the transformers' linears with GELU fused
+into the GEGLU's, the ResBlocks' 1x1 skips as oneDNN matmuls); ours fp32 again with those routes off
+(MUSICLM_CONV3X3=conv, MKL's linears and torch's 1x1 convolutions; the folding stays); both again with bf16 weights
+and activations. Times are wall-clock medians, and the fp32 speed-up is also given by process CPU time (both
+threads' CPU seconds), which moves less with the load. Max abs difference of each of ours against diffusers' fp32
+output, whose magnitude is printed alongside, and of diffusers' bf16 against its fp32 (what bf16 costs either way).
+A line above the table gives a 2048^3 fp32 and bf16 matmul's GFLOPS in the same run: the roofline a compute-bound
+UNet step works against (the step's GFLOP, from torch's FlopCounterMode, divided by its time, is the "ours GFLOPS"
+column: convolutions, linears and attention are nearly all of it). CPU with 2 threads (--threads) and
+OMP_WAIT_POLICY=PASSIVE (on a shared 2-core machine spinning OpenMP threads slow everything down, specs/NOTES.md).
+Medians of the repeats after one warm-up; the five calls alternate so that they see the same load.
 """
 
 from __future__ import annotations
