@@ -37,12 +37,16 @@ configs, random weights, 2-core AMD EPYC (Zen 4), against diffusers 0.42 in the 
     1 thread, load 1.2-1.6           MusicLDM                  AudioLDM 2
     before this file's GEGLU/skip    2089 ms (1.28x)           -
     now                              1740-1873 ms (1.33-1.36x) 3545-3646 ms (1.19-1.20x)
-    2 threads, load 1.2-1.9          1.00-1.15x wall, 1.17-1.22x by CPU time; AudioLDM 2 1.11x, 1.18x by CPU time
+    2 threads, load ~1.05, F(2x2) Winograd only: before 1557 ms (1.10x; 1.12x by CPU time), after 1471 ms (1.29x;
+                                     1.37x by CPU time)
+    2 threads, load 1.3-1.5, now     1592 ms (1.12x; 1.20x by CPU)   2340 ms (1.17x; 1.22x by CPU)
 
 The step is near the machine's fp32 rate in its matmuls (one core ~90-100 GFLOPS in oneDNN); what is left at one
 thread is mostly self-attention at 1024 tokens (torch's flash kernel, ~33 ms a call, 20 calls in AudioLDM 2) and
-the transformers' matmuls. On 2 threads the wall time moves with the other jobs on the 2 cores: the Winograd
-ResBlocks measured no faster there than on one thread under load ~1.7 (many small ops, each a thread handoff).
+the transformers' matmuls. On 2 threads the wall time moves with the other jobs on the 2 cores (diffusers' own
+step took 1.37-1.90 s over this session's runs): with F(4x4) Winograd at 128 channels on two threads the ResBlocks
+measured no faster than on one under load ~1.7 (many short passes, each a thread handoff), which is why
+kernels/winograd.py now takes it on one thread only.
 """
 
 from __future__ import annotations
