@@ -99,6 +99,23 @@ def test_weight_transform_in_float64(m):
         W.winograd_weight(weight, 3)
 
 
+@pytest.mark.parametrize("block", [W.TRANSFORM_BLOCK, 12, 1])
+def test_weight_transforms_in_blocks(monkeypatch, block):
+    """Both transforms made in blocks of output channels (several, a short last one, one channel each) equal the
+    sandwich g w g^T of every kernel computed whole in float64 (to fp32 rounding: the sums run in another order)."""
+    monkeypatch.setattr(W, "TRANSFORM_BLOCK", block)
+    weight = torch.randn(7, 5, 3, 3)
+    for m, g in ((2, W.G), (4, W.G4)):
+        g = torch.tensor(g, dtype=torch.float64)
+        expected = torch.einsum("ar,kcrs,bs->abkc", g, weight.double(), g).reshape((m + 2) ** 2, 7, 5).float()
+        torch.testing.assert_close(W.winograd_weight(weight, m), expected, rtol=0, atol=1e-6)
+    p = torch.tensor(W.UPSAMPLE_TAPS, dtype=torch.float64)
+    Wpq = torch.einsum("pr,kcrs,qs->pqkc", p, weight.double(), p)  # (3, 3, K, C)
+    order = [(0, 0), (0, 2), (2, 0), (2, 2), (0, 1), (2, 1), (1, 0), (1, 2), (1, 1)]  # DD, Dx, xD, xx
+    expected = torch.cat([Wpq[a, b] for a, b in order]).float()
+    torch.testing.assert_close(W.upsample_weight(weight), expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("m", [2, 4])
 def test_tables_are_minimal_filtering(m):
     """In exact (fp64) arithmetic A^T [(G g) * (B^T d)] is the correlation of d (m + 2 values) with g (3): the
