@@ -72,6 +72,8 @@ MASK_BIAS = -10000.0  # what a masked context token adds to the attention scores
 # MUSICLM_UNET_LINEAR=torch (measuring, debugging).
 ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
                  and env_route("MUSICLM_UNET_LINEAR", ("onednn", "torch")) != "torch")
+
+
 @dataclass
 class UNetConfig:
     in_channels: int = 8                              # latent channels in

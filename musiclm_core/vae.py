@@ -123,9 +123,9 @@ class Conv2d(WinogradConv2d):
     every call; a channels-last input it reads as it is. The whole decoder then stays channels-last (GroupNorm,
     SiLU, the residual adds and the attention's reshapes all read that layout directly). With the sub-pixel
     `Upsample`, a 10.24 s decode ran 1.29-1.36x faster than diffusers' NCHW decoder and 1.10-1.13x faster than
-    diffusers moved to channels-last (2-core AMD EPYC, 2 threads, busy machine; benchmarks/ldm_parts.py). Same sums, same
-    weights; the layout of the weight itself made no difference (measured). With the Winograd routes on as well, 1
-    thread, CPU time: 1.44-1.51x with F(2x2) for the 512- and 256-channel stages only, 1.87x with F(4x4) (the
+    diffusers moved to channels-last (2-core AMD EPYC, 2 threads, busy machine; benchmarks/ldm_parts.py). Same
+    sums, same weights; the layout of the weight itself made no difference (measured). With the Winograd routes on
+    as well, 1 thread, CPU time: 1.44-1.51x with F(2x2) for the 512- and 256-channel stages only, 1.87x with F(4x4) (the
     128-channel stage too) and the upsampling by `winograd.upsample_conv3x3` (load 1.1-1.2); 2 threads, wall 1.54x,
     CPU time 1.68x (load 1.6); max abs 3.3-3.8e-5 from diffusers (1.3e-5 with F(2x2) only).
     """
