@@ -7,9 +7,9 @@
 The official configs (specs/ldm.md §4.1, §5.1) with random weights: diffusers' `AutoencoderKL` and transformers'
 `SpeechT5HifiGan` at their own initialisation, written with save_pretrained and loaded by ours through
 `from_pretrained`, so both run the same weights. fp32 on the CPU with 2 threads (the vocoder also with 1); a 10.24 s
-clip: latents (1, 8, 256, 16) -> mel (1, 1, 1024, 64), and 1024 mel frames -> 163 872 samples at 16 kHz. Each figure is the
-median of the repeats after one warm-up call; the calls of ours and the reference alternate, so that both see the
-same load on a shared machine. "max abs diff" compares each row's output with the fp32 reference output.
+clip: latents (1, 8, 256, 16) -> mel (1, 1, 1024, 64), and 1024 mel frames -> 163 872 samples at 16 kHz. Each figure
+is the median of the repeats after one warm-up call; the calls of ours and the reference alternate, so that both see
+the same load on a shared machine. "max abs diff" compares each row's output with the fp32 reference output.
 
 Variants: the reference VAE run in the channels-last layout (`.to(memory_format=torch.channels_last)`, what our
 decoder does inside), and our VAE in bfloat16 (weights and activations; CPUs without native bf16 arithmetic run it
