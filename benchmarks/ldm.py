@@ -41,31 +41,119 @@ SECONDS, STEPS = 10.24, 20
 PROMPT, NEGATIVE = ["a calm piano melody with soft strings"], ["low quality"]
 
 
-def timed(owner, name: str, times: dict[str, float], stage: str) -> None:
+def timed(owner, name: str, times: dict[str, float], stage: str, sync=lambda: None) -> None:
     """Replace owner.name by a wrapper that adds each call's seconds to times[stage] (an instance attribute:
-    nn.Module.__call__ finds a patched forward)."""
+    nn.Module.__call__ finds a patched forward). sync: torch.cuda.synchronize on the GPU, so that a stage's
+    seconds are its own work, not the queue before it."""
     fn = getattr(owner, name)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        sync()
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
+            sync()
             times[stage] += time.perf_counter() - start
 
     setattr(owner, name, wrapper)
 
 
-def instrument(ours, ref, kind: str) -> tuple[dict, dict]:
+def instrument(ours, ref, kind: str, sync=lambda: None) -> tuple[dict, dict]:
     mine, theirs = defaultdict(float), defaultdict(float)
-    timed(ours, "_encode", mine, "text encoding")
-    timed(ours.vae, "decode", mine, "VAE decode")
-    timed(ours.vocoder, "forward", mine, "vocoder")
-    timed(ref, "_encode_prompt" if kind == "musicldm" else "encode_prompt", theirs, "text encoding")
-    timed(ref.vae, "decode", theirs, "VAE decode")
-    timed(ref.vocoder, "forward", theirs, "vocoder")
+    timed(ours, "_encode", mine, "text encoding", sync)
+    timed(ours.vae, "decode", mine, "VAE decode", sync)
+    timed(ours.vocoder, "forward", mine, "vocoder", sync)
+    timed(ref, "_encode_prompt" if kind == "musicldm" else "encode_prompt", theirs, "text encoding", sync)
+    timed(ref.vae, "decode", theirs, "VAE decode", sync)
+    timed(ref.vocoder, "forward", theirs, "vocoder", sync)
     return mine, theirs
+
+
+STAGES = ["text encoding", "UNet loop", "VAE decode", "vocoder", "end to end"]
+
+
+def run_timed(fn, times: dict, sync=lambda: None):
+    """fn()'s output; times gets its stages (those `instrument` records, "end to end", and "UNet loop" as the
+    rest of the call)."""
+    times.clear()
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    times["end to end"] = time.perf_counter() - start
+    times["UNet loop"] = times["end to end"] - sum(times[s] for s in ("text encoding", "VAE decode", "vocoder"))
+    return out
+
+
+def main_cuda(args, path: Path, name: str) -> None:
+    """The GPU rows: the reference pipeline and ours in fp32 and bf16 on the GPU, ours also with its UNet call
+    replayed from a CUDA graph (`generate(..., cuda_graph=True)`), the stages split as on the CPU."""
+    import diffusers
+    import transformers
+
+    import ldm_fixtures as lf
+    from diffusers import DPMSolverMultistepScheduler
+    from musiclm_core.audioldm2 import AudioLDM2
+    from musiclm_core.musicldm import MusicLDM
+
+    sync = torch.cuda.synchronize
+    reps = max(args.reps, 3)
+    rows, errors = [], []
+    want = None
+    for dtype in (torch.float32, torch.bfloat16):
+        label = "fp32" if dtype == torch.float32 else "bf16"
+        ours = (MusicLDM if args.model == "musicldm" else AudioLDM2).from_pretrained(path, dtype=dtype).to("cuda")
+        reference = (lf.reference_musicldm if args.model == "musicldm" else lf.reference_audioldm2)(path)
+        reference = reference.to("cuda", dtype)
+        reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config)
+        latents = lf.latents_for(ours, 1, SECONDS).to("cuda", dtype)
+        mine, theirs = instrument(ours, reference, args.model, sync)
+        run = dict(audio_length_in_s=SECONDS, num_inference_steps=STEPS, negative_prompt=NEGATIVE)
+        paths = {f"reference {label}": (lambda: reference(PROMPT, latents=latents.clone(), output_type="pt",
+                                                           **run).audios, theirs),
+                 f"ours {label}": (lambda: ours.generate(PROMPT, scheduler="dpm", latents=latents.clone(), **run)[:, 0],
+                                   mine),
+                 f"ours {label}, CUDA graph": (lambda: ours.generate(PROMPT, scheduler="dpm", latents=latents.clone(),
+                                                                     cuda_graph=True, **run)[:, 0], mine)}
+        per_path = defaultdict(list)
+        with torch.inference_mode():
+            for key, (fn, times) in paths.items():
+                try:
+                    run_timed(fn, times, sync)  # warm-up: kernels chosen, Triton compiled, the graph captured
+                except Exception as e:  # report and go on: one failing path should not hide the others
+                    errors.append(f"{key} failed: {type(e).__name__}: {str(e)[:300]}")
+            for _ in range(reps):
+                for key, (fn, times) in paths.items():
+                    if not any(e.startswith(key + " failed") for e in errors):
+                        out = run_timed(fn, times, sync).float().cpu()
+                        per_path[key].append(dict(times))
+                        if want is None and key == "reference fp32":
+                            want = out
+                        per_path[key + " out"] = out
+        for key in paths:
+            if per_path[key]:
+                diff = "" if want is None else f"{(per_path[key + ' out'] - want).abs().max().item():.1e}"
+                rows.append((key, [statistics.median(t[s] for t in per_path[key]) for s in STAGES], diff))
+        del ours, reference, paths
+        torch.cuda.empty_cache()
+    lines = [
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}, {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"{name}, official configs with random weights on the GPU; a {SECONDS} s clip, {STEPS} DPM-Solver++ steps "
+        f"with guidance and a negative prompt, one waveform, the same initial latents on every path. Median of {reps}"
+        f" runs after a warm-up run of each path (seconds; CUDA synchronised around each stage). TF32: cuDNN "
+        f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32} (torch's defaults). "
+        f"`python benchmarks/ldm.py --device cuda --model {args.model}`.",
+        "",
+        "| path | " + " | ".join(STAGES) + " | max abs vs reference fp32 |",
+        "|---|" + "---:|" * (len(STAGES) + 1),
+        *[f"| {key} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {diff} |" for key, values, diff in rows],
+        *[f"- {e}" for e in errors],
+    ]
+    report(f"## {name} end to end on the GPU", lines, write=args.write)
 
 
 def main() -> None:
@@ -83,14 +171,22 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     parser.add_argument("--tiny", action="store_true", help="the tiny test configs (a smoke test of this script)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPU rows (fp32, bf16, CUDA graph; main_cuda)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="time the process's first generation too (no 2-step generation and ranking before)")
     args = parser.parse_args()
     diffusers.utils.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
-    torch.set_num_threads(2)
-
+    name = "MusicLDM" if args.model == "musicldm" else "AudioLDM 2"
     folder = Path(tempfile.mkdtemp(prefix="ldm_bench_"))
+    if args.device == "cuda":
+        try:
+            write = lf.write_musicldm if args.model == "musicldm" else lf.write_audioldm2
+            return main_cuda(args, write(folder, official=not args.tiny), name)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    torch.set_num_threads(2)
     try:
         if args.model == "musicldm":
             path = lf.write_musicldm(folder, official=not args.tiny)
@@ -119,12 +215,7 @@ def main() -> None:
             for fn, times in ((lambda: ours.generate(PROMPT, scheduler="dpm", latents=latents.clone(), **run), mine),
                               (lambda: ref(PROMPT, latents=latents.clone(), output_type="pt", **run).audios,
                                theirs)):
-                times.clear()
-                start = time.perf_counter()
-                results.append(fn())
-                times["end to end"] = time.perf_counter() - start
-                times["UNet loop"] = times["end to end"] - sum(times[s] for s in ("text encoding", "VAE decode",
-                                                                                    "vocoder"))
+                results.append(run_timed(fn, times))
             per_rep.append((dict(mine), dict(theirs)))
         err = (results[0][:, 0] - results[1]).abs().max().item()
         scale = results[1].abs().max().item()
@@ -141,11 +232,9 @@ def main() -> None:
                 fn()
                 out.append(time.perf_counter() - start)
 
-    stages = ["text encoding", "UNet loop", "VAE decode", "vocoder", "end to end"]
     rows = [(s, statistics.median(m[s] for m, _ in per_rep), statistics.median(t[s] for _, t in per_rep))
-            for s in stages]
+            for s in STAGES]
     rows.append(("ranking, 2 candidates (separate)", statistics.median(rank_ours), statistics.median(rank_ref)))
-    name = "MusicLDM" if args.model == "musicldm" else "AudioLDM 2"
     lines = [
         *header,
         f"# {load_line('after')}",

@@ -88,6 +88,7 @@ def parse_args():
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return parser.parse_args()
 
 
@@ -133,8 +134,102 @@ def make_reference(name: str):
     return model, both, both
 
 
+def cuda_ms(fn, reps: int) -> float:
+    """Median milliseconds of fn() on the GPU over `reps` calls after 3 warm-ups (CUDA events around each)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main_cuda(args) -> None:
+    """The GPU rows: diffusers and ours in fp32 and bf16, ours with torch's SDPA instead of our Triton attention,
+    and both bf16 steps replayed from a CUDA graph (generate.GraphedStep, as the pipelines' `cuda_graph=True`)."""
+    import diffusers
+
+    from musiclm_core.generate import GraphedStep
+    from musiclm_core.unet import UNet
+
+    reps = max(args.reps, 20)
+    name = torch.cuda.get_device_name()
+    print(f"# UNet step on {name}, torch {torch.__version__}, diffusers {diffusers.__version__}; batch 2 (CFG), "
+          f"latent (2, 8, 256, 16), random weights at the official sizes; median of {reps} after 3 warm-ups, CUDA "
+          f"events; TF32: cuDNN {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32} "
+          f"(torch's defaults, both sides); {datetime.date.today().isoformat()}")
+    print("| config | path | ms | diffusers same dtype / this | max abs vs diffusers fp32 |")
+    print("|---|---|---:|---:|---:|")
+    for config in ("musicldm", "audioldm2"):
+        torch.manual_seed(0)
+        reference, their_kwargs, our_kwargs = make_reference(config)
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        folder = Path(tempfile.mkdtemp(prefix="unet_bench_"))
+        try:
+            reference.save_pretrained(str(folder))
+            ours = {dtype: UNet.from_pretrained(folder, dtype=dtype).to("cuda").eval()
+                    for dtype in (torch.float32, torch.bfloat16)}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        theirs = {torch.float32: reference.to("cuda").eval(),
+                  torch.bfloat16: copy.deepcopy(reference).to("cuda", torch.bfloat16).eval()}
+        x = torch.randn(2, 8, 256, 16, generator=torch.Generator().manual_seed(2)).cuda()
+        t = torch.tensor(500, device="cuda")
+
+        def cast(kwargs: dict, dtype: torch.dtype) -> dict:
+            return {k: (v.to("cuda", dtype) if v is not None and v.is_floating_point() else
+                        v if v is None else v.cuda()) for k, v in kwargs.items()}
+
+        def call(side: str, dtype: torch.dtype, attention: str = "auto"):
+            kwargs = cast(their_kwargs if side == "diffusers" else our_kwargs, dtype)
+            model, xd = (theirs if side == "diffusers" else ours)[dtype], x.to(dtype)
+            if side == "diffusers":
+                return lambda: model(xd, t, **kwargs).sample
+            return lambda: os.environ.__setitem__("MUSICLM_ATTENTION", attention) or model(xd, t, **kwargs)
+
+        def graphed(fn):
+            step = GraphedStep(lambda xd, td: fn())  # the inputs are fixed here: the graph reads x and t as captured
+            return lambda: step(x, t)
+
+        paths = {
+            ("diffusers", "fp32"): call("diffusers", torch.float32),
+            ("ours", "fp32"): call("ours", torch.float32),
+            ("diffusers", "bf16"): call("diffusers", torch.bfloat16),
+            ("ours", "bf16"): call("ours", torch.bfloat16),
+            ("ours", "bf16, torch SDPA"): call("ours", torch.bfloat16, "torch"),
+            ("diffusers", "bf16, CUDA graph"): graphed(call("diffusers", torch.bfloat16)),
+            ("ours", "bf16, CUDA graph"): graphed(call("ours", torch.bfloat16)),
+        }
+        ms, err = {}, {}
+        with torch.inference_mode():
+            want = paths[("diffusers", "fp32")]().float()
+            for key, fn in paths.items():
+                try:
+                    err[key] = (fn().float() - want).abs().max().item()
+                    ms[key] = cuda_ms(fn, reps)
+                except Exception as e:  # report and go on: one failing path should not hide the others
+                    print(f"| {config} | {key[0]} {key[1]} | failed: {type(e).__name__}: {str(e)[:200]} | | |")
+        os.environ.pop("MUSICLM_ATTENTION", None)
+        for (side, variant), value in ms.items():
+            same = ("diffusers", variant.replace(", torch SDPA", ""))
+            ratio = f"{ms[same] / value:.2f}" if side == "ours" and same in ms else ""
+            print(f"| {config} | {side} {variant} | {value:.2f} | {ratio} | {err[(side, variant)]:.1e} |", flush=True)
+        del reference, theirs, ours, paths
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     args = parse_args()
+    if args.device == "cuda":
+        return main_cuda(args)
     import diffusers
 
     from musiclm_core.unet import UNet

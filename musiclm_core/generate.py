@@ -143,7 +143,9 @@ class GraphedStep:
     position into the graph's inputs and replay. The logits returned live in the graph's output buffer: use them
     before the next call (decode_pattern samples from them at once).
 
-    One instance per generation: the graph holds that generation's cache and memory.
+    One instance per generation: the graph holds that generation's cache and memory. The diffusion pipelines use
+    it for their UNet call in the same way (ldm.LatentDiffusion.denoise: the latents as `tokens`, the timestep as
+    `position`, the conditioning held by the step).
     """
 
     def __init__(self, step: Callable[[Tensor, int | Tensor], Tensor]):

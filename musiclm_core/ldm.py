@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from musiclm_core import hub, schedulers
 from musiclm_core.clap import CLAP
+from musiclm_core.generate import GraphedStep
 from musiclm_core.hifigan import HifiGan
 from musiclm_core.unet import UNet
 from musiclm_core.vae import AutoencoderKL
@@ -190,7 +191,7 @@ class LatentDiffusion(nn.Module):
                  num_inference_steps: int = 200, guidance_scale: float | None = None,
                  negative_prompt: str | Sequence[str] | None = None, num_waveforms_per_prompt: int = 1,
                  scheduler: str | None = None, latents: Tensor | None = None, seed: int | None = None,
-                 eta: float = 0.0, progress: Progress | None = None) -> Tensor:
+                 eta: float = 0.0, progress: Progress | None = None, cuda_graph: bool = False) -> Tensor:
         """Text -> (B · num_waveforms_per_prompt, 1, N) float32 waveforms at `sample_rate`, the n candidates of
         each prompt together, best first by CLAP score when n > 1.
 
@@ -204,7 +205,12 @@ class LatentDiffusion(nn.Module):
         seed: seeds a CPU torch.Generator for the noise (and DDIM's eta noise), and the CLAP crop of long
             candidates; None draws from torch's global generator.
         progress: called as progress(done, total) after each sampler step.
+        cuda_graph: replay the UNet call from a CUDA graph (`denoise`); the model must be on a CUDA device.
         """
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {self.device}")
         prompts, negatives = check_prompts(prompts, negative_prompt)
         n = _check_count("num_waveforms_per_prompt", num_waveforms_per_prompt)
         steps = _check_count("num_inference_steps", num_inference_steps)
@@ -231,20 +237,31 @@ class LatentDiffusion(nn.Module):
             negatives = [""] * len(prompts)
         conditioning = self._encode(prompts, negatives if guided else None, n)
         x = self.denoise(x, conditioning, sampler, guidance_scale=w if guided else None, generator=generator,
-                         progress=progress)
+                         progress=progress, cuda_graph=cuda_graph)
         wav = self.decode(x)[:, :samples]  # (B·n, N)
         if n > 1:
             wav = self.rank(prompts, wav, n, seed=seed)
         return wav[:, None]  # (B·n, 1, N)
 
     def denoise(self, x: Tensor, conditioning: Any, sampler: schedulers.Sampler, *, guidance_scale: float | None,
-                generator: torch.Generator | None = None, progress: Progress | None = None) -> Tensor:
+                generator: torch.Generator | None = None, progress: Progress | None = None,
+                cuda_graph: bool = False) -> Tensor:
         """Run the sampler over its timesteps from x (B, C, t, f). With guidance_scale, the conditioning holds
-        [unguided ; guided] rows and each UNet call runs both halves as one batch: ε = ε_u + w (ε_c − ε_u)."""
+        [unguided ; guided] rows and each UNet call runs both halves as one batch: ε = ε_u + w (ε_c − ε_u).
+
+        cuda_graph: the UNet call replays a CUDA graph (generate.GraphedStep), captured at the first step. A UNet
+        step launches some 700 kernels, most of them small at batch 2; on a GPU their launches, not the
+        arithmetic, bound an eager step. The conditioning is the same at every step and the timestep goes in as
+        a device tensor, so one capture serves every step; the sampler's arithmetic stays eager."""
+        noise = GraphedStep(lambda x_in, t: self._noise(x_in, t, conditioning)) if cuda_graph else None
         total = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):
             x_in = torch.cat([x, x]) if guidance_scale is not None else x  # (2B, C, t, f) under guidance
-            eps = self._noise(sampler.scale_model_input(x_in, t), t, conditioning)
+            x_in = sampler.scale_model_input(x_in, t)
+            if noise is None:
+                eps = self._noise(x_in, t, conditioning)
+            else:  # a copy: the next replay overwrites the graph's output, and PNDM keeps past outputs
+                eps = noise(x_in, torch.as_tensor(t, device=x.device)).clone()
             if guidance_scale is not None:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)

@@ -279,6 +279,27 @@ def test_musicgen_shapes_cuda(case, dtype, monkeypatch):
     _check(case, "cuda", dtype, monkeypatch)
 
 
+# The diffusion UNets (8 heads, D = channels / 8): self-attention over a 10.24 s latent's 1024 (or 256) tokens with
+# q, k, v as strided views of the fused projection, cross-attention to AudioLDM 2's 8 GPT-2 vectors and to T5 states
+# with padding.
+UNET = [
+    pytest.param(dict(B=2, H=8, Tq=1024, Tk=1024, D=D, strided=True), id=f"self-1024-d{D}") for D in (16, 32)
+] + [
+    pytest.param(dict(B=2, H=8, Tq=256, Tk=256, D=D, strided=True), id=f"self-256-d{D}") for D in (48, 80)
+] + [
+    pytest.param(dict(B=2, H=8, Tq=1024, Tk=8, D=16), id="cross-gpt2-8"),
+    pytest.param(dict(B=3, H=8, Tq=256, Tk=32, D=48, text_mask=True), id="cross-t5-32-padded"),
+]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", UNET)
+def test_unet_shapes_cuda(case, dtype, monkeypatch):
+    _check(case, "cuda", dtype, monkeypatch)
+
+
 @pytest.mark.cuda
 @needs_cuda
 def test_auto_takes_triton_on_cuda(monkeypatch):

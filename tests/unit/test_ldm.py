@@ -227,3 +227,42 @@ def test_cli_generate_pipeline_errors(folder, tmp_path, capsys):
     assert main(["generate", "rock", "--model", str(folder), "-o", str(tmp_path / "x.wav"), "--duration", "0.03",
                  "--normalize", "none"]) == 1
     assert "--duration must be at least 0.04 s" in capsys.readouterr().err
+
+
+def test_cuda_graph_needs_cuda(pipe):
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device, it is on cpu"):
+        pipe.generate("rock", cuda_graph=True, **RUN)
+    with pytest.raises(ValueError, match="cuda_graph must be True or False, got 1"):
+        pipe.generate("rock", cuda_graph=1, **RUN)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run with -m cuda on a GPU)")
+@pytest.mark.parametrize("kind", ["musicldm", "audioldm2"])
+def test_cuda_graph_equals_eager(kind, tmp_path):
+    """On the GPU, the UNet replayed from a CUDA graph gives the eager GPU waveform (1e-5), and both give the CPU
+    one (1e-4, TF32 off), for DPM-Solver++ and for PNDM (which keeps past UNet outputs: the graph's output buffer
+    must be copied), with guidance and without."""
+    import ldm_fixtures
+
+    from musiclm_core.audioldm2 import AudioLDM2
+    from musiclm_core.musicldm import MusicLDM
+
+    write, cls = {"musicldm": (ldm_fixtures.write_musicldm, MusicLDM),
+                  "audioldm2": (ldm_fixtures.write_audioldm2, AudioLDM2)}[kind]
+    folder = write(tmp_path)
+    cpu, gpu = cls.from_pretrained(folder), cls.from_pretrained(folder).to("cuda")
+    latents = ldm_fixtures.latents_for(cpu, 2, 0.3)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for scheduler, guidance in (("dpm", None), ("pndm", None), ("dpm", 1.0)):
+            run = dict(audio_length_in_s=0.3, num_inference_steps=4, scheduler=scheduler, guidance_scale=guidance)
+            want = cpu.generate(["rock", "jazz"], latents=latents, **run)
+            eager = gpu.generate(["rock", "jazz"], latents=latents.cuda(), **run)
+            graphed = gpu.generate(["rock", "jazz"], latents=latents.cuda(), cuda_graph=True, **run)
+            assert (graphed - eager).abs().max().item() <= 1e-5, (scheduler, guidance)
+            assert (eager.cpu() - want).abs().max().item() <= 1e-4, (scheduler, guidance)
+            assert want.abs().max() > 1e-2
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
