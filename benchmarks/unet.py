@@ -17,9 +17,10 @@ fused q/k/v, 1x1 projections as linears, and its CPU routes: Winograd for the st
 (kernels/winograd.py: F(4x4, 3x3) from 128 channels on one thread, from 256 on two, F(2x2, 3x3) where that needs
 fewer products), the x2 upsampling convolutions as F(2x2, 3x3) on the upsampled image built from the input (256+
 channels) or folded into 2x2 sub-pixel kernels (below), oneDNN matmuls for the transformers' linears with GELU fused
-into the GEGLU's, the ResBlocks' 1x1 skips as oneDNN matmuls); ours fp32 again with those routes off
-(MUSICLM_CONV3X3=conv, MKL's linears and torch's 1x1 convolutions; the folding stays); both again with bf16 weights
-and activations. Times are wall-clock medians, and the fp32 speed-up is also given by process CPU time (both
+into the GEGLU's, the ResBlocks' 1x1 skips as oneDNN matmuls, and the two rows of the batch as two streams on
+their share of the threads, kernels/streams.py); ours fp32 again with those routes off (MUSICLM_CONV3X3=conv, MKL's
+linears and torch's 1x1 convolutions, MUSICLM_STREAMS=off; the folding stays); both again with bf16 weights and
+activations. Times are wall-clock medians, and the fp32 speed-up is also given by process CPU time (both
 threads' CPU seconds), which moves less with the load. Max abs difference of each of ours against diffusers' fp32
 output, whose magnitude is printed alongside, and of diffusers' bf16 against its fp32 (what bf16 costs either way).
 A line above the table gives a 2048^3 fp32 and bf16 matmul's GFLOPS in the same run: the roofline a compute-bound
@@ -95,10 +96,12 @@ def parse_args():
 def set_routes(on: bool) -> None:
     """Our CPU routes on (the defaults) or off, for the next calls (see the module docstring)."""
     from musiclm_core import unet
-    from musiclm_core.kernels import winograd
+    from musiclm_core.kernels import streams, winograd
 
     os.environ[winograd.ENV] = "winograd" if on else "conv"
+    os.environ[streams.ENV] = "on" if on else "off"
     winograd.route.cache_clear()
+    streams.route.cache_clear()
     unet.ONEDNN_LINEAR = on and torch.backends.mkldnn.is_available()
 
 

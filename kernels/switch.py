@@ -1,6 +1,6 @@
-"""The environment switches of the CPU kernels (MUSICLM_LINEAR, MUSICLM_CONV3X3, MUSICLM_CONV1D): read once per
-process by each kernel's `route()`, checked here so that a typo is an error naming the variable, not a silent
-fallback to the default."""
+"""The environment switches of the CPU kernels (MUSICLM_LINEAR, MUSICLM_CONV3X3, MUSICLM_CONV1D,
+MUSICLM_STREAMS): read once per process by each kernel's `route()`, checked here so that a typo is an error naming
+the variable, not a silent fallback to the default."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from musiclm_core import hub
-from musiclm_core.kernels import attention, winograd
+from musiclm_core.kernels import attention, streams, winograd
 from musiclm_core.kernels.switch import env_route
 from musiclm_core.kernels.winograd import WinogradConv2d
 from musiclm_core.vae import upsample_conv, upsample_conv_weights
@@ -469,13 +469,26 @@ class UNet(nn.Module):
         T and F need not be multiples of 2**(levels - 1): each upsampling goes to its skip's exact size.
         """
         self._check_sample(sample)
-        B, C, T, Fq = sample.shape
-        weight = self.conv_in.weight
+        B = sample.shape[0]
         emb = self.embed(timestep, class_embed, B)  # (B, E)
         slots = self.route(B, encoder_hidden_states, encoder_attention_mask,
                            encoder_hidden_states_1, encoder_attention_mask_1)
         emb_act = F.silu(emb)  # every ResBlock takes SiLU(emb) (ResnetBlock2D applies it each time)
+        n = streams.streams(B, sample)
+        if n == 1:
+            return self.trunk(sample, emb_act, slots)
+        # The rows never meet: on the CPU each group runs in its own thread, on its share of the cores
+        # (kernels/streams.py: the two rows of a guided step, one thread each on 2 cores).
+        rows = [slice(i * B // n, (i + 1) * B // n) for i in range(n)]  # n groups of consecutive rows (views)
+        parts = [(sample[r], emb_act[r], [(None if c is None else c[r], None if b is None else b[r])
+                                          for c, b in slots]) for r in rows]
+        return torch.cat(streams.split(lambda part: self.trunk(*part), parts))
 
+    def trunk(self, sample: Tensor, emb_act: Tensor,
+              slots: list[tuple[Tensor | None, Tensor | None]]) -> Tensor:
+        """conv_in -> down -> mid -> up -> conv_out on (B, in_channels, T, F) given SiLU(emb) (B, E) and the
+        slots' (context, bias) (`route`): every op of the step but the conditioning."""
+        weight = self.conv_in.weight
         # Channels-last throughout (`memory_format`): the transformers' (B, C, T, F) -> (B, T*F, C) token views
         # then need no copy, and oneDNN's convolutions take NHWC as it is. In fp32 on the 2-core EPYC measured it
         # ran on par with NCHW (both layouts are bound by the matmuls); set memory_format to compare.

@@ -2,7 +2,7 @@
 
 import pytest
 
-from musiclm_core.kernels import conv1d, linear, winograd
+from musiclm_core.kernels import conv1d, linear, streams, winograd
 from musiclm_core.kernels.switch import env_route
 
 
@@ -16,7 +16,7 @@ def test_env_route(monkeypatch):
         env_route("MUSICLM_TEST_SWITCH", ("a", "b"))
 
 
-@pytest.mark.parametrize("kernel", [linear, winograd, conv1d], ids=["linear", "winograd", "conv1d"])
+@pytest.mark.parametrize("kernel", [linear, winograd, conv1d, streams], ids=["linear", "winograd", "conv1d", "streams"])
 def test_each_kernel_refuses_an_unknown_route(monkeypatch, kernel):
     monkeypatch.setenv(kernel.ENV, "fastest")
     kernel.route.cache_clear()

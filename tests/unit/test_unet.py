@@ -337,3 +337,35 @@ def test_upsample_routes_match_interpolate_then_conv(monkeypatch, route):
     finally:
         winograd.route.cache_clear()
     assert taken == [{"winograd": "upsample_conv3x3", "conv": "upsample_conv"}[route]] * 2  # the x2 calls only
+
+
+@pytest.mark.parametrize("name", ["tiny-musicldm", "tiny-audioldm2"])
+def test_streams_match_one_call(monkeypatch, name):
+    """The rows of a batch in two streams (kernels/streams.py, on by default on 2+ threads) give the output of
+    one batched call, with the per-row conditioning (class embedding, contexts, masks) kept with its row."""
+    from musiclm_core.kernels import streams
+
+    model = tiny(name)
+    x, cond = audioldm2_inputs(B=3, T=13, F=6)
+    cond["encoder_attention_mask_1"][1, 4:] = 0
+    if name == "tiny-musicldm":
+        g = torch.Generator().manual_seed(3)
+        cond = dict(class_embed=torch.randn(3, model.config.class_embed_dim, generator=g))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    calls = []
+    real = streams.split
+    monkeypatch.setattr(streams, "split", lambda fn, parts: calls.append(len(parts)) or real(fn, parts))
+    out = {}
+    try:
+        for route in ("on", "off"):
+            monkeypatch.setenv(streams.ENV, route)
+            streams.route.cache_clear()
+            with torch.inference_mode():
+                out[route] = model(x, torch.tensor([3, 10, 500]), **cond)
+    finally:
+        torch.set_num_threads(threads)
+        streams.route.cache_clear()
+    assert calls == [2]  # streams ran once (rows 0 and 1-2), not with the switch off
+    torch.testing.assert_close(out["on"], out["off"], atol=1e-5, rtol=0)
+    assert (out["on"][0] - out["on"][1]).abs().max() > 1e-2  # the rows differ: a mix-up of rows would show

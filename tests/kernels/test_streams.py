@@ -1,0 +1,73 @@
+"""kernels/streams.py: when a call's rows run as streams, and that each stream runs on its share of the threads in
+the caller's grad / inference mode, leaving the caller's thread count as it was."""
+
+import threading
+
+import pytest
+import torch
+
+from musiclm_core.kernels import streams
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    monkeypatch.delenv(streams.ENV, raising=False)
+    streams.route.cache_clear()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+    streams.route.cache_clear()
+
+
+def test_when_rows_run_as_streams(two_threads, monkeypatch):
+    x = torch.zeros(4, 3)
+    with torch.no_grad():
+        assert streams.streams(2, x) == 2
+        assert streams.streams(5, x) == 2  # no more streams than threads
+        assert streams.streams(1, x) == 1
+        torch.set_num_threads(1)
+        assert streams.streams(2, x) == 1
+        torch.set_num_threads(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert streams.streams(2, x) == 1  # autocast is per thread: not carried into the workers
+    assert streams.streams(2, x) == 1  # gradients: one ordinary call (autograd across threads is not ours to split)
+    with torch.inference_mode():
+        assert streams.streams(2, x) == 2
+        monkeypatch.setenv(streams.ENV, "off")
+        streams.route.cache_clear()
+        assert streams.streams(2, x) == 1
+
+
+def test_split_runs_each_part_on_its_share(two_threads):
+    seen = []
+
+    def fn(part):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled(),
+                     torch.is_inference_mode_enabled()))
+        return part * 2
+
+    parts = [torch.ones(1, 3), torch.full((2, 3), 3.0)]
+    with torch.inference_mode():
+        out = streams.split(fn, parts)
+    assert [o.tolist() for o in out] == [[[2.0] * 3], [[6.0] * 3] * 2]  # in the parts' order
+    assert all(name.startswith("musiclm-stream") and n == 1 and not grad and inference
+               for name, n, grad, inference in seen), seen
+    assert torch.get_num_threads() == 2  # the caller's count
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [2]  # and the default of threads started later, not the workers' 1
+    with torch.no_grad():
+        streams.split(fn, parts)
+    assert [(grad, inference) for *_, grad, inference in seen[-2:]] == [(False, False)] * 2
+
+
+def test_split_passes_errors_on(two_threads):
+    def fn(part):
+        raise ValueError(f"bad part {part}")
+
+    with torch.no_grad(), pytest.raises(ValueError, match="bad part"):
+        streams.split(fn, [1, 2])
+    assert torch.get_num_threads() == 2
