@@ -9,7 +9,9 @@ every op single-threaded, with no handoffs.
 
 Measured (benchmarks/unet.py, 2-core AMD EPYC Zen 4, idle, OMP_WAIT_POLICY=PASSIVE, one step at batch 2, 10.24 s
 latent): MusicLDM 1126 -> 999 ms (diffusers 1297), AudioLDM 2 1928 -> 1842 ms (diffusers 2248). Same arithmetic
-per row (the sums of a batch-1 GEMM can group differently from a batch-2 one: ~1e-6).
+per row (the sums of a batch-1 GEMM can group differently from a batch-2 one: ~1e-6). Tried and not taken: the
+HiFi-GAN vocoder's three residual blocks of a stage as streams (dynamically balanced over 2 threads, the
+longest kernel first): 4018 ms against 3751 ms without, the FFT route's memory passes share the one memory system.
 
 `split(fn, parts)` runs fn on each part in a worker thread that holds threads // len(parts) intra-op threads;
 `streams(rows, x)` says how many parts a call takes: min(rows, threads) for a CPU call outside autograd and
