@@ -492,7 +492,8 @@ def _add_generate(subparsers) -> None:
                         "weight memory but is not faster than float32 except, a little, on CPUs with native bf16 "
                         "arithmetic (AVX512-BF16 / AMX)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA devices: replay each decoding step from a CUDA graph (much faster at small batches)")
+                   help="CUDA devices: replay each decoding step (MusicGen) or UNet call (MusicLDM, AudioLDM 2) from "
+                        "a CUDA graph (much faster at small batches)")
     p.add_argument("--compile", action="store_true",
                    help="CPU: run the decoding steps through torch.compile'd decoder layers (needs a C++ compiler; "
                         "compiling takes 10-30 s once; int8 / int4 steps are then ~20%% faster, fp32 ones, bound by "
@@ -751,7 +752,7 @@ def _generate_diffusion(args: argparse.Namespace) -> int:
     --duration seconds each (the pipelines' length rules: a multiple of 40 ms is generated, then cut)."""
     for flag, used in (("--melody", args.melody is not None), ("--continue", args.continue_from is not None),
                        ("--quantize", args.quantize is not None), ("--greedy", args.greedy),
-                       ("--cuda-graph", args.cuda_graph), ("--compile", args.compile)):
+                       ("--compile", args.compile)):
         if used:
             raise UsageError(f"{flag} is for MusicGen checkpoints; {args.model} is a diffusion pipeline")
     if args.prompts is not None or args.out is not None:
@@ -772,6 +773,8 @@ def _generate_diffusion(args: argparse.Namespace) -> int:
     import torch
 
     device = _device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device, the model would run on {device}")
     model = _load_generator(args, device, getattr(torch, args.dtype))
     seed = args.seed
     if seed is None:
@@ -785,7 +788,7 @@ def _generate_diffusion(args: argparse.Namespace) -> int:
         audio = model.generate(batch, audio_length_in_s=args.duration, num_inference_steps=steps,
                                guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                                num_waveforms_per_prompt=n, scheduler=args.scheduler, seed=seed,
-                               progress=Progress(label, unit="steps"))  # (B·n, 1, N)
+                               cuda_graph=args.cuda_graph, progress=Progress(label, unit="steps"))  # (B·n, 1, N)
         for path, wav in zip(paths[start * n: (start + B) * n], audio):
             _write_generated(path, wav, model.sample_rate, args)
     return 0
@@ -909,7 +912,7 @@ def _generate_set(args: argparse.Namespace, *, diffusion: bool = False) -> int:
             if diffusion:
                 wavs = model.generate(captions, audio_length_in_s=args.duration, num_inference_steps=steps,
                                       guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-                                      scheduler=args.scheduler, seed=batch_seed,
+                                      scheduler=args.scheduler, seed=batch_seed, cuda_graph=args.cuda_graph,
                                       progress=Progress(label, unit="steps"))  # (B, 1, N)
             else:
                 wavs = model.generate(captions, seed=batch_seed, progress=Progress(label), **settings)  # (B, C, N)

@@ -213,6 +213,7 @@ def test_cli_generate(folder, pipe, tmp_path, capsys):
     (["--steps", "0"], "--steps must be at least 1, got 0"),
     (["--melody", "x.wav"], "--melody is for MusicGen checkpoints"),
     (["--greedy"], "--greedy is for MusicGen checkpoints"),
+    (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device, the model would run on cpu"),
 ])
 def test_cli_generate_usage_errors(folder, tmp_path, capsys, flags, message):
     from musiclm_core.cli import main
