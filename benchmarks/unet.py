@@ -26,15 +26,18 @@ output, whose magnitude is printed alongside, and of diffusers' bf16 against its
 A line above the table gives a 2048^3 fp32 and bf16 matmul's GFLOPS in the same run: the roofline a compute-bound
 UNet step works against (the step's GFLOP, from torch's FlopCounterMode, divided by its time, is the "ours GFLOPS"
 column: convolutions, linears and attention are nearly all of it). CPU with 2 threads (--threads) and
-OMP_WAIT_POLICY=PASSIVE (on a shared 2-core machine spinning OpenMP threads slow everything down, specs/NOTES.md).
+OMP_WAIT_POLICY=PASSIVE (on a shared 2-core machine spinning OpenMP threads slow everything down, specs/NOTES.md;
+`--default-wait` leaves it unset, libgomp's default, as a user's process runs: the end-to-end benchmark's setting).
 Medians of the repeats after one warm-up; the five calls alternate so that they see the same load.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when OpenMP starts, i.e. before torch is imported
+if "--default-wait" not in sys.argv:  # read when OpenMP starts, i.e. before torch is imported
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import copy  # noqa: E402
 import datetime  # noqa: E402
@@ -90,6 +93,9 @@ def parse_args():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--default-wait", action="store_true",
+                        help="leave OMP_WAIT_POLICY unset (libgomp's default: spin a while, then sleep), as a user's "
+                             "process runs, instead of PASSIVE")
     return parser.parse_args()
 
 
@@ -285,13 +291,13 @@ def main() -> None:
     lines = [
         f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}), "
         f"torch {torch.__version__} with {args.threads} thread(s), "
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, diffusers "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, diffusers "
         f"{diffusers.__version__}. One UNet step, batch 2 (CFG), latent (2, 8, 256, 16) = 10.24 s, random weights "
         f"at the official sizes. Median of {args.reps} after a warm-up, the five calls alternated. Load average "
         f"(1 min) {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end, on {os.cpu_count()} cores. "
         f"A 2048^3 matmul in the same run: fp32 {gflops[torch.float32]:.0f} GFLOPS, bf16 "
         f"{gflops[torch.bfloat16]:.0f} GFLOPS. `flock /tmp/heavy.lock python benchmarks/unet.py "
-        f"--threads {args.threads}`.",
+        f"--threads {args.threads}{' --default-wait' if args.default_wait else ''}`.",
         "",
         "| config (GFLOP per step) | dtype | diffusers (ms) | ours (ms) | speed-up (diffusers / ours) "
         "| ours GFLOPS | ours vs diffusers fp32 | diffusers vs diffusers fp32 | output max abs |",

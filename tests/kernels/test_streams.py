@@ -71,3 +71,18 @@ def test_split_passes_errors_on(two_threads):
     with torch.no_grad(), pytest.raises(ValueError, match="bad part"):
         streams.split(fn, [1, 2])
     assert torch.get_num_threads() == 2
+
+
+def test_off_under_an_active_wait_policy(monkeypatch):
+    monkeypatch.delenv(streams.ENV, raising=False)
+    try:
+        for policy, expected in (("ACTIVE", "off"), ("active", "off"), ("PASSIVE", "on")):
+            monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+            streams.route.cache_clear()
+            assert streams.route() == expected, policy
+        monkeypatch.setenv(streams.ENV, "on")  # the switch wins
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+        streams.route.cache_clear()
+        assert streams.route() == "on"
+    finally:
+        streams.route.cache_clear()
