@@ -7,11 +7,18 @@ wake-up, some 1,400 of them per UNet step), and our Winograd routes are tuned pe
 channels pays on one thread, not on two: kernels/winograd.py). Two streams of one thread each, one per row, run
 every op single-threaded, with no handoffs.
 
-Measured (benchmarks/unet.py, 2-core AMD EPYC Zen 4, idle, OMP_WAIT_POLICY=PASSIVE, one step at batch 2, 10.24 s
-latent): MusicLDM 1126 -> 999 ms (diffusers 1297), AudioLDM 2 1928 -> 1842 ms (diffusers 2248). Same arithmetic
-per row (the sums of a batch-1 GEMM can group differently from a batch-2 one: ~1e-6). Tried and not taken: the
-HiFi-GAN vocoder's three residual blocks of a stage as streams (dynamically balanced over 2 threads, the
-longest kernel first): 4018 ms against 3751 ms without, the FFT route's memory passes share the one memory system.
+Measured (2-core AMD EPYC Zen 4, idle, one MusicLDM step at batch 2, 10.24 s latent, alternated with the same
+step without streams and diffusers'): under OMP_WAIT_POLICY=PASSIVE 999-1082 ms against 1126-1175 (0.87-0.92x
+the time); under libgomp's default waits 994-1038 ms against 1023-1059 (0.96-0.98x), where the handoffs cost
+less. benchmarks/unet.py over runs: MusicLDM 1.20-1.33x diffusers, AudioLDM 2 1.27-1.32x (1.16-1.29x / 1.19-1.27x
+before). Same arithmetic per row (a batch-1 GEMM can group its sums differently from a batch-2 one: ~1e-6).
+The workers' rows allocate from their threads' own malloc arenas, which glibc trims and refills: 20-40k page
+faults per step where the main thread has none (no measurable time at this noise level; MALLOC_ARENA_MAX=1 or
+larger MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ remove most of them, process-wide, so left to the user).
+
+Tried and not taken: the HiFi-GAN vocoder's three residual blocks of a stage as streams (dynamically balanced
+over 2 threads, the longest kernel first): 4018 ms against 3751 ms without, the FFT route's memory passes share
+the one memory system. Not for OMP_WAIT_POLICY=ACTIVE (`route`).
 
 `split(fn, parts)` runs fn on each part in a worker thread that holds threads // len(parts) intra-op threads;
 `streams(rows, x)` says how many parts a call takes: min(rows, threads) for a CPU call outside autograd and

@@ -31,7 +31,8 @@ of heads, specs/ldm.md §15.1), so the head size is channels / 8 (32, 48, 80).
 CPU routes (fp32 inference; each with its switch and a test against the plain computation): Winograd for the 3x3
 ResBlock convs and the x2 upsampling convs (kernels/winograd.py, MUSICLM_CONV3X3), oneDNN matmuls for the
 transformers' linears, the GEGLU (GELU fused into the gate's matmul) and the ResBlocks' 1x1 skips (`dense`, `geglu`,
-`pointwise_conv`; MUSICLM_UNET_LINEAR=torch turns them off). One step at batch 2, latent (2, 8, 256, 16), official
+`pointwise_conv`; MUSICLM_UNET_LINEAR=torch turns them off), and the rows of a batch as streams, one per share of
+the threads (kernels/streams.py, MUSICLM_STREAMS=off). One step at batch 2, latent (2, 8, 256, 16), official
 configs, random weights, 2-core AMD EPYC (Zen 4), against diffusers 0.42 in the same run (benchmarks/unet.py):
 
     1 thread, load 1.2-1.6           MusicLDM                  AudioLDM 2
@@ -40,6 +41,7 @@ configs, random weights, 2-core AMD EPYC (Zen 4), against diffusers 0.42 in the 
     2 threads, load ~1.05, F(2x2) Winograd only: before 1557 ms (1.10x; 1.12x by CPU time), after 1471 ms (1.29x;
                                      1.37x by CPU time)
     2 threads, load 1.3-1.5, now     1592 ms (1.12x; 1.20x by CPU)   2340 ms (1.17x; 1.22x by CPU)
+    2 threads, idle, with streams    991-1127 ms (1.20-1.33x)   1816-1986 ms (1.27-1.32x)  (benchmarks/RESULTS.md)
 
 The step is near the machine's fp32 rate in its matmuls (one core ~90-100 GFLOPS in oneDNN); what is left at one
 thread is mostly self-attention at 1024 tokens (torch's flash kernel, ~33 ms a call, 20 calls in AudioLDM 2) and
