@@ -138,3 +138,18 @@ def write_section(heading: str, body: str) -> None:
     tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, RESULTS)
+
+
+def cuda_median_ms(run, reps: int) -> float:
+    """Median milliseconds of run() on the GPU over `reps` calls, CUDA events around each (warm up first)."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from musiclm_core.kernels import attention, attention_reference
 
+from _common import cuda_median_ms  # benchmarks/ is on sys.path
+
 MODELS = {"small": 16, "medium": 24, "large": 32}  # heads; D = 64 in all three
 D = 64
 
@@ -44,22 +46,10 @@ def cases():
             yield dict(model=model, kind="prefill", B=B, H=H, Tq=500, Tk=1500, pos=0)
 
 
-def median_ms(run, reps: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def time_eager(fn, reps: int = 30) -> float:
     for _ in range(3):
         fn()
-    return median_ms(fn, reps)
+    return cuda_median_ms(fn, reps)
 
 
 def time_graph(fn, reps: int = 50) -> float:
@@ -73,7 +63,7 @@ def time_graph(fn, reps: int = 50) -> float:
     with torch.cuda.graph(graph):
         fn()
     graph.replay()
-    return median_ms(graph.replay, reps)
+    return cuda_median_ms(graph.replay, reps)
 
 
 def copy_bandwidth() -> float:

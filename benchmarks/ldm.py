@@ -3,6 +3,7 @@
     flock /tmp/heavy.lock python benchmarks/ldm.py                      # MusicLDM, print the table
     flock /tmp/heavy.lock python benchmarks/ldm.py --model audioldm2    # AudioLDM 2
     ... --write                                                         # and put it in benchmarks/RESULTS.md
+    python benchmarks/ldm.py --device cuda --model musicldm             # the GPU rows (`main_cuda`)
 
 The official configs with random weights (tests/ldm_fixtures.py: every weight moved off its init), written by
 diffusers' save_pretrained and loaded by ours through `from_pretrained`, so both run the same weights. The reference

@@ -50,7 +50,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import cpu_model, report  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import cpu_model, cuda_median_ms, report  # noqa: E402  (benchmarks/ is on sys.path)
 
 BASE = dict(in_channels=8, out_channels=8, block_out_channels=(128, 256, 384, 640), layers_per_block=2,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
@@ -143,19 +143,31 @@ def make_reference(name: str):
     return model, both, both
 
 
+def build(name: str) -> tuple:
+    """(diffusers' model at the official size moved off its init, its kwargs, ours' kwargs, {dtype: our UNet}),
+    ours in fp32 and bf16 loaded from the reference's save_pretrained (`make_reference`)."""
+    from musiclm_core.unet import UNet
+
+    torch.manual_seed(0)
+    reference, their_kwargs, our_kwargs = make_reference(name)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    reference.eval()
+    folder = Path(tempfile.mkdtemp(prefix="unet_bench_"))
+    try:
+        reference.save_pretrained(str(folder))
+        ours = {dtype: UNet.from_pretrained(folder, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return reference, their_kwargs, our_kwargs, ours
+
+
 def cuda_ms(fn, reps: int) -> float:
-    """Median milliseconds of fn() on the GPU over `reps` calls after 3 warm-ups (CUDA events around each)."""
+    """Median milliseconds of fn() on the GPU over `reps` calls after 3 warm-ups."""
     for _ in range(3):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(fn, reps)
 
 
 def main_cuda(args) -> None:
@@ -164,7 +176,6 @@ def main_cuda(args) -> None:
     import diffusers
 
     from musiclm_core.generate import GraphedStep
-    from musiclm_core.unet import UNet
 
     reps = max(args.reps, 20)
     name = torch.cuda.get_device_name()
@@ -175,18 +186,8 @@ def main_cuda(args) -> None:
     print("| config | path | ms | diffusers same dtype / this | max abs vs diffusers fp32 |")
     print("|---|---|---:|---:|---:|")
     for config in ("musicldm", "audioldm2"):
-        torch.manual_seed(0)
-        reference, their_kwargs, our_kwargs = make_reference(config)
-        with torch.no_grad():
-            for p in reference.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        folder = Path(tempfile.mkdtemp(prefix="unet_bench_"))
-        try:
-            reference.save_pretrained(str(folder))
-            ours = {dtype: UNet.from_pretrained(folder, dtype=dtype).to("cuda").eval()
-                    for dtype in (torch.float32, torch.bfloat16)}
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        reference, their_kwargs, our_kwargs, ours = build(config)
+        ours = {dtype: model.to("cuda") for dtype, model in ours.items()}
         theirs = {torch.float32: reference.to("cuda").eval(),
                   torch.bfloat16: copy.deepcopy(reference).to("cuda", torch.bfloat16).eval()}
         x = torch.randn(2, 8, 256, 16, generator=torch.Generator().manual_seed(2)).cuda()
@@ -241,26 +242,13 @@ def main() -> None:
         return main_cuda(args)
     import diffusers
 
-    from musiclm_core.unet import UNet
-
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     gflops = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
     rows = []
     for name in ("musicldm", "audioldm2"):
-        torch.manual_seed(0)
-        reference, their_kwargs, our_kwargs = make_reference(name)
-        with torch.no_grad():
-            for p in reference.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        reference.eval()
-        folder = Path(tempfile.mkdtemp(prefix="unet_bench_"))
-        try:
-            reference.save_pretrained(str(folder))
-            ours = UNet.from_pretrained(folder)
-            ours_bf16 = UNet.from_pretrained(folder, dtype=torch.bfloat16)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        reference, their_kwargs, our_kwargs, built = build(name)
+        ours, ours_bf16 = built[torch.float32], built[torch.bfloat16]
         reference_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
         x = torch.randn(2, 8, 256, 16, generator=torch.Generator().manual_seed(2))
         bf16_kwargs = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in our_kwargs.items()}
@@ -284,7 +272,7 @@ def main() -> None:
         err = {k: (outs[k] - outs["diffusers"]).abs().max().item()
                for k in ("ours", "ours, routes off", "diffusers bf16", "ours bf16")}
         rows.append((name, ms, cpu, err, outs["diffusers"].abs().max().item(), step_gflop(ours, our_kwargs)))
-        del reference, reference_bf16, ours, ours_bf16, calls, outs
+        del reference, reference_bf16, built, ours, ours_bf16, calls, outs
         gc.collect()
     load_end = os.getloadavg()
 

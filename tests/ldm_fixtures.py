@@ -207,7 +207,12 @@ def reference_musicldm(folder: Path):
     pipe = MusicLDMPipeline.from_pretrained(folder)
     clap = pipe.text_encoder
     text_features = clap.get_text_features
-    clap.get_text_features = lambda *args, **kw: text_features(*args, **kw).pooler_output
+
+    def get_text_features(*args, **kw):  # a tensor passes as it is (an older transformers, as on a GPU image)
+        out = text_features(*args, **kw)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    clap.get_text_features = get_text_features
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -271,14 +271,6 @@ MUSICGEN = [
 ]
 
 
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", MUSICGEN)
-def test_musicgen_shapes_cuda(case, dtype, monkeypatch):
-    _check(case, "cuda", dtype, monkeypatch)
-
-
 # The diffusion UNets (8 heads, D = channels / 8): self-attention over a 10.24 s latent's 1024 (or 256) tokens with
 # q, k, v as strided views of the fused projection, cross-attention to AudioLDM 2's 8 GPT-2 vectors and to T5 states
 # with padding.
@@ -295,8 +287,8 @@ UNET = [
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", UNET)
-def test_unet_shapes_cuda(case, dtype, monkeypatch):
+@pytest.mark.parametrize("case", MUSICGEN + UNET)
+def test_model_shapes_cuda(case, dtype, monkeypatch):
     _check(case, "cuda", dtype, monkeypatch)
 
 
