@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="time the process's first generation too (no 2-step generation and ranking before)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     diffusers.utils.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     name = "MusicLDM" if args.model == "musicldm" else "AudioLDM 2"

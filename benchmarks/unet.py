@@ -239,6 +239,8 @@ def main_cuda(args) -> None:
 def main() -> None:
     args = parse_args()
     if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here")
         return main_cuda(args)
     import diffusers
 
