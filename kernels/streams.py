@@ -18,12 +18,12 @@ larger MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ remove most of them, proc
 
 Tried and not taken: the HiFi-GAN vocoder's three residual blocks of a stage as streams (dynamically balanced
 over 2 threads, the longest kernel first): 4018 ms against 3751 ms without, the FFT route's memory passes share
-the one memory system. Not for OMP_WAIT_POLICY=ACTIVE (`route`).
+the one memory system.
 
 `split(fn, parts)` runs fn on each part in a worker thread that holds threads // len(parts) intra-op threads;
 `streams(rows, x)` says how many parts a call takes: min(rows, threads) for a CPU call outside autograd and
 autocast with 2+ threads, else 1 (as one call: nothing to split). MUSICLM_STREAMS=off turns it off (measuring,
-debugging).
+debugging); it is off under OMP_WAIT_POLICY=ACTIVE (`route`).
 
 Thread counts: `torch.set_num_threads` in a worker sets that thread's OpenMP and MKL counts, and also torch's
 process-wide default for threads that have not run an op yet; the caller's own count is set again after each
