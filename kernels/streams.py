@@ -68,7 +68,9 @@ def streams(rows: int, x: Tensor) -> int:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """The worker threads, made once per process: a forked child (a DataLoader worker) inherits the parent's pool
+    object but not its threads, and would wait forever on it; keyed by pid, the child makes its own."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="musiclm-stream")
 
 
@@ -87,6 +89,6 @@ def split(fn: Callable[[Part], Tensor], parts: Sequence[Part]) -> list[Tensor]:
             return fn(part)
 
     try:
-        return list(_pool(len(parts)).map(run, parts))
+        return list(_pool(len(parts), os.getpid()).map(run, parts))
     finally:
         torch.set_num_threads(threads)  # the process-wide default back to the caller's (module docstring)

@@ -1,7 +1,10 @@
 """kernels/streams.py: when a call's rows run as streams, and that each stream runs on its share of the threads in
 the caller's grad / inference mode, leaving the caller's thread count as it was."""
 
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -86,3 +89,30 @@ def test_off_under_an_active_wait_policy(monkeypatch):
         assert streams.route() == "on"
     finally:
         streams.route.cache_clear()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_split_in_a_forked_child(two_threads):
+    """A child forked after the pool exists (a DataLoader worker) gets its own threads instead of waiting forever
+    on the parent's, which it does not have."""
+    with torch.no_grad():
+        streams.split(lambda part: part + 1, [torch.zeros(1), torch.zeros(1)])  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the split completes and is right
+        code = 1
+        try:
+            with torch.no_grad():
+                out = streams.split(lambda part: part + 1, [torch.zeros(1), torch.ones(1)])
+            code = 0 if [o.item() for o in out] == [1.0, 2.0] else 1
+        finally:
+            os._exit(code)
+    for _ in range(300):  # up to 30 s, then the child is taken to hang
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's split hung")
+    assert os.waitstatus_to_exitcode(status) == 0
