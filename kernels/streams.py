@@ -23,7 +23,8 @@ the one memory system.
 `split(fn, parts)` runs fn on each part in a worker thread that holds threads // len(parts) intra-op threads;
 `streams(rows, x)` says how many parts a call takes: min(rows, threads) for a CPU call outside autograd and
 autocast with 2+ threads, else 1 (as one call: nothing to split). MUSICLM_STREAMS=off turns it off (measuring,
-debugging); it is off under OMP_WAIT_POLICY=ACTIVE (`route`).
+debugging); it is off under OMP_WAIT_POLICY=ACTIVE (`route`). The UNet does not split a call while forward hooks
+are registered (unet.UNet._hooked): hooks that capture activations see whole batches.
 
 Thread counts: `torch.set_num_threads` in a worker sets that thread's OpenMP and MKL counts, and also torch's
 process-wide default for threads that have not run an op yet; the caller's own count is set again after each

@@ -477,7 +477,7 @@ class UNet(nn.Module):
                            encoder_hidden_states_1, encoder_attention_mask_1)
         emb_act = F.silu(emb)  # every ResBlock takes SiLU(emb) (ResnetBlock2D applies it each time)
         n = streams.streams(B, sample)
-        if n == 1:
+        if n == 1 or self._hooked():
             return self.trunk(sample, emb_act, slots)
         # The rows never meet: on the CPU each group runs in its own thread, on its share of the cores
         # (kernels/streams.py: the two rows of a guided step, one thread each on 2 cores).
@@ -485,6 +485,13 @@ class UNet(nn.Module):
         parts = [(sample[r], emb_act[r], [(None if c is None else c[r], None if b is None else b[r])
                                           for c, b in slots]) for r in rows]
         return torch.cat(streams.split(lambda part: self.trunk(*part), parts))
+
+    def _hooked(self) -> bool:
+        """Whether a forward (pre-)hook is registered on a submodule or globally: a researcher's hook that captures
+        activations expects the whole batch in one call, so a hooked UNet does not split its rows."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
 
     def trunk(self, sample: Tensor, emb_act: Tensor,
               slots: list[tuple[Tensor | None, Tensor | None]]) -> Tensor:

@@ -369,3 +369,21 @@ def test_streams_match_one_call(monkeypatch, name):
     assert calls == [2]  # streams ran once (rows 0 and 1-2), not with the switch off
     torch.testing.assert_close(out["on"], out["off"], atol=1e-5, rtol=0)
     assert (out["on"][0] - out["on"][1]).abs().max() > 1e-2  # the rows differ: a mix-up of rows would show
+
+
+def test_hooks_see_whole_batches():
+    """With a forward hook on a submodule (capturing activations), the rows are not split into streams: the hook
+    sees the batch in one call, as it would in diffusers."""
+    model = tiny("tiny-audioldm2")
+    x, cond = audioldm2_inputs(B=2)
+    seen = []
+    handle = model.mid.res.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            model(x, 10, **cond)
+    finally:
+        torch.set_num_threads(threads)
+        handle.remove()
+    assert seen == [2]
