@@ -118,25 +118,23 @@ def main_cuda(args, path: Path, name: str) -> None:
                                    mine),
                  f"ours {label}, CUDA graph": (lambda: ours.generate(PROMPT, scheduler="dpm", latents=latents.clone(),
                                                                      cuda_graph=True, **run)[:, 0], mine)}
-        per_path = defaultdict(list)
+        working = {}
         with torch.inference_mode():
             for key, (fn, times) in paths.items():
                 try:
                     run_timed(fn, times, sync)  # warm-up: kernels chosen, Triton compiled, the graph captured
+                    working[key] = (fn, times)
                 except Exception as e:  # report and go on: one failing path should not hide the others
                     errors.append(f"{key} failed: {type(e).__name__}: {str(e)[:300]}")
+            per_path, outputs = defaultdict(list), {}
             for _ in range(reps):
-                for key, (fn, times) in paths.items():
-                    if not any(e.startswith(key + " failed") for e in errors):
-                        out = run_timed(fn, times, sync).float().cpu()
-                        per_path[key].append(dict(times))
-                        if want is None and key == "reference fp32":
-                            want = out
-                        per_path[key + " out"] = out
-        for key in paths:
-            if per_path[key]:
-                diff = "" if want is None else f"{(per_path[key + ' out'] - want).abs().max().item():.1e}"
-                rows.append((key, [statistics.median(t[s] for t in per_path[key]) for s in STAGES], diff))
+                for key, (fn, times) in working.items():
+                    outputs[key] = run_timed(fn, times, sync).float().cpu()
+                    per_path[key].append(dict(times))
+        want = outputs.get("reference fp32", want)  # fp32's loop runs first: bf16 compares with it
+        for key in working:
+            diff = "" if want is None else f"{(outputs[key] - want).abs().max().item():.1e}"
+            rows.append((key, [statistics.median(t[s] for t in per_path[key]) for s in STAGES], diff))
         del ours, reference, paths
         torch.cuda.empty_cache()
     lines = [

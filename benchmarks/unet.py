@@ -193,16 +193,20 @@ def main_cuda(args) -> None:
         x = torch.randn(2, 8, 256, 16, generator=torch.Generator().manual_seed(2)).cuda()
         t = torch.tensor(500, device="cuda")
 
-        def cast(kwargs: dict, dtype: torch.dtype) -> dict:
-            return {k: (v.to("cuda", dtype) if v is not None and v.is_floating_point() else
-                        v if v is None else v.cuda()) for k, v in kwargs.items()}
+        def cast(kwargs: dict, dtype: torch.dtype) -> dict:  # floats to dtype, all on the GPU
+            return {k: None if v is None else v.to("cuda", dtype if v.is_floating_point() else v.dtype)
+                    for k, v in kwargs.items()}
 
         def call(side: str, dtype: torch.dtype, attention: str = "auto"):
             kwargs = cast(their_kwargs if side == "diffusers" else our_kwargs, dtype)
             model, xd = (theirs if side == "diffusers" else ours)[dtype], x.to(dtype)
             if side == "diffusers":
                 return lambda: model(xd, t, **kwargs).sample
-            return lambda: os.environ.__setitem__("MUSICLM_ATTENTION", attention) or model(xd, t, **kwargs)
+
+            def run():
+                os.environ["MUSICLM_ATTENTION"] = attention  # read by kernels/attention.py on every call
+                return model(xd, t, **kwargs)
+            return run
 
         def graphed(fn):
             step = GraphedStep(lambda xd, td: fn())  # the inputs are fixed here: the graph reads x and t as captured

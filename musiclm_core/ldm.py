@@ -251,8 +251,9 @@ class LatentDiffusion(nn.Module):
 
         cuda_graph: the UNet call replays a CUDA graph (generate.GraphedStep), captured at the first step. A UNet
         step launches hundreds of kernels, many of them small at batch 2, whose launches can cost a GPU more than
-        their arithmetic (not measured yet: no GPU lent so far; benchmarks/gpu.sh). The conditioning is the same at every step and the timestep goes in as
-        a device tensor, so one capture serves every step; the sampler's arithmetic stays eager."""
+        their arithmetic (not measured yet: no GPU lent so far; benchmarks/gpu.sh). The conditioning is the same at
+        every step and the timestep goes in as a device tensor, so one capture serves every step; the sampler's
+        arithmetic stays eager."""
         noise = GraphedStep(lambda x_in, t: self._noise(x_in, t, conditioning)) if cuda_graph else None
         total = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):

@@ -371,19 +371,29 @@ def test_streams_match_one_call(monkeypatch, name):
     assert (out["on"][0] - out["on"][1]).abs().max() > 1e-2  # the rows differ: a mix-up of rows would show
 
 
-def test_hooks_see_whole_batches():
+def test_hooks_see_whole_batches(monkeypatch):
     """With a forward hook on a submodule (capturing activations), the rows are not split into streams: the hook
-    sees the batch in one call, as it would in diffusers."""
+    sees the batch in one call, as it would in diffusers. Without the hook the same call splits."""
+    from musiclm_core.kernels import streams
+
     model = tiny("tiny-audioldm2")
     x, cond = audioldm2_inputs(B=2)
-    seen = []
-    handle = model.mid.res.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    monkeypatch.delenv(streams.ENV, raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    streams.route.cache_clear()
+    calls, seen = [], []
+    real = streams.split
+    monkeypatch.setattr(streams, "split", lambda fn, parts: calls.append(len(parts)) or real(fn, parts))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with torch.inference_mode():
             model(x, 10, **cond)
+            assert calls == [2]  # unhooked: two streams
+            handle = model.mid.res.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+            model(x, 10, **cond)
+            handle.remove()
     finally:
         torch.set_num_threads(threads)
-        handle.remove()
-    assert seen == [2]
+        streams.route.cache_clear()
+    assert seen == [2] and calls == [2]
