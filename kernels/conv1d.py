@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from musiclm_core.kernels import streams
 from musiclm_core.kernels.switch import env_route
 
 ROUTES = ("auto", "direct", "fft")
@@ -92,9 +93,10 @@ def _dft_rows(kernel: int, n_fft: int) -> Tensor:
     return torch.complex(torch.cos(angle).float(), torch.sin(angle).float())
 
 
-def fft_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1, *, n_fft: int = N_FFT,
-               block: int = BLOCK) -> Tensor:
-    """`conv1d_reference` by FFT overlap-save (module docstring); fp32, inference only (no autograd)."""
+def fft_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1, *,
+               slope_in: float | None = None, slope_out: float | None = None, residual: Tensor | None = None,
+               n_fft: int = N_FFT, block: int = BLOCK) -> Tensor:
+    """`conv1d`'s arithmetic by FFT overlap-save (module docstring); fp32, inference only (no autograd)."""
     B, C_in, L = x.shape
     C_out, _, K = weight.shape
     d = dilation
@@ -104,40 +106,69 @@ def fft_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1
     frames = -(-L // (M * d))  # per phase; each covers M * d consecutive outputs (M per phase)
     padded = frames * M * d + (K - 1) * d
     left = (K - 1) * d // 2
-    xp = F.pad(x, (left, padded - left - L))  # (B, C_in, padded)
-    # frame[b, i, f, r, n] = xp[b, i, f M d + r + n d]: N samples of phase r, d apart, a view.
-    framed = xp.as_strided((B, C_in, frames, d, N), (C_in * padded, padded, M * d, 1, d))
     cols = B * frames * d
-    X = torch.fft.rfft(framed, dim=-1)  # (B, C_in, frames, d, Fb)
-    X = X.permute(4, 1, 0, 2, 3).reshape(Fb, C_in, cols).contiguous()  # one (C_in, cols) matrix per bin
-
-    dft = _dft_rows(K, N).to(x.device)
-    ob = block if C_out % block == 0 else C_out
-    Y = torch.empty(C_out // ob, Fb, ob, cols, dtype=X.dtype, device=x.device)
-    for j in range(C_out // ob):
-        taps = weight[j * ob:(j + 1) * ob].reshape(ob * C_in, K).t()  # (K, ob C_in), a view
-        # One complex product with the taps as complex numbers: the same sums as cos @ taps and sin @ taps (the
-        # zero imaginary parts add exact zeros), written once, interleaved; two real products and
-        # torch.complex took 1.1-6x as long, MKL's sgemm with 7 or 11 inner terms being slow on the EPYC.
-        spectra = (dft @ taps.to(torch.complex64)).view(Fb, ob, C_in)
-        torch.matmul(spectra, X, out=Y[j])  # (Fb, ob, cols)
-    Y = Y.view(C_out // ob, Fb, ob, B, frames, d).permute(3, 0, 2, 4, 5, 1).reshape(B, C_out, frames, d, Fb)
-    y = torch.fft.irfft(Y, n=N, dim=-1)[..., :M]  # (B, C_out, frames, d, M): the valid outputs of each frame
-    y = y.transpose(-1, -2)  # (B, C_out, frames, M, d): phases interleaved back, a view
-    # One copy into a contiguous (B, C_out, L), bias added on the way: a strided result (rows of frames * M * d
-    # samples cut to L) made the next layers slower (oneDNN's convolution copies such an input first: +5-30 %).
-    out = x.new_empty(B, C_out, L)
     whole = L // (M * d)  # frames that fit entirely; the last one is cut to L
-    body = out[..., :whole * M * d].view(B, C_out, whole, M, d)
     rest = L - whole * M * d
-    if bias is None:
-        body.copy_(y[:, :, :whole])
-        if rest:
-            out[..., whole * M * d:] = y[:, :, whole].reshape(B, C_out, M * d)[..., :rest]
-    else:
-        torch.add(y[:, :, :whole], bias[:, None, None, None], out=body)
-        if rest:
-            torch.add(y[:, :, whole].reshape(B, C_out, M * d)[..., :rest], bias[:, None], out=out[..., whole * M * d:])
+    xp = x.new_empty(B, C_in, padded)
+    X = x.new_empty(Fb, C_in, cols, dtype=torch.complex64)  # one (C_in, cols) matrix per bin
+    out = x.new_empty(B, C_out, L)
+    dft = _dft_rows(K, N).to(x.device)
+
+    def transform(channels: range) -> None:
+        """The input channels' frames into X: the leaky ReLU written into the zero-padded copy, rfft, bin-major."""
+        i, j = channels.start, channels.stop
+        xs = xp[:, i:j]
+        xs[..., :left].zero_()
+        xs[..., left + L:].zero_()
+        if slope_in is None:
+            xs[..., left:left + L].copy_(x[:, i:j])
+        else:
+            torch.ops.aten.leaky_relu.out(x[:, i:j], slope_in, out=xs[..., left:left + L])
+        # frame[b, i, f, r, n] = xp[b, i, f M d + r + n d]: N samples of phase r, d apart, a view.
+        framed = xs.as_strided((B, j - i, frames, d, N), (C_in * padded, padded, M * d, 1, d))
+        X[:, i:j].view(Fb, j - i, B, frames, d).copy_(torch.fft.rfft(framed, dim=-1).permute(4, 1, 0, 2, 3))
+
+    def multiply(blocks: list[range]) -> None:
+        """Output channels, a block at a time: filter spectra, products, irfft, and the block written into out."""
+        for o in blocks:
+            i, j, ob = o.start, o.stop, len(o)
+            taps = weight[i:j].reshape(ob * C_in, K).t()  # (K, ob C_in), a view
+            # One complex product with the taps as complex numbers: the same sums as cos @ taps and sin @ taps (the
+            # zero imaginary parts add exact zeros), written once, interleaved; two real products and
+            # torch.complex took 1.1-6x as long, MKL's sgemm with 7 or 11 inner terms being slow on the EPYC.
+            spectra = (dft @ taps.to(torch.complex64)).view(Fb, ob, C_in)
+            Y = torch.matmul(spectra, X)  # (Fb, ob, cols)
+            if bias is not None:
+                Y[0] += N * bias[i:j, None]  # a constant on every output sample is N times it on the DC bin
+            Y = Y.view(Fb, ob, B, frames, d).permute(2, 1, 3, 4, 0).contiguous()  # (B, ob, frames, d, Fb)
+            y = torch.fft.irfft(Y, n=N, dim=-1)[..., :M]  # (B, ob, frames, d, M): the valid outputs of each frame
+            y = y.transpose(-1, -2)  # (B, ob, frames, M, d): phases interleaved back, a view
+            # Written straight into the contiguous out (a strided result made the next layers slower: oneDNN's
+            # convolution copies such an input first, +5-30 %), the whole frames and the cut last one.
+            pieces = [(y[:, :, :whole], (slice(i, j), slice(0, whole * M * d)), (B, ob, whole, M, d))]
+            if rest:
+                pieces.append((y[:, :, whole].reshape(B, ob, M * d)[..., :rest], (slice(i, j), slice(whole * M * d, L)),
+                               (B, ob, rest)))
+            for src, (rows, span), shape in pieces:
+                dst = out[:, rows, span].view(shape)
+                if slope_out is not None:
+                    torch.ops.aten.leaky_relu.out(src, slope_out, out=dst)
+                    if residual is not None:
+                        dst += residual[:, rows, span].view(shape)
+                elif residual is not None:
+                    torch.add(src, residual[:, rows, span].view(shape), out=dst)
+                else:
+                    dst.copy_(src)
+
+    ob = block if C_out % block == 0 else C_out
+    blocks = [range(o, o + ob) for o in range(0, C_out, ob)]
+    parts = streams.streams(len(blocks), x)
+    if parts == 1:
+        transform(range(C_in))
+        multiply(blocks)
+    else:  # each thread its share of the channels (module docstring: "threads")
+        streams.split(transform, [range(C_in * p // parts, C_in * (p + 1) // parts) for p in range(parts)])
+        streams.split(multiply, [blocks[p::parts] for p in range(parts)])
     return out
 
 
@@ -152,14 +183,22 @@ def route() -> str:
     return env_route(ENV, ROUTES) or "auto"
 
 
-def conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1) -> Tensor:
+def conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1, *, slope_in: float | None = None,
+           slope_out: float | None = None, residual: Tensor | None = None) -> Tensor:
     """Same-length convolution (B, C_in, L) -> (B, C_out, L) by the route chosen for its shape (module
-    docstring); odd kernels only."""
+    docstring); odd kernels only. With the optional pointwise steps around it:
+
+        y = conv(leaky_relu(x, slope_in)); y = leaky_relu(y, slope_out); y = y + residual     (each when given)
+
+    which the FFT route folds into the copies it makes anyway (HiFi-GAN's residual blocks are exactly this)."""
     chosen = route()
-    if chosen == "direct" or x.dtype != torch.float32 or x.device.type != "cpu" or weight.shape[-1] >= N_FFT:
-        return conv1d_reference(x, weight, bias, dilation)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return conv1d_reference(x, weight, bias, dilation)
     if chosen == "auto":
         chosen = choose_route(weight.shape[1], weight.shape[-1])
-    return fft_conv1d(x, weight, bias, dilation) if chosen == "fft" else conv1d_reference(x, weight, bias, dilation)
+    fft = (chosen == "fft" and x.dtype == torch.float32 and x.device.type == "cpu" and weight.shape[-1] < N_FFT
+           and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+    if fft:
+        return fft_conv1d(x, weight, bias, dilation, slope_in=slope_in, slope_out=slope_out, residual=residual)
+    y = conv1d_reference(x if slope_in is None else F.leaky_relu(x, slope_in), weight, bias, dilation)
+    if slope_out is not None:
+        y = F.leaky_relu_(y, slope_out)
+    return y if residual is None else y.add_(residual)

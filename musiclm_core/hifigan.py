@@ -125,8 +125,8 @@ PRESETS: dict[str, HifiGanConfig] = {
 # one matrix product plus an overlap-add 0.72-1.21x; one GEMM per kernel tap, or one im2col GEMM, 0.2-0.7x; 2-D
 # channels-last convs 0.85-1.04x; on 2026-12-04 the transposed convs as polyphase convs (0.98-1.4x per layer, ~1 % of
 # the vocoder), 1-D Winograd for the kernel-3 convs, and real-arithmetic products for the FFT route (figures in
-# kernels/conv1d.py's docstring). Also: a stage's first leaky ReLU is shared among its residual blocks, and each
-# conv's fresh output takes the leaky ReLU and the residual add in place.
+# kernels/conv1d.py's docstring). Each convolution takes its leaky ReLUs and residual add as arguments of
+# `conv1d`, which the FFT route folds into the copies it makes anyway (on torch's route: one pass each, in place).
 
 
 class ResBlock1(nn.Module):
@@ -140,12 +140,10 @@ class ResBlock1(nn.Module):
         self.convs2 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2)
                                     for _ in dilations)
 
-    def forward(self, x: Tensor, activated: Tensor | None = None) -> Tensor:
-        """`activated`: leaky_relu(x, slope) when the caller has it already (the stage shares it)."""
-        for i, (conv1, conv2) in enumerate(zip(self.convs1, self.convs2)):
-            a = activated if i == 0 and activated is not None else F.leaky_relu(x, self.slope)
-            h = F.leaky_relu_(conv1d(a, conv1.weight, conv1.bias, conv1.dilation[0]), self.slope)
-            x = conv1d(h, conv2.weight, conv2.bias).add_(x)  # a new tensor: the caller's x is shared
+    def forward(self, x: Tensor) -> Tensor:
+        for conv1, conv2 in zip(self.convs1, self.convs2):
+            h = conv1d(x, conv1.weight, conv1.bias, conv1.dilation[0], slope_in=self.slope, slope_out=self.slope)
+            x = conv1d(h, conv2.weight, conv2.bias, residual=x)  # a new tensor: the caller's x is shared
         return x
 
 
@@ -193,10 +191,9 @@ class HifiGan(nn.Module):
         for i, up in enumerate(self.upsampler):
             x = up(F.leaky_relu(x, c.leaky_relu_slope))  # (B, C / 2, L')
             # Multi-receptive-field fusion: the mean of the stage's R residual blocks, all fed the same x.
-            activated = F.leaky_relu(x, c.leaky_relu_slope)
-            fused = self.resblocks[i * R](x, activated)
+            fused = self.resblocks[i * R](x)
             for j in range(1, R):
-                fused += self.resblocks[i * R + j](x, activated)
+                fused += self.resblocks[i * R + j](x)
             x = fused.div_(R)
         x = self.conv_post(F.leaky_relu(x, FINAL_SLOPE))  # (B, 1, N)
         wav = torch.tanh(x)[:, 0]  # (B, N)

@@ -127,3 +127,51 @@ def test_conv1d_dispatch(use_route, monkeypatch):
     with torch.no_grad():
         conv.conv1d(*big, 1)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("slope_in,slope_out,with_residual", [
+    (0.1, 0.1, False),   # HiFi-GAN's first convolution of a pair
+    (None, None, True),  # its second, with the residual
+    (0.2, 0.01, True),   # all three at once
+])
+@pytest.mark.parametrize("route", ["direct", "fft"])
+def test_pointwise_steps_around_the_convolution(use_route, route, slope_in, slope_out, with_residual):
+    """conv1d(x, ..., slope_in, slope_out, residual) = leaky_relu(conv(leaky_relu(x))) + residual on both routes;
+    the FFT route folds the steps into its copies and the bias into its DC bin."""
+    use_route(route)
+    x, w, b = case(2, 16, 16, 700, 11, seed=5)
+    residual = torch.randn(2, 16, 700) if with_residual else None
+    a = x if slope_in is None else torch.nn.functional.leaky_relu(x, slope_in)
+    expected = conv.conv1d_reference(a, w, b, 3)
+    if slope_out is not None:
+        expected = torch.nn.functional.leaky_relu(expected, slope_out)
+    if residual is not None:
+        expected = expected + residual
+    with torch.no_grad():
+        got = conv.conv1d(x, w, b, 3, slope_in=slope_in, slope_out=slope_out, residual=residual)
+    assert got.shape == expected.shape and got.is_contiguous()
+    assert (got - expected).abs().max() <= ATOL
+    assert (x - case(2, 16, 16, 700, 11, seed=5)[0]).abs().max() == 0  # the input is not written to
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fft_threads_split_the_channels(threads, monkeypatch):
+    """On 2+ threads the route runs each thread's share of the input channels' transforms, then of the output
+    blocks' products (kernels/streams.py); on one, all in the caller. Both give torch's result."""
+    shares = []
+    real = conv.streams.split
+    monkeypatch.setattr(conv.streams, "split", lambda fn, parts: shares.append(list(parts)) or real(fn, parts))
+    x, w, b = case(1, 24, 40, 900, 7, seed=6)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = conv.fft_conv1d(x, w, b, 5, block=8)  # 5 blocks of 8 output channels over the threads
+    finally:
+        torch.set_num_threads(before)
+    assert (got - conv.conv1d_reference(x, w, b, 5)).abs().max() <= ATOL
+    if threads == 1:
+        assert shares == []
+    else:  # input channels 0-11 / 12-23, output blocks 0, 2, 4 / 1, 3 (of 8 channels each)
+        assert shares[0] == [range(0, 12), range(12, 24)]
+        assert [[o.start for o in part] for part in shares[1]] == [[0, 16, 32], [8, 24]]
