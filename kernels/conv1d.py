@@ -22,6 +22,21 @@ route pays only at many channels and long kernels (`choose_route`).
     weight) stay in the cache between being made and being used. Precomputed they would take ~350 MB for the
     official vocoder; made per call they cost ~10 % of the route's time at 512 channels.
 
+    pointwise steps: HiFi-GAN wraps every convolution in a leaky ReLU before and after it, or a residual add after
+    it (`conv1d`'s slope_in / slope_out / residual). The route copies its input into a zero-padded buffer and the
+    valid outputs out of the irfft's frames anyway, so the leaky ReLUs and the add ride on those two copies
+    (aten's leaky_relu.out, torch.add(out=)), and the bias goes onto the DC bin (a constant c on every output of a
+    frame is N c on bin 0 before the 1/N of the irfft). A pair of convolutions then makes 4 passes over the
+    activations besides its transforms instead of 7 (leaky ReLU, pad, copy + bias, leaky ReLU, pad, copy + bias,
+    add).
+
+    blocks and threads: each block of output channels is finished (spectra, products, bias, irfft, written out)
+    before the next one starts, so its products are read back from the cache. torch's FFTs and the spectra's thin
+    products barely use a second thread (measured in the vocoder from 1 to 2 threads: rfft 1.26x, irfft 0.76x,
+    spectra 0.9x), so on 2+ threads the route splits by channels instead: each thread of kernels/streams.py
+    (one intra-op thread each) pads, transforms and lays out its share of the input channels, then makes its share
+    of the output blocks; the products lose nothing (one thread per block runs them at the same rate).
+
 Measured (AMD EPYC Zen 4, 2 cores shared with other jobs, fp32, official vocoder shapes). Per convolution, one
 thread, best of 5 by CPU time, load 1-1.5 (2026-12-04): the FFT route against torch's is 1.5-2.6x at 512 and 256
 channels (kernel 11: 105-165 ms against 265-295 ms; kernel 7 ~1.55x), 1.3-1.6x for kernel 7 and 1.75-1.9x for kernel
@@ -51,7 +66,7 @@ Accuracy: the fp32 FFTs round differently from the direct sum; measured 2-3e-6 m
 
 Which route runs: `route()` is "auto" unless MUSICLM_CONV1D=direct|fft overrides it (tests, debugging, measuring
 the other route); "auto" takes `choose_route(channels, kernel)` for fp32 tensors on the CPU and outside autograd
-(the products write into preallocated slices), and torch's convolution everywhere else.
+(the route writes into its buffers in place), and torch's convolution everywhere else.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ Tried and not taken: the HiFi-GAN vocoder's three residual blocks of a stage as 
 over 2 threads, the longest kernel first): 4018 ms against 3751 ms without, the FFT route's memory passes share
 the one memory system.
 
+The HiFi-GAN vocoder's FFT convolutions (kernels/conv1d.py) use the same workers for the channels of one
+convolution: its FFTs, copies and thin products barely use a second intra-op thread, one thread per share does.
+
 `split(fn, parts)` runs fn on each part in a worker thread that holds threads // len(parts) intra-op threads;
 `streams(rows, x)` says how many parts a call takes: min(rows, threads) for a CPU call outside autograd and
 autocast with 2+ threads, else 1 (as one call: nothing to split). MUSICLM_STREAMS=off turns it off (measuring,
@@ -47,6 +50,7 @@ ENV = "MUSICLM_STREAMS"
 ROUTES = ("on", "off")
 
 Part = TypeVar("Part")
+Result = TypeVar("Result")
 
 
 @functools.cache
@@ -75,14 +79,14 @@ def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="musiclm-stream")
 
 
-def split(fn: Callable[[Part], Tensor], parts: Sequence[Part]) -> list[Tensor]:
+def split(fn: Callable[[Part], Result], parts: Sequence[Part]) -> list[Result]:
     """[fn(part) for part in parts], each in its own worker thread with threads // len(parts) intra-op threads,
     in the caller's grad / inference mode (both are per thread)."""
     threads = torch.get_num_threads()
     share = max(1, threads // len(parts))
     inference = torch.is_inference_mode_enabled()
 
-    def run(part: Part) -> Tensor:
+    def run(part: Part) -> Result:
         if torch.get_num_threads() != share:
             torch.set_num_threads(share)
         # no_grad inside: inference_mode(False) turns gradients back on
