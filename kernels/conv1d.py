@@ -169,9 +169,9 @@ def fft_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int = 1
                 if slope_out is not None:
                     torch.ops.aten.leaky_relu.out(src, slope_out, out=dst)
                     if residual is not None:
-                        dst += residual[:, rows, span].view(shape)
+                        dst += residual[:, rows, span].reshape(shape)
                 elif residual is not None:
-                    torch.add(src, residual[:, rows, span].view(shape), out=dst)
+                    torch.add(src, residual[:, rows, span].reshape(shape), out=dst)
                 else:
                     dst.copy_(src)
 
