@@ -47,7 +47,10 @@ thread and 1.16-1.38x on two (loads 1.4-3), short of the 1.5x target. On two thr
 run at load 1.5 gave 0.62x, the reference alternated with it unharmed), probably because its many short parallel
 regions wait for a core another process holds. After this route the one-thread time (~7.0 s on a quiet machine) is
 ~35 % the products (complex matmuls), ~35 % torch's convolutions (kernel 3 at all widths, everything at 64 and 32
-channels), ~8 % the transposed convolutions, the rest transforms and copies.
+channels), ~8 % the transposed convolutions, the rest transforms and copies. With the pointwise steps folded in and
+the channels split over the threads (fifth session, benchmarks/RESULTS.md): 1.067-1.086x the previous route's
+vocoder in paired runs on two threads (0.99x on one), and 1.23-1.46x transformers' on two threads, 1.31-1.46x on
+one, from run to run.
 
 Tried and dropped (2026-12-04, each against this route or torch's convolution, one thread unless said): the complex
 products in real arithmetic, as one interleaved real-block GEMM (MKL: 0.91x the complex matmul) or Gauss's three
