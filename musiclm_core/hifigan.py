@@ -126,7 +126,7 @@ PRESETS: dict[str, HifiGanConfig] = {
 # channels-last convs 0.85-1.04x; on 2026-12-04 the transposed convs as polyphase convs (0.98-1.4x per layer, ~1 % of
 # the vocoder), 1-D Winograd for the kernel-3 convs, and real-arithmetic products for the FFT route (figures in
 # kernels/conv1d.py's docstring). Each convolution takes its leaky ReLUs and residual add as arguments of
-# `conv1d`, which the FFT route folds into the copies it makes anyway (on torch's route: one pass each, in place).
+# `conv1d`, which the FFT route folds into the copies it makes anyway (on torch's route: one pass each).
 
 
 class ResBlock1(nn.Module):

@@ -158,6 +158,8 @@ def test_pointwise_steps_around_the_convolution(use_route, route, slope_in, slop
 def test_fft_threads_split_the_channels(threads, monkeypatch):
     """On 2+ threads the route runs each thread's share of the input channels' transforms, then of the output
     blocks' products (kernels/streams.py); on one, all in the caller. Both give torch's result."""
+    monkeypatch.setenv(conv.streams.ENV, "on")  # whatever the environment says (MUSICLM_STREAMS, OMP_WAIT_POLICY)
+    conv.streams.route.cache_clear()
     shares = []
     real = conv.streams.split
     monkeypatch.setattr(conv.streams, "split", lambda fn, parts: shares.append(list(parts)) or real(fn, parts))
@@ -169,6 +171,7 @@ def test_fft_threads_split_the_channels(threads, monkeypatch):
             got = conv.fft_conv1d(x, w, b, 5, block=8)  # 5 blocks of 8 output channels over the threads
     finally:
         torch.set_num_threads(before)
+        conv.streams.route.cache_clear()  # read again, from the restored environment, by the next caller
     assert (got - conv.conv1d_reference(x, w, b, 5)).abs().max() <= ATOL
     if threads == 1:
         assert shares == []
