@@ -49,7 +49,7 @@ regions wait for a core another process holds. After this route the one-thread t
 ~35 % the products (complex matmuls), ~35 % torch's convolutions (kernel 3 at all widths, everything at 64 and 32
 channels), ~8 % the transposed convolutions, the rest transforms and copies. With the pointwise steps folded in and
 the channels split over the threads (fifth session, benchmarks/RESULTS.md): 1.067-1.086x the previous route's
-vocoder in paired runs on two threads (0.99x on one), and 1.23-1.46x transformers' on two threads, 1.31-1.46x on
+vocoder in paired runs on two threads (0.99x on one), and 1.23-1.46x transformers' on two threads, 1.31-1.48x on
 one, from run to run.
 
 Tried and dropped (2026-12-04, each against this route or torch's convolution, one thread unless said): the complex
