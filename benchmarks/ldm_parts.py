@@ -12,8 +12,8 @@ is the median of the repeats after one warm-up call; the calls of ours and the r
 the same load on a shared machine. "max abs diff" compares each row's output with the fp32 reference output.
 
 Variants: the reference VAE run in the channels-last layout (`.to(memory_format=torch.channels_last)`, what our
-decoder does inside), and our VAE in bfloat16 (weights and activations; CPUs without native bf16 arithmetic run it
-slowly).
+decoder does inside), and our VAE and vocoder in bfloat16 (weights and activations, against the fp32 reference;
+CPUs without native bf16 arithmetic run them slowly).
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def build_vocoder(folder: Path):
                 _, C_in, K = module.weight.shape
                 module.weight.normal_(0, (C_in * K) ** -0.5)
     reference.save_pretrained(str(folder / "vocoder"))
-    return reference, HifiGan.from_pretrained(folder / "vocoder")
+    return reference, HifiGan.from_pretrained(folder / "vocoder"), \
+        HifiGan.from_pretrained(folder / "vocoder", dtype=torch.bfloat16)
 
 
 def parse_args() -> argparse.Namespace:
@@ -106,11 +107,15 @@ def vae_rows(rows: list, z, ref_vae, vae, vae_bf16, reps: int) -> None:
                  f"diffusers channels-last (itself {err:.1e} from NCHW)"))
 
 
-def vocoder_rows(rows: list, mel, ref_vocoder, vocoder, reps: int) -> None:
+def vocoder_rows(rows: list, mel, ref_vocoder, vocoder, vocoder_bf16, reps: int) -> None:
     expected = ref_vocoder(mel)
     err = (vocoder(mel) - expected).abs().max().item()
     rows.append(("vocoder 1024 frames, fp32", *median_s(lambda: vocoder(mel), lambda: ref_vocoder(mel), reps),
                  err, expected.abs().max().item(), "transformers"))
+    err_bf16 = (vocoder_bf16(mel).float() - expected).abs().max().item()  # torch's bf16 convolutions throughout
+    rows.append(("vocoder 1024 frames, ours bf16", *median_s(lambda: vocoder_bf16(mel), lambda: ref_vocoder(mel),
+                                                             reps),
+                 err_bf16, expected.abs().max().item(), "transformers fp32"))
     # One thread as well: steadier on a shared machine, and what a process that runs several jobs gets.
     torch.set_num_threads(1)
     rows.append(("vocoder 1024 frames, fp32, 1 thread",
@@ -127,12 +132,12 @@ def main() -> None:
 
     torch.set_num_threads(2)
     folder = Path(tempfile.mkdtemp(prefix="ldm_parts_bench_"))
-    ref_vae = vae = vae_bf16 = ref_vocoder = vocoder = None
+    ref_vae = vae = vae_bf16 = ref_vocoder = vocoder = vocoder_bf16 = None
     try:
         if args.part in ("all", "vae"):
             ref_vae, vae, vae_bf16 = build_vae(folder)
         if args.part in ("all", "vocoder"):
-            ref_vocoder, vocoder = build_vocoder(folder)
+            ref_vocoder, vocoder, vocoder_bf16 = build_vocoder(folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -144,7 +149,7 @@ def main() -> None:
         if vae is not None:
             vae_rows(rows, z, ref_vae, vae, vae_bf16, args.reps)
         if vocoder is not None:
-            vocoder_rows(rows, mel, ref_vocoder, vocoder, args.reps)
+            vocoder_rows(rows, mel, ref_vocoder, vocoder, vocoder_bf16, args.reps)
 
     lines = [
         *header,
