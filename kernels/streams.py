@@ -12,9 +12,10 @@ step without streams and diffusers'): under OMP_WAIT_POLICY=PASSIVE 999-1082 ms 
 the time); under libgomp's default waits 994-1038 ms against 1023-1059 (0.96-0.98x), where the handoffs cost
 less. benchmarks/unet.py over runs: MusicLDM 1.20-1.33x diffusers, AudioLDM 2 1.27-1.32x (1.16-1.29x / 1.19-1.27x
 before). Same arithmetic per row (a batch-1 GEMM can group its sums differently from a batch-2 one: ~1e-6).
-The workers' rows allocate from their threads' own malloc arenas, which glibc trims and refills: 20-40k page
-faults per step where the main thread has none (no measurable time at this noise level; MALLOC_ARENA_MAX=1 or
-larger MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ remove most of them, process-wide, so left to the user).
+The workers' rows allocate from their threads' own malloc arenas, which glibc trims and refills: a step takes
+25-35k page faults against diffusers' 14-15k. At the ~1.5 us a fault measured on that VM that is ~2 % of a step;
+MALLOC_ARENA_MAX=1 or larger MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ remove most of them, but only
+process-wide, so they are left to the user (benchmarks/RESULTS.md, fifth session).
 
 Tried and not taken: the HiFi-GAN vocoder's three residual blocks of a stage as streams (dynamically balanced
 over 2 threads, the longest kernel first): 4018 ms against 3751 ms without, the FFT route's memory passes share
