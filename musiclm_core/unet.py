@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from musiclm_core import hub
-from musiclm_core.kernels import attention, streams, winograd
+from musiclm_core.kernels import attention, packed, streams, winograd
 from musiclm_core.kernels.switch import env_route
 from musiclm_core.kernels.winograd import WinogradConv2d
 from musiclm_core.vae import upsample_conv, upsample_conv_weights
@@ -215,7 +215,7 @@ def dense(layer: nn.Module, x: Tensor) -> Tensor:
     the usual modules.
     """
     if _onednn(layer, nn.Linear, x):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+        return packed.linear(x, layer.weight, layer.bias)
     return layer(x)
 
 
@@ -238,8 +238,8 @@ def geglu(layer: nn.Linear, x: Tensor) -> Tensor:
     if _onednn(layer, nn.Linear, x):
         half = layer.weight.shape[0] // 2
         w, b = layer.weight, layer.bias
-        gate = torch.ops.mkldnn._linear_pointwise(x, w[half:], None if b is None else b[half:], "gelu", [], "none")
-        value = torch.ops.mkldnn._linear_pointwise(x, w[:half], None if b is None else b[:half], "none", [], "")
+        gate = packed.linear(x, w, None if b is None else b[half:], part=(half, 2 * half), post="gelu")
+        value = packed.linear(x, w, None if b is None else b[:half], part=(0, half))
         return value.mul_(gate)
     value, gate = layer(x).chunk(2, dim=-1)  # 2 x (B, N, H)
     return value * F.gelu(gate)
@@ -250,11 +250,9 @@ def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     channels of the (B, T, F, C) view of a channels-last x (a view, no copy), returned with channels-last strides;
     torch's convolution otherwise. On one EPYC core 0.97-1.28x torch's 1x1 convolution at the UNet's six skip
     shapes (torch took its slow im2col path there; it is oneDNN's too on 2 threads, where the two run level)."""
-    K, C = conv.weight.shape[:2]
     if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
             and _onednn(conv, nn.Conv2d, x)):
-        w = conv.weight.reshape(K, C)  # a view in either memory format: the kernel is 1x1
-        y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), w, conv.bias, "none", [], "")  # (B, T, F, K)
+        y = packed.linear(x.permute(0, 2, 3, 1), conv.weight, conv.bias)  # (B, T, F, K); the weight read as (K, C)
         return y.permute(0, 3, 1, 2)  # (B, K, T, F), channels-last strides
     return conv(x)
 
