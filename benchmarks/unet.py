@@ -17,7 +17,8 @@ fused q/k/v, 1x1 projections as linears, and its CPU routes: Winograd for the st
 (kernels/winograd.py: F(4x4, 3x3) from 128 channels on one thread, from 256 on two, F(2x2, 3x3) where that needs
 fewer products), the x2 upsampling convolutions as F(2x2, 3x3) on the upsampled image built from the input (256+
 channels) or folded into 2x2 sub-pixel kernels (below), oneDNN matmuls for the transformers' linears with GELU fused
-into the GEGLU's, the ResBlocks' 1x1 skips as oneDNN matmuls, and the two rows of the batch as two streams on
+into the GEGLU's, the ResBlocks' 1x1 skips as oneDNN matmuls, all these matmuls against weights packed once into
+oneDNN's layout (kernels/packed.py), and the two rows of the batch as two streams on
 their share of the threads, kernels/streams.py); ours fp32 again with those routes off (MUSICLM_CONV3X3=conv, MKL's
 linears and torch's 1x1 convolutions, MUSICLM_STREAMS=off; the folding stays); both again with bf16 weights and
 activations. Times are wall-clock medians, and the fp32 speed-up is also given by process CPU time (both

@@ -31,8 +31,10 @@ of heads, specs/ldm.md §15.1), so the head size is channels / 8 (32, 48, 80).
 CPU routes (fp32 inference; each with its switch and a test against the plain computation): Winograd for the 3x3
 ResBlock convs and the x2 upsampling convs (kernels/winograd.py, MUSICLM_CONV3X3), oneDNN matmuls for the
 transformers' linears, the GEGLU (GELU fused into the gate's matmul) and the ResBlocks' 1x1 skips (`dense`, `geglu`,
-`pointwise_conv`; MUSICLM_UNET_LINEAR=torch turns them off), and the rows of a batch as streams, one per share of
-the threads (kernels/streams.py, MUSICLM_STREAMS=off). One step at batch 2, latent (2, 8, 256, 16), official
+`pointwise_conv`; MUSICLM_UNET_LINEAR=torch turns them off), all of these against weights packed once into
+oneDNN's layout (kernels/packed.py: one packed copy of each weight, made on its first call and kept until it
+changes), and the rows of a batch as streams, one per share of the threads (kernels/streams.py,
+MUSICLM_STREAMS=off). One step at batch 2, latent (2, 8, 256, 16), official
 configs, random weights, 2-core AMD EPYC (Zen 4), against diffusers 0.42 in the same run (benchmarks/unet.py):
 
     1 thread, load 1.2-1.6           MusicLDM                  AudioLDM 2
