@@ -55,12 +55,29 @@ def available(x: Tensor, weight: Tensor) -> bool:
 Part = int | tuple[int, int] | None
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, part: Part = None,
+class Packed:
+    """Parts of a weight, each packed into oneDNN's layout, without the plain weight: what a cache holds when the
+    plain copy is of no other use (the Winograd convolutions' transformed weights). `linear(x, p, part=q)` takes
+    part q; `shape` is the weight's. Made by `pack`."""
+
+    def __init__(self, weight: Tensor, parts: list[Part]):
+        self.shape = weight.shape
+        self.parts = {part: _reorder(weight, part) for part in parts}
+
+
+def pack(weight: Tensor, parts: list[Part]) -> Packed:
+    """The given parts of weight (`packed` says what a part is), packed once."""
+    with torch.no_grad():
+        return Packed(weight, parts)
+
+
+def linear(x: Tensor, weight: Tensor | Packed, bias: Tensor | None = None, *, part: Part = None,
            post: str = "none") -> Tensor:
-    """x (..., K) @ W^T + bias, then `post` ("none" or "gelu", oneDNN's post-op), W the packed copy of
-    `packed(weight, part)`. Callers check `available` first; bias matches W's rows."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed(weight, part), bias, post, [],
-                                              "none" if post == "gelu" else "")
+    """x (..., K) @ W^T + bias, then `post` ("none" or "gelu", oneDNN's post-op), W the packed part `part` of
+    weight: of a `Packed`, or the cached copy `packed(weight, part)` of a tensor. Callers check `available` first;
+    bias matches W's rows."""
+    w = weight.parts[part] if isinstance(weight, Packed) else packed(weight, part)
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, post, [], "none" if post == "gelu" else "")
 
 
 def packed(weight: Tensor, part: Part = None) -> Tensor:
@@ -75,11 +92,16 @@ def packed(weight: Tensor, part: Part = None) -> Tensor:
             entry = _PACKED[id(weight)] = (ref, state, {})
         copies = entry[2]
         if part not in copies:
-            w = weight.detach()
-            if isinstance(part, int):
-                w = w[part]
-            else:
-                w = w.reshape(w.shape[0], -1)  # a view: (N, K, 1, 1) in either memory format is (N, K)
-                w = w if part is None else w[part[0]:part[1]]
-            copies[part] = torch.ops.mkldnn._reorder_linear_weight(w)  # (N', K)
+            copies[part] = _reorder(weight, part)
         return copies[part]
+
+
+def _reorder(weight: Tensor, part: Part) -> Tensor:
+    """Part `part` of weight (`packed`) as an opaque oneDNN tensor (N', K)."""
+    w = weight.detach()
+    if isinstance(part, int):
+        w = w[part]
+    else:
+        w = w.reshape(w.shape[0], -1)  # a view: (N, K, 1, 1) in either memory format is (N, K)
+        w = w if part is None else w[part[0]:part[1]]
+    return torch.ops.mkldnn._reorder_linear_weight(w)

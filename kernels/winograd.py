@@ -215,12 +215,14 @@ def winograd_weight(weight: Tensor, m: int = 2) -> Tensor:
     return _transform(weight, G if m == 2 else G4, range((m + 2) ** 2))
 
 
-def conv3x3(x: Tensor, U: Tensor, bias: Tensor | None = None, *, tiles: int | None = None) -> Tensor:
+def conv3x3(x: Tensor, U: Tensor | packed.Packed, bias: Tensor | None = None, *,
+            tiles: int | None = None) -> Tensor:
     """F.conv2d(x, weight, bias, padding=1) for x (B, C, H, W) with U = winograd_weight(weight, m), (16, K, C) for
-    F(2x2, 3x3) or (36, K, C) for F(4x4, 3x3) -> (B, K, H, W) with channels-last strides. Any H, W >= 1 (sizes
-    that are not a multiple of the tile: the last tile row / column is cut). `tiles`: band size (default TILES)."""
+    F(2x2, 3x3) or (36, K, C) for F(4x4, 3x3), or U packed (`for_gemms`) -> (B, K, H, W) with channels-last
+    strides. Any H, W >= 1 (sizes that are not a multiple of the tile: the last tile row / column is cut).
+    `tiles`: band size (default TILES)."""
     B, C, H, W = x.shape
-    if U.dim() != 3 or U.shape[0] not in (16, 36) or U.shape[2] != C:
+    if len(U.shape) != 3 or U.shape[0] not in (16, 36) or U.shape[2] != C:
         raise ValueError(f"conv3x3: input of {C} channels for transformed weight {tuple(U.shape)} "
                          "(16 or 36, K, C)")
     m = 2 if U.shape[0] == 16 else 4
@@ -248,10 +250,23 @@ def conv3x3(x: Tensor, U: Tensor, bias: Tensor | None = None, *, tiles: int | No
     return y.permute(0, 3, 1, 2)  # (B, K, H, W), channels-last strides
 
 
-def _gemm(v: Tensor, U: Tensor, part: int | tuple[int, int], shape: tuple[int, ...]) -> Tensor:
+def for_gemms(U: Tensor) -> Tensor | packed.Packed:
+    """A transformed weight as `conv3x3` / `upsample_conv3x3` multiply by it: packed part by part into oneDNN's
+    layout where the GEMMs run on oneDNN (CPU fp32; kernels/packed.py), else U itself. The packed form replaces
+    the plain one in WinogradConv2d's cache (no second copy)."""
+    if not packed.available(U, U):
+        return U
+    if U.dim() == 3:  # conv3x3's stack (n, K, C): one GEMM per position
+        return packed.pack(U, list(range(U.shape[0])))
+    K = U.shape[0] // 9  # upsample_weight's rows: DD's 4 K, Dx's 2 K, xD's 2 K, xx's K (`_upsample_band`)
+    return packed.pack(U, [(0, 4 * K), (4 * K, 6 * K), (6 * K, 8 * K), (8 * K, 9 * K)])
+
+
+def _gemm(v: Tensor, U: Tensor | packed.Packed, part: int | tuple[int, int], shape: tuple[int, ...]) -> Tensor:
     """v (P, C) @ W^T (P, K) viewed as `shape`, W = U[part] for a stack U (n, K, C), the rows a:b of U for
-    part (a, b): through oneDNN with W packed once (kernels/packed.py), else torch.matmul."""
-    if packed.available(v, U):
+    part (a, b): through oneDNN against W packed once (U packed by `for_gemms`, or a plain U packed on first use
+    and cached while it lives: kernels/packed.py), else torch.matmul."""
+    if isinstance(U, packed.Packed) or packed.available(v, U):
         return packed.linear(v, U, part=part).view(shape)
     w = U[part] if isinstance(part, int) else U[part[0]:part[1]]
     return (v @ w.t()).view(shape)
@@ -363,12 +378,13 @@ def upsample_weight(weight: Tensor) -> Tensor:
     return _transform(weight, UPSAMPLE_TAPS, (0, 2, 6, 8, 1, 7, 3, 5, 4)).flatten(0, 1)
 
 
-def upsample_conv3x3(x: Tensor, U: Tensor, bias: Tensor | None = None, *,
+def upsample_conv3x3(x: Tensor, U: Tensor | packed.Packed, bias: Tensor | None = None, *,
                      pixels: int = UPSAMPLE_PIXELS) -> Tensor:
     """F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1) for x (B, C, H, W)
-    with U = upsample_weight(weight) (9 K, C) -> (B, K, 2H, 2W) with channels-last strides. `pixels`: band size."""
+    with U = upsample_weight(weight) (9 K, C), or U packed (`for_gemms`) -> (B, K, 2H, 2W) with channels-last
+    strides. `pixels`: band size."""
     B, C, H, W = x.shape
-    if U.dim() != 2 or U.shape[0] % 9 or U.shape[1] != C:
+    if len(U.shape) != 2 or U.shape[0] % 9 or U.shape[1] != C:
         raise ValueError(f"upsample_conv3x3: input of {C} channels for weight {tuple(U.shape)} (9 K, C)")
     K = U.shape[0] // 9
     padded = x.new_zeros(B, H + 2, W + 2, C)  # (B, H + 2, W + 2, C): the conv's zero padding, before upsampling
@@ -422,24 +438,29 @@ class WinogradConv2d(nn.Conv2d):
     "conv", run nn.Conv2d's own forward. Same parameters and state_dict as nn.Conv2d.
 
     The transformed weight of each tile size (16/9 or 36/9 of the weight's size) is made on the first call that
-    takes it and kept until the weight changes (another tensor, an in-place update, another device or dtype). It
-    is a plain attribute, not a buffer: it is never saved.
+    takes it and kept until the weight changes (another tensor, an in-place update, another device or dtype), in
+    the packed form its GEMMs take (`for_gemms`). It is a plain attribute, not a buffer: never saved, and left out
+    of pickles and deep copies (an opaque packed tensor cannot be copied; the copy makes its own on first use).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-        self._winograd: dict[int | str, tuple[tuple, Tensor]] = {}
+        self._winograd: dict[int | str, tuple[tuple, Tensor | packed.Packed]] = {}
 
-    def winograd_weight(self, m: int = 2) -> Tensor:
-        """U = winograd_weight(self.weight, m) ((m + 2)^2, K, C), cached."""
-        return self._cached(m, lambda w: winograd_weight(w, m))
+    def winograd_weight(self, m: int = 2) -> Tensor | packed.Packed:
+        """U = for_gemms(winograd_weight(self.weight, m)) (shape ((m + 2)^2, K, C)), cached."""
+        return self._cached(m, lambda w: for_gemms(winograd_weight(w, m)))
 
-    def upsample_weight(self) -> Tensor:
-        """upsample_weight(self.weight) (9 K, C), cached: for the callers that upsample x2 before this conv."""
-        return self._cached("upsample", upsample_weight)
+    def upsample_weight(self) -> Tensor | packed.Packed:
+        """for_gemms(upsample_weight(self.weight)) (shape (9 K, C)), cached: for the callers that upsample x2
+        before this conv."""
+        return self._cached("upsample", lambda w: for_gemms(upsample_weight(w)))
 
-    def _cached(self, name: int | str, make) -> Tensor:
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_winograd": {}}  # the cache stays behind (class docstring)
+
+    def _cached(self, name: int | str, make) -> Tensor | packed.Packed:
         w = self.weight
         # An inference tensor (made under torch.inference_mode) has no version counter, and cannot be changed
         # in place outside inference mode: its address is the key.

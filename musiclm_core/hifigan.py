@@ -125,7 +125,11 @@ PRESETS: dict[str, HifiGanConfig] = {
 # one matrix product plus an overlap-add 0.72-1.21x; one GEMM per kernel tap, or one im2col GEMM, 0.2-0.7x; 2-D
 # channels-last convs 0.85-1.04x; on 2026-12-04 the transposed convs as polyphase convs (0.98-1.4x per layer, ~1 % of
 # the vocoder), 1-D Winograd for the kernel-3 convs, and real-arithmetic products for the FFT route (figures in
-# kernels/conv1d.py's docstring). Each convolution takes its leaky ReLUs and residual add as arguments of
+# kernels/conv1d.py's docstring); the whole vocoder kept time-major (channels-last) from conv_pre to conv_post, its
+# convolutions and transposed convolutions on oneDNN's NHWC kernels as (B, C, 1, L) views, with no conversion
+# between layers (sixth session): 0.94x on one thread, 1.01x on two, paired; the NHWC convolutions gained where the
+# plain ones faulted in fresh reorder buffers and lost at dilations 3 and 5, and the FFT route's copies, transposing
+# then, took 3x as long. Each convolution takes its leaky ReLUs and residual add as arguments of
 # `conv1d`, which the FFT route folds into the copies it makes anyway (on torch's route: one pass each).
 
 

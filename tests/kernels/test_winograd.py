@@ -376,3 +376,26 @@ def test_unet_dense_matches_f_linear(monkeypatch):
     with torch.no_grad():
         close(unet_module.dense(adapter, x), F.linear(x, adapter.weight, adapter.bias) + 1.0)
     assert len(calls) == 2
+
+
+def test_layer_cache_is_packed_and_left_out_of_copies(route):
+    """WinogradConv2d keeps its transformed weight packed for oneDNN (no plain copy besides); a deep copy or a
+    pickle of a layer that has run leaves the cache behind, and the copy computes the same on its own."""
+    import copy
+    import pickle
+
+    from musiclm_core.kernels import packed
+
+    if not packed.ONEDNN:
+        pytest.skip("torch built without oneDNN")
+    route("winograd")
+    torch.manual_seed(0)
+    layer = W.WinogradConv2d(256, 256, 3, padding=1)
+    x = torch.randn(1, 256, 12, 8)
+    with torch.no_grad():
+        y = layer(x)
+        assert all(isinstance(U, packed.Packed) for _, U in layer._winograd.values()) and layer._winograd
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert clone._winograd == {}
+            assert (clone(x) - y).abs().max() <= 1e-5
+        close(y, F.conv2d(x, layer.weight, layer.bias, padding=1), W.tile(x, layer.weight, padding=1))
