@@ -16,8 +16,9 @@ F(4x4) (4x fewer), as n^2 independent matrix products:
 
 B^T, G and A^T are the small constant matrices below. The transforms are sums of strided views, run per axis
 (rows of every tile, then its columns) with the common terms shared, the second axis for all rows of the first at
-once: F(2x2) 4 + 4 passes in, 16 + 4 out; F(4x4) 12 + 12 in, 60 + 10 out (`_bt4`, `_bt6`, `_at6`). F(4x4) moves less data per output (36 transformed values per 16 outputs
-against 16 per 4), which is why it also gains at 128 channels, where F(2x2) does not. The result is written in the
+once: F(2x2) 4 + 4 passes in, 16 + 4 out; F(4x4) 12 + 12 in, 60 + 10 out (`_bt4`, `_bt6`, `_at6`). F(4x4) moves
+less data per output (36 transformed values per 16 outputs against 16 per 4), which is why it also gains at 128
+channels, where F(2x2) does not. The result is written in the
 channels-last layout (B, H, W, K in memory) that oneDNN and our models use anyway. The GEMMs run as oneDNN matmuls
 (torch.ops.mkldnn._linear_pointwise, where torch has oneDNN): 86-94 GFLOPS on one Zen 4 core at these sizes where
 MKL's torch.bmm ran 66-73 (MKL picks its kernels by CPU vendor, see kernels/linear.py); torch.matmul otherwise.
@@ -272,19 +273,30 @@ def _gemm(v: Tensor, U: Tensor | packed.Packed, part: int | tuple[int, int], sha
     return (v @ w.t()).view(shape)
 
 
-def _tiles2(padded: Tensor, U: Tensor, out: Tensor) -> None:
+def _products(padded: Tensor, U: Tensor | packed.Packed, out: Tensor, bt) -> list[Tensor]:
+    """M[t a + b] = V[ab] @ U[ab]^T, (B, n, m, K) each, for V = B^T d B of every t x t tile d of `padded`
+    (B, (t - 2) n + 2, (t - 2) m + 2, C), t = 4 or 6 with `bt` = `_bt4` or `_bt6`; out (B, n, t - 2, m, t - 2, K)
+    gives the sizes.
+
+    B^T d on rows (t - 2) i + r (each (B, n, Wp, C)) into T[a], then (B^T d) B on columns (t - 2) j + s for all t
+    rows a at once into V[b][a] (b-major: each pass writes one contiguous block). One pass per term over all of T
+    instead of t over a t-th: the per-op cost, not the memory traffic, is most of a pass at the UNet's low
+    resolutions and one stream's row (measured 1.5-2x faster transforms, same sums)."""
+    B, n, step, m, _, K = out.shape
+    t, C = step + 2, padded.shape[-1]
+    T = padded.new_empty(t, B, n, padded.shape[2], C)
+    bt([padded[:, r:r + step * n:step] for r in range(t)], T)
+    V = padded.new_empty(t, t, B, n, m, C)
+    bt([T[:, :, :, s:s + step * m:step] for s in range(t)], V)
+    V = V.view(t * t, B * n * m, C)
+    return [_gemm(V[t * b + a], U, t * a + b, (B, n, m, K)) for a in range(t) for b in range(t)]
+
+
+def _tiles2(padded: Tensor, U: Tensor | packed.Packed, out: Tensor) -> None:
     """F(2x2, 3x3) on every tile of `padded` (B, 2n + 2, 2m + 2, C) through V -> M -> A^T M A, written into
     out (B, n, 2, m, 2, K)."""
     B, n, _, m, _, K = out.shape
-    C = padded.shape[-1]
-    # B^T d on rows 2i + r, r = 0..3 (each (B, n, Wp, C)) into T[a], then (B^T d) B on columns 2j + s for all a at
-    # once (`_tiles4` says why) into V[b][a]
-    T = padded.new_empty(4, B, n, padded.shape[2], C)
-    _bt4([padded[:, r:r + 2 * n:2] for r in range(4)], T)
-    V = padded.new_empty(4, 4, B, n, m, C)
-    _bt4([T[:, :, :, s:s + 2 * m:2] for s in range(4)], V)
-    V = V.view(16, B * n * m, C)
-    M = [_gemm(V[4 * b + a], U, 4 * a + b, (B, n, m, K)) for a in range(4) for b in range(4)]  # index 4a + b
+    M = _products(padded, U, out, _bt4)  # index 4a + b
     # A^T M A: rows of A^T over a (S[i][b]), then over b into the phases (i, j) of out, both rows i at once
     S = padded.new_empty(2, 4, B, n, m, K)
     for b in range(4):
@@ -327,21 +339,11 @@ def _at6(M: list[Tensor], out: list[Tensor]) -> None:
     torch.add(d + M[5], D, alpha=8, out=out[3])
 
 
-def _tiles4(padded: Tensor, U: Tensor, out: Tensor) -> None:
+def _tiles4(padded: Tensor, U: Tensor | packed.Packed, out: Tensor) -> None:
     """F(4x4, 3x3) on every tile of `padded` (B, 4n + 2, 4m + 2, C) through V -> M -> A^T M A, written into
     out (B, n, 4, m, 4, K)."""
     B, n, _, m, _, K = out.shape
-    C = padded.shape[-1]
-    # B^T d on rows 4i + r, r = 0..5 (each (B, n, Wp, C)) into T[a], then (B^T d) B on columns 4j + s for all six
-    # rows a at once into V[b][a] (b-major: each pass writes one contiguous block). One pass per term over all
-    # of T instead of six over a sixth: the per-op cost, not the memory traffic, is most of a pass at the UNet's
-    # low resolutions and one stream's row (measured 1.5-2x faster transforms, same sums).
-    T = padded.new_empty(6, B, n, padded.shape[2], C)
-    _bt6([padded[:, r:r + 4 * n:4] for r in range(6)], T)
-    V = padded.new_empty(6, 6, B, n, m, C)
-    _bt6([T[:, :, :, s:s + 4 * m:4] for s in range(6)], V)
-    V = V.view(36, B * n * m, C)
-    M = [_gemm(V[6 * b + a], U, 6 * a + b, (B, n, m, K)) for a in range(6) for b in range(6)]  # index 6a + b
+    M = _products(padded, U, out, _bt6)  # index 6a + b
     # A^T M A: over b for each a (Q[a][j], j = 0..3), then over a into the 16 phases (i, j) of out, all four
     # columns j at once
     Q = padded.new_empty(6, 4, B, n, m, K)
@@ -401,7 +403,7 @@ def upsample_conv3x3(x: Tensor, U: Tensor | packed.Packed, bias: Tensor | None =
     return out.view(B, 2 * H, 2 * W, K).permute(0, 3, 1, 2)  # (B, K, 2H, 2W), channels-last strides
 
 
-def _upsample_band(padded: Tensor, U: Tensor, bias: Tensor | None, out: Tensor) -> None:
+def _upsample_band(padded: Tensor, U: Tensor | packed.Packed, bias: Tensor | None, out: Tensor) -> None:
     """The rows of `out` (B, n, 2, W, 2, K) from padded input rows (B, n + 2, W + 2, C)."""
     B, n, _, W, _, K = out.shape
     C = padded.shape[-1]
