@@ -24,8 +24,8 @@ packs again when the weight changes (another storage, an in-place update, device
 stored on the modules, so state_dict, deepcopy (which an opaque tensor does not support) and the LoRA adapters
 see the usual nn.Linear / nn.Conv2d. The copy sits beside the weight: +326 MB for MusicLDM's UNet, ~+620 MB for
 AudioLDM 2's (~45 % of their parameters), for 2.5 % of a 2-thread step and 7 % of a 1-thread one (measured).
-A derived weight that nothing else reads (the Winograd convolutions' transformed weights): `pack(U, parts)` gives
-a `Packed` that its owner caches in place of U (kernels/winograd.py `for_gemms`): no second copy.
+A derived weight that nothing else reads (the Winograd convolutions' transformed weights): `Packed(U, parts)` is
+what its owner caches in place of U (kernels/winograd.py `for_gemms`): no second copy.
 
 `available(x, w)` says whether a call can take the route: torch built with oneDNN, CPU fp32 operands, no
 gradient wanted (an opaque tensor has no autograd).
@@ -61,17 +61,11 @@ Part = int | tuple[int, int] | None
 class Packed:
     """Parts of a weight, each packed into oneDNN's layout, without the plain weight: what a cache holds when the
     plain copy is of no other use (the Winograd convolutions' transformed weights). `linear(x, p, part=q)` takes
-    part q; `shape` is the weight's. Made by `pack`."""
+    part q; `shape` is the weight's. `packed` says what a part is."""
 
     def __init__(self, weight: Tensor, parts: list[Part]):
         self.shape = weight.shape
         self.parts = {part: _reorder(weight, part) for part in parts}
-
-
-def pack(weight: Tensor, parts: list[Part]) -> Packed:
-    """The given parts of weight (`packed` says what a part is), packed once."""
-    with torch.no_grad():
-        return Packed(weight, parts)
 
 
 def linear(x: Tensor, weight: Tensor | Packed, bias: Tensor | None = None, *, part: Part = None,

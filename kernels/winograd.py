@@ -258,9 +258,9 @@ def for_gemms(U: Tensor) -> Tensor | packed.Packed:
     if not packed.available(U, U):
         return U
     if U.dim() == 3:  # conv3x3's stack (n, K, C): one GEMM per position
-        return packed.pack(U, list(range(U.shape[0])))
+        return packed.Packed(U, list(range(U.shape[0])))
     K = U.shape[0] // 9  # upsample_weight's rows: DD's 4 K, Dx's 2 K, xD's 2 K, xx's K (`_upsample_band`)
-    return packed.pack(U, [(0, 4 * K), (4 * K, 6 * K), (6 * K, 8 * K), (8 * K, 9 * K)])
+    return packed.Packed(U, [(0, 4 * K), (4 * K, 6 * K), (6 * K, 8 * K), (8 * K, 9 * K)])
 
 
 def _gemm(v: Tensor, U: Tensor | packed.Packed, part: int | tuple[int, int], shape: tuple[int, ...]) -> Tensor:

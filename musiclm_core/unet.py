@@ -44,8 +44,8 @@ configs, random weights, 2-core AMD EPYC (Zen 4), against diffusers 0.42 in the 
                                      1.37x by CPU time)
     2 threads, load 1.3-1.5, now     1592 ms (1.12x; 1.20x by CPU)   2340 ms (1.17x; 1.22x by CPU)
     2 threads, idle, with streams    991-1127 ms (1.20-1.33x)   1816-1986 ms (1.27-1.32x)  (benchmarks/RESULTS.md)
-    and packed weights (kernels/     909-1255 ms (1.25-1.51x,    1827-2119 ms (1.30-1.50x,
-    packed.py), 7 runs               median 1.45x)               median 1.35x); 1 thread 1.34x / 1.33x
+    and packed weights (kernels/     904-1255 ms (1.25-1.51x,    1710-2119 ms (1.30-1.50x,
+    packed.py), 9 runs               median 1.45x)               median 1.35x); 1 thread 1.34x / 1.33x
 
 The step is near the machine's fp32 rate in its matmuls (one core ~90-100 GFLOPS in oneDNN); what is left at one
 thread is mostly self-attention at 1024 tokens (torch's flash kernel, ~33 ms a call, 20 calls in AudioLDM 2) and
