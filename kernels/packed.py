@@ -61,7 +61,7 @@ Part = int | tuple[int, int] | None
 class Packed:
     """Parts of a weight, each packed into oneDNN's layout, without the plain weight: what a cache holds when the
     plain copy is of no other use (the Winograd convolutions' transformed weights). `linear(x, p, part=q)` takes
-    part q; `shape` is the weight's. `packed` says what a part is."""
+    part q; `shape` is the weight's. `cached` says what a part is."""
 
     def __init__(self, weight: Tensor, parts: list[Part]):
         self.shape = weight.shape
@@ -71,13 +71,13 @@ class Packed:
 def linear(x: Tensor, weight: Tensor | Packed, bias: Tensor | None = None, *, part: Part = None,
            post: str = "none") -> Tensor:
     """x (..., K) @ W^T + bias, then `post` ("none" or "gelu", oneDNN's post-op), W the packed part `part` of
-    weight: of a `Packed`, or the cached copy `packed(weight, part)` of a tensor. Callers check `available` first;
+    weight: of a `Packed`, or the cached copy `cached(weight, part)` of a tensor. Callers check `available` first;
     bias matches W's rows."""
-    w = weight.parts[part] if isinstance(weight, Packed) else packed(weight, part)
+    w = weight.parts[part] if isinstance(weight, Packed) else cached(weight, part)
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, post, [], "none" if post == "gelu" else "")
 
 
-def packed(weight: Tensor, part: Part = None) -> Tensor:
+def cached(weight: Tensor, part: Part = None) -> Tensor:
     """The cached packed copy of weight (N, K) (or a 1x1 convolution's (N, K, 1, 1)) for part None, of its rows
     a:b for part (a, b), of weight[part] for a stack weight (n, N, K) and an int part."""
     version = -1 if weight.is_inference() else weight._version  # inference tensors have no version counter
@@ -95,7 +95,7 @@ def packed(weight: Tensor, part: Part = None) -> Tensor:
 
 
 def _reorder(weight: Tensor, part: Part) -> Tensor:
-    """Part `part` of weight (`packed`) as an opaque oneDNN tensor (N', K)."""
+    """Part `part` of weight (`cached`) as an opaque oneDNN tensor (N', K)."""
     w = weight.detach()
     if isinstance(part, int):
         w = w[part]

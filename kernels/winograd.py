@@ -259,8 +259,7 @@ def for_gemms(U: Tensor) -> Tensor | packed.Packed:
         return U
     if U.dim() == 3:  # conv3x3's stack (n, K, C): one GEMM per position
         return packed.Packed(U, list(range(U.shape[0])))
-    K = U.shape[0] // 9  # upsample_weight's rows: DD's 4 K, Dx's 2 K, xD's 2 K, xx's K (`_upsample_band`)
-    return packed.Packed(U, [(0, 4 * K), (4 * K, 6 * K), (6 * K, 8 * K), (8 * K, 9 * K)])
+    return packed.Packed(U, _upsample_parts(U.shape[0] // 9))
 
 
 def _gemm(v: Tensor, U: Tensor | packed.Packed, part: int | tuple[int, int], shape: tuple[int, ...]) -> Tensor:
@@ -380,6 +379,11 @@ def upsample_weight(weight: Tensor) -> Tensor:
     return _transform(weight, UPSAMPLE_TAPS, (0, 2, 6, 8, 1, 7, 3, 5, 4)).flatten(0, 1)
 
 
+def _upsample_parts(K: int) -> list[tuple[int, int]]:
+    """The row ranges of upsample_weight's four GEMMs in its (9 K, C): DD 4 K, Dx 2 K, xD 2 K, xx K."""
+    return [(0, 4 * K), (4 * K, 6 * K), (6 * K, 8 * K), (8 * K, 9 * K)]
+
+
 def upsample_conv3x3(x: Tensor, U: Tensor | packed.Packed, bias: Tensor | None = None, *,
                      pixels: int = UPSAMPLE_PIXELS) -> Tensor:
     """F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1) for x (B, C, H, W)
@@ -412,11 +416,12 @@ def _upsample_band(padded: Tensor, U: Tensor | packed.Packed, bias: Tensor | Non
     Dx = D[:, :, 1:W + 1].contiguous()                    # (B, n + 1, W, C)
     xD = padded[:, 1:n + 1, :-1] - padded[:, 1:n + 1, 1:]  # (B, n, W + 1, C)
     xx = padded[:, 1:n + 1, 1:W + 1].contiguous()         # (B, n, W, C)
-    # U's rows: DD's 4 K, Dx's 2 K, xD's 2 K, xx's K; the bias goes in once, with the xx term every phase shares
-    Mdd = _gemm(DD.view(-1, C), U, (0, 4 * K), (B, n + 1, W + 1, 2, 2, K))  # (.., a, b, K): U's order
-    Mdx = _gemm(Dx.view(-1, C), U, (4 * K, 6 * K), (B, n + 1, W, 2, K))
-    Mxd = _gemm(xD.view(-1, C), U, (6 * K, 8 * K), (B, n, W + 1, 2, K))
-    Mxx = _gemm(xx.view(-1, C), U, (8 * K, 9 * K), (B, n, W, K))
+    # the bias goes in once, with the xx term that every phase shares
+    dd, dx, xd, x1 = _upsample_parts(K)
+    Mdd = _gemm(DD.view(-1, C), U, dd, (B, n + 1, W + 1, 2, 2, K))  # (.., a, b, K): U's order
+    Mdx = _gemm(Dx.view(-1, C), U, dx, (B, n + 1, W, 2, K))
+    Mxd = _gemm(xD.view(-1, C), U, xd, (B, n, W + 1, 2, K))
+    Mxx = _gemm(xx.view(-1, C), U, x1, (B, n, W, K))
     if bias is not None:
         Mxx += bias
     for a in range(2):

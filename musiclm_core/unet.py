@@ -225,9 +225,8 @@ def dense(layer: nn.Module, x: Tensor) -> Tensor:
 
 def _onednn(layer: nn.Module, kind: type, x: Tensor) -> bool:
     """Whether a call of `layer` (exactly a `kind`) on x takes the oneDNN route (`dense`'s docstring)."""
-    return (ONEDNN_LINEAR and type(layer) is kind and x.device.type == "cpu" and x.dtype == torch.float32
-            and layer.weight.dtype == torch.float32 and x.numel() >= 16 * layer.weight.shape[1]
-            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad)))
+    return (ONEDNN_LINEAR and type(layer) is kind and packed.available(x, layer.weight)
+            and x.numel() >= 16 * layer.weight.shape[1])
 
 
 def geglu(layer: nn.Linear, x: Tensor) -> Tensor:

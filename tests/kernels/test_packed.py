@@ -40,17 +40,17 @@ def test_cached_until_the_weight_changes():
     x = torch.randn(20, 16)
     layer = torch.nn.Linear(16, 12)
     with torch.no_grad():
-        first = packed.packed(layer.weight)
-        assert packed.packed(layer.weight) is first
-        assert packed.packed(layer.weight, (0, 6)) is not first  # a part has its own copy
+        first = packed.cached(layer.weight)
+        assert packed.cached(layer.weight) is first
+        assert packed.cached(layer.weight, (0, 6)) is not first  # a part has its own copy
         layer.weight.mul_(2)
-        assert packed.packed(layer.weight) is not first
+        assert packed.cached(layer.weight) is not first
         assert (packed.linear(x, layer.weight, layer.bias) - layer(x)).abs().max() <= TOL
         layer.weight = torch.nn.Parameter(torch.randn(12, 16))  # another tensor, maybe at the same address
         assert (packed.linear(x, layer.weight, layer.bias) - layer(x)).abs().max() <= TOL
     before = len(packed._PACKED)
     weight = torch.randn(8, 16)
-    packed.packed(weight)
+    packed.cached(weight)
     assert len(packed._PACKED) == before + 1
     del weight
     gc.collect()
