@@ -6,9 +6,10 @@
 # For a machine that already has torch, triton, transformers, sentencepiece and safetensors but cannot download
 # (the image of the lent GPU machines has them): the package is installed in place without its dependencies and
 # without build isolation, and wheels found in .whl/ (diffusers and its importlib_metadata, which that image lacks:
-# `pip download --no-deps -d .whl diffusers==0.42.1 importlib_metadata`) go to /tmp/site first. Each step's output
-# is also written to OUT_DIR, so what ran before a failure or a timeout is kept; each step has its own time limit,
-# cut to what is left of GPU_DEADLINE seconds (default 510) for the whole script, so the last steps shrink rather
+# `pip download --no-deps -d .whl diffusers==0.42.1 importlib_metadata==8.7.0`; importlib_metadata 10 needs
+# lazy-importer too) go to /tmp/site first. Each step's output is also written to OUT_DIR, so what ran before a
+# failure or a timeout is kept; each step has its own time limit, cut to what is left of GPU_DEADLINE seconds
+# (default 510) for the whole script, so the last steps shrink rather
 # than the whole run being lost. The steps run most important first. The figures go into benchmarks/RESULTS.md by
 # hand, with the machine, the date and this command.
 set -uo pipefail

@@ -40,7 +40,7 @@ its `from_pretrained`, ours with `MusicGen.from_pretrained` (the whole loader at
 
 CUDA (`--device cuda`): small / medium / large built at random on the GPU in bf16, batch 1 (with CFG: 2 rows) and
 batch 8 (16 rows): transformers eager, ours eager, ours with every decode step replayed from a CUDA graph
-(`generate_codes(..., cuda_graph=True)`). steps/s and % of the HBM roofline (measured copy bandwidth, and the
+(`generate_codes(..., cuda_graph=True)`), with our Triton attention and with torch's SDPA. steps/s and % of the HBM roofline (measured copy bandwidth, and the
 datasheet figure for the device).
 
 Every table starts with the machine (`_common.machine_lines`: date, CPU model, vendor and family, its vector
@@ -528,7 +528,9 @@ def main_cuda(args) -> None:
             with torch.no_grad():
                 states = hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             nbytes = step_bytes(lm, 2 * batch, statistics.mean(range(2, args.steps + 1)), ids.shape[1])
-            for path in ("transformers eager", "ours eager", "ours cuda graph"):
+            for path in ("transformers eager", "ours eager", "ours cuda graph", "ours cuda graph, torch SDPA"):
+                # kernels/attention.py reads MUSICLM_ATTENTION on every call: our Triton kernels or torch's SDPA
+                os.environ["MUSICLM_ATTENTION"] = "torch" if path.endswith("torch SDPA") else "auto"
                 stamps: list[tuple[float, float]] = []
 
                 def stamp(*_):
@@ -550,7 +552,7 @@ def main_cuda(args) -> None:
                         else:
                             G.generate_codes(lm, states, mask, max_new_tokens=args.steps, guidance_scale=GUIDANCE,
                                              top_k=TOP_K, generator=torch.Generator("cuda").manual_seed(0),
-                                             progress=stamp, cuda_graph=path == "ours cuda graph")
+                                             progress=stamp, cuda_graph="cuda graph" in path)
                 except Exception as e:  # report and go on: one failing path should not hide the others
                     print(f"| {size} | {batch} | {path} | failed: {type(e).__name__}: {str(e)[:120]} |")
                     continue
@@ -559,6 +561,7 @@ def main_cuda(args) -> None:
                 print(f"| {size} | {batch} | {path} | {r['steps_per_s']:.1f} | {r['median_step_ms']:.2f} | "
                       f"{nbytes / 1e9:.2f} | {100 * r['steps_per_s'] * nbytes / bw:.0f}% | {sheet} | "
                       f"{torch.cuda.max_memory_allocated() / 1e9:.1f} |", flush=True)
+        os.environ.pop("MUSICLM_ATTENTION", None)
         del hf, lm
         torch.cuda.empty_cache()
 

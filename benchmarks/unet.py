@@ -173,7 +173,7 @@ def cuda_ms(fn, reps: int) -> float:
 
 def main_cuda(args) -> None:
     """The GPU rows: diffusers and ours in fp32 and bf16, ours with torch's SDPA instead of our Triton attention,
-    and both bf16 steps replayed from a CUDA graph (generate.GraphedStep, as the pipelines' `cuda_graph=True`)."""
+    and the bf16 steps (ours with either attention) replayed from a CUDA graph (generate.GraphedStep, as the pipelines' `cuda_graph=True`)."""
     import diffusers
 
     from musiclm_core.generate import GraphedStep
@@ -221,6 +221,7 @@ def main_cuda(args) -> None:
             ("ours", "bf16, torch SDPA"): call("ours", torch.bfloat16, "torch"),
             ("diffusers", "bf16, CUDA graph"): graphed(call("diffusers", torch.bfloat16)),
             ("ours", "bf16, CUDA graph"): graphed(call("ours", torch.bfloat16)),
+            ("ours", "bf16, torch SDPA, CUDA graph"): graphed(call("ours", torch.bfloat16, "torch")),
         }
         ms, err = {}, {}
         with torch.inference_mode():
