@@ -9,9 +9,9 @@
 # `pip download --no-deps -d .whl diffusers==0.42.1 importlib_metadata==8.7.0`; importlib_metadata 10 needs
 # lazy-importer too) go to /tmp/site first. Each step's output is also written to OUT_DIR, so what ran before a
 # failure or a timeout is kept; each step has its own time limit, cut to what is left of GPU_DEADLINE seconds
-# (default 510) for the whole script, so the last steps shrink rather
-# than the whole run being lost. The steps run most important first. The figures go into benchmarks/RESULTS.md by
-# hand, with the machine, the date and this command.
+# (default 510) for the whole script, so the last steps shrink rather than the whole run being lost. The steps run
+# most important first. The figures go into benchmarks/RESULTS.md by hand, with the machine, the date and this
+# command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_results}}

@@ -40,8 +40,8 @@ its `from_pretrained`, ours with `MusicGen.from_pretrained` (the whole loader at
 
 CUDA (`--device cuda`): small / medium / large built at random on the GPU in bf16, batch 1 (with CFG: 2 rows) and
 batch 8 (16 rows): transformers eager, ours eager, ours with every decode step replayed from a CUDA graph
-(`generate_codes(..., cuda_graph=True)`), with our Triton attention and with torch's SDPA. steps/s and % of the HBM roofline (measured copy bandwidth, and the
-datasheet figure for the device).
+(`generate_codes(..., cuda_graph=True)`), with our Triton attention and with torch's SDPA. steps/s and % of the
+HBM roofline (measured copy bandwidth, and the datasheet figure for the device).
 
 Every table starts with the machine (`_common.machine_lines`: date, CPU model, vendor and family, its vector
 extensions AVX2 / AVX-512 / VNNI / BF16 / AMX, the fp32 linear route, torch and its BLAS) and the load average;

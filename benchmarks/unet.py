@@ -173,7 +173,8 @@ def cuda_ms(fn, reps: int) -> float:
 
 def main_cuda(args) -> None:
     """The GPU rows: diffusers and ours in fp32 and bf16, ours with torch's SDPA instead of our Triton attention,
-    and the bf16 steps (ours with either attention) replayed from a CUDA graph (generate.GraphedStep, as the pipelines' `cuda_graph=True`)."""
+    and the bf16 steps (ours with either attention) replayed from a CUDA graph (generate.GraphedStep, as the
+    pipelines' `cuda_graph=True`)."""
     import diffusers
 
     from musiclm_core.generate import GraphedStep
