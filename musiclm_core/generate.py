@@ -146,7 +146,8 @@ class GraphedStep:
 
     One instance per generation: the graph holds that generation's cache and memory. The diffusion pipelines use
     it for their UNet call in the same way (ldm.LatentDiffusion.denoise: the latents as `tokens`, the timestep as
-    `position`, the conditioning held by the step).
+    `position`, the conditioning held by the step in buffers of its own), and keep it for their next generation of
+    the same shapes (`_graphed_noise`).
     """
 
     def __init__(self, step: Callable[[Tensor, int | Tensor], Tensor]):

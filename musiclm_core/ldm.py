@@ -173,6 +173,14 @@ class LatentDiffusion(nn.Module):
         if unet.config.in_channels != vae.config.latent_channels:
             raise hub.CheckpointError(f"the UNet takes {unet.config.in_channels} latent channels, the VAE makes "
                                       f"{vae.config.latent_channels}")
+        self._graph: tuple[tuple, GraphedStep, list[Tensor]] | None = None  # `_graphed_noise`'s kept capture
+
+    def _apply(self, fn, recurse=True):
+        self._graph = None  # .to() / .cuda() / .half() move the tensors a captured graph reads
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_graph": None}  # a CUDA graph is neither copied nor pickled
 
     @property
     def sample_rate(self) -> int:
@@ -252,10 +260,12 @@ class LatentDiffusion(nn.Module):
         cuda_graph: the UNet call replays a CUDA graph (generate.GraphedStep), captured at the first step. A UNet
         step launches hundreds of kernels, many of them small at batch 2, whose launches cost the GPU more than
         their arithmetic: on an H200 in bf16 a MusicLDM step takes 24 ms eager and 4.3 ms replayed, and 20 steps
-        of MusicLDM 0.49 s against 0.17 s, the capture (two eager warm-up calls and one captured) included
-        (benchmarks/RESULTS.md, seventh session). The conditioning is the same at every step and the timestep goes
-        in as a device tensor, so one capture serves every step; the sampler's arithmetic stays eager."""
-        noise = GraphedStep(lambda x_in, t: self._noise(x_in, t, conditioning)) if cuda_graph else None
+        of MusicLDM 0.49 s against 0.17 s with a capture (two eager warm-up calls and one captured), 0.09 s
+        replaying a kept one (benchmarks/RESULTS.md, seventh session). The conditioning is the same at every step and the timestep goes
+        in as a device tensor, so one capture serves every step; the sampler's arithmetic stays eager. The capture
+        is kept for the next generation of the same shapes (`_graphed_noise`; AudioLDM 2's Flan-T5 states are as
+        long as the longest prompt)."""
+        noise = self._graphed_noise(x, conditioning, guidance_scale is not None) if cuda_graph else None
         total = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):
             x_in = torch.cat([x, x]) if guidance_scale is not None else x  # (2B, C, t, f) under guidance
@@ -271,6 +281,27 @@ class LatentDiffusion(nn.Module):
             if progress is not None:
                 progress(i + 1, total)
         return x
+
+    def _graphed_noise(self, x: Tensor, conditioning: Tensor | tuple[Tensor, ...], guided: bool) -> GraphedStep:
+        """The UNet call `_noise` as a GraphedStep, kept for the next generation: its conditioning lives in buffers
+        of its own, into which each generation copies its values. Captured again when the latents' or the
+        conditioning's shapes or dtypes, the UNet's parameters (their storage: a LoRA adapter, a reload that
+        replaces them) or the attention switch (MUSICLM_ATTENTION) differ; `.to()` drops it. Its memory (the
+        graph's pool of activations) stays allocated in between."""
+        leaves = [conditioning] if isinstance(conditioning, Tensor) else list(conditioning)  # AudioLDM 2: a tuple
+        key = (tuple(x.shape), x.dtype, x.device, guided, tuple((tuple(c.shape), c.dtype) for c in leaves),
+               tuple(p.data_ptr() for p in self.unet.parameters()), os.environ.get("MUSICLM_ATTENTION"))
+        if self._graph is not None and self._graph[0] == key:
+            _, step, static = self._graph
+            for buffer, value in zip(static, leaves):
+                buffer.copy_(value)
+            return step
+        self._graph = None  # the old graph's memory goes back before the new capture
+        static = [c.clone() for c in leaves]
+        held = static[0] if isinstance(conditioning, Tensor) else type(conditioning)(*static)
+        step = GraphedStep(lambda x_in, t: self._noise(x_in, t, held))
+        self._graph = (key, step, static)
+        return step
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, C, t, f) -> (B, 160 · 4t + 32) float32 waveforms: VAE decoder, then the vocoder."""

@@ -237,13 +237,41 @@ def test_cuda_graph_needs_cuda(pipe):
         pipe.generate("rock", cuda_graph=1, **RUN)
 
 
+def test_graph_kept_for_the_next_generation(folder):
+    """cuda_graph=True keeps one capture per pipeline (`_graphed_noise`): the same shapes reuse it, the new
+    conditioning copied into its buffers; other shapes, replaced UNet parameters or .to() make a new one, and a copy
+    of the pipeline leaves it behind. (The capture itself needs CUDA: test_cuda_graph_equals_eager.)"""
+    import copy
+
+    from musiclm_core.musicldm import MusicLDM
+
+    pipe = MusicLDM.from_pretrained(folder)  # its own: the module's shared one stays without a graph
+    x = torch.zeros(1, pipe.unet.config.in_channels, 4, 16)
+    rock, jazz = pipe._encode(["rock"], [""], 1), pipe._encode(["jazz"], [""], 1)  # (2, D): unguided, guided
+    assert (rock - jazz).abs().max() > 1e-3
+    step = pipe._graphed_noise(x, rock, True)
+    held = pipe._graph[2][0]
+    assert pipe._graphed_noise(x, jazz, True) is step and pipe._graph[2][0] is held
+    assert torch.equal(held, jazz) and held.data_ptr() != jazz.data_ptr()  # a copy in the graph's own buffer
+    assert pipe._graphed_noise(x[..., :2, :], jazz, True) is not step  # other latent shapes
+    step = pipe._graphed_noise(x, jazz, True)
+    assert pipe._graphed_noise(x, jazz, False) is not step  # guidance off: other batch rows in the UNet call
+    step = pipe._graphed_noise(x, jazz, True)
+    assert copy.deepcopy(pipe)._graph is None and pipe._graph is not None
+    weight = pipe.unet.conv_in.weight
+    pipe.unet.conv_in.weight = torch.nn.Parameter(weight.detach().clone())  # same values, new storage
+    assert pipe._graphed_noise(x, jazz, True) is not step
+    pipe.to(torch.float32)
+    assert pipe._graph is None
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run with -m cuda on a GPU)")
 @pytest.mark.parametrize("kind", ["musicldm", "audioldm2"])
 def test_cuda_graph_equals_eager(kind, tmp_path):
     """On the GPU, the UNet replayed from a CUDA graph gives the eager GPU waveform (1e-5), and both give the CPU
     one (1e-4, TF32 off), for DPM-Solver++ and for PNDM (which keeps past UNet outputs: the graph's output buffer
-    must be copied), with guidance and without."""
+    must be copied), with guidance and without; the next generation's other prompts replay the kept capture."""
     import ldm_fixtures
 
     from musiclm_core.audioldm2 import AudioLDM2
@@ -265,5 +293,14 @@ def test_cuda_graph_equals_eager(kind, tmp_path):
             assert (graphed - eager).abs().max().item() <= 1e-5, (scheduler, guidance)
             assert (eager.cpu() - want).abs().max().item() <= 1e-4, (scheduler, guidance)
             assert want.abs().max() > 1e-2
+        # The prompts swapped (the same shapes, AudioLDM 2's Flan-T5 states included): the kept capture replays
+        # with their conditioning copied in.
+        step = gpu._graph[1]
+        run = dict(audio_length_in_s=0.3, num_inference_steps=4, scheduler="pndm", guidance_scale=1.0)
+        eager = gpu.generate(["jazz", "rock"], latents=latents.cuda(), **run)
+        graphed = gpu.generate(["jazz", "rock"], latents=latents.cuda(), cuda_graph=True, **run)
+        assert gpu._graph[1] is step
+        assert (graphed - eager).abs().max().item() <= 1e-5
+        assert (eager.cpu() - cpu.generate(["rock", "jazz"], latents=latents, **run)).abs().max().item() > 1e-3
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
