@@ -138,10 +138,10 @@ class GraphedStep:
     kernel takes on the GPU; a graph launches them all at once (H200, bf16: a MusicGen small step 12-26 ms
     eager, 2.0 ms replayed; large 27 / 4.8 ms; benchmarks/RESULTS.md, seventh session). The static `KVCache`
     and `CrossMemory` and the position passed as a 0-dim tensor (read on the device by the attention kernels) are
-    what make one capture valid for every later step. The prefill (an int position, a chunk of columns) runs eagerly. The first decode call
-    runs the step twice on a side stream (Triton compiles, cuBLAS picks its kernels; both runs write the same
-    cache slot with the values the real step writes), then captures it; later calls copy their column and
-    position into the graph's inputs and replay. The logits returned live in the graph's output buffer: use them
+    what make one capture valid for every later step. The prefill (an int position, a chunk of columns) runs
+    eagerly. The first decode call runs the step twice on a side stream (Triton compiles, cuBLAS picks its
+    kernels; both runs write the same cache slot with the values the real step writes), then captures it; later
+    calls copy their column and position into the graph's inputs and replay. The logits returned live in the graph's output buffer: use them
     before the next call (decode_pattern samples from them at once).
 
     One instance per generation: the graph holds that generation's cache and memory. The diffusion pipelines use

@@ -261,10 +261,10 @@ class LatentDiffusion(nn.Module):
         step launches hundreds of kernels, many of them small at batch 2, whose launches cost the GPU more than
         their arithmetic: on an H200 in bf16 a MusicLDM step takes 24 ms eager and 4.3 ms replayed, and 20 steps
         of MusicLDM 0.49 s against 0.17 s with a capture (two eager warm-up calls and one captured), 0.09 s
-        replaying a kept one (benchmarks/RESULTS.md, seventh session). The conditioning is the same at every step and the timestep goes
-        in as a device tensor, so one capture serves every step; the sampler's arithmetic stays eager. The capture
-        is kept for the next generation of the same shapes (`_graphed_noise`; AudioLDM 2's Flan-T5 states are as
-        long as the longest prompt)."""
+        replaying a kept one (benchmarks/RESULTS.md, seventh session). The conditioning is the same at every step
+        and the timestep goes in as a device tensor, so one capture serves every step; the sampler's arithmetic
+        stays eager. The capture is kept for the next generation of the same shapes (`_graphed_noise`; AudioLDM
+        2's Flan-T5 states are as long as the longest prompt)."""
         noise = self._graphed_noise(x, conditioning, guidance_scale is not None) if cuda_graph else None
         total = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):
@@ -286,8 +286,8 @@ class LatentDiffusion(nn.Module):
         """The UNet call `_noise` as a GraphedStep, kept for the next generation: its conditioning lives in buffers
         of its own, into which each generation copies its values. Captured again when the latents' or the
         conditioning's shapes or dtypes, the UNet's parameters (their storage: a LoRA adapter, a reload that
-        replaces them) or the attention switch (MUSICLM_ATTENTION) differ; `.to()` drops it. Its memory (the
-        graph's pool of activations) stays allocated in between."""
+        replaces them) or the attention switch (MUSICLM_ATTENTION) differ. Its memory (the graph's pool of
+        activations) stays allocated in between; `.to()` drops it (`pipe.to(pipe.device)` to free it)."""
         leaves = [conditioning] if isinstance(conditioning, Tensor) else list(conditioning)  # AudioLDM 2: a tuple
         key = (tuple(x.shape), x.dtype, x.device, guided, tuple((tuple(c.shape), c.dtype) for c in leaves),
                tuple(p.data_ptr() for p in self.unet.parameters()), os.environ.get("MUSICLM_ATTENTION"))
