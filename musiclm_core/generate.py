@@ -141,8 +141,8 @@ class GraphedStep:
     what make one capture valid for every later step. The prefill (an int position, a chunk of columns) runs
     eagerly. The first decode call runs the step twice on a side stream (Triton compiles, cuBLAS picks its
     kernels; both runs write the same cache slot with the values the real step writes), then captures it; later
-    calls copy their column and position into the graph's inputs and replay. The logits returned live in the graph's output buffer: use them
-    before the next call (decode_pattern samples from them at once).
+    calls copy their column and position into the graph's inputs and replay. The logits returned live in the
+    graph's output buffer: use them before the next call (decode_pattern samples from them at once).
 
     One instance per generation: the graph holds that generation's cache and memory. The diffusion pipelines use
     it for their UNet call in the same way (ldm.LatentDiffusion.denoise: the latents as `tokens`, the timestep as
