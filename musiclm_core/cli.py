@@ -1211,6 +1211,9 @@ def _add_train(subparsers) -> None:
     d.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
     d.add_argument("--warmup", type=int, default=0, help="warm-up steps")
     d.add_argument("--cond-dropout", type=float, default=0.1, help="fraction of rows trained without conditioning")
+    d.add_argument("--mixup", type=float, default=0.0, metavar="P",
+                   help="MusicLDM: fraction of rows that take their clip's beat-synchronous mixture with a clip of "
+                        "its tempo group (made once per clip, cached; train/diffusion.py encode_mixtures)")
     d.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="what the UNet learns to predict (default: the pipeline scheduler's)")
     d.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -1271,11 +1274,16 @@ def _train_ldm(args: argparse.Namespace, config, device, rank: int) -> list[floa
     from musiclm_core.train.loop import STATE_FILE
     from musiclm_core.unet import UNet
 
+    if not 0.0 <= args.mixup <= 1.0:
+        raise UsageError(f"--mixup must be in [0, 1], got {args.mixup}")
     if (args.out / STATE_FILE).is_file() != args.resume:
         raise CLIError(f"{args.out} holds a training run: pass --resume to continue it, or choose another --out"
                        if not args.resume else f"no checkpoint to resume from in {args.out}")
     kind = hub.read_json(hub.resolve(args.model, allow_patterns=["model_index.json"]) / "model_index.json")
     if kind.get("_class_name") == AudioLDM2.pipeline_class:
+        if args.mixup:
+            raise UsageError("--mixup is MusicLDM's: its UNet is conditioned on the audio (a mixture's CLAP "
+                             "embedding); AudioLDM 2's on the caption, which a mixture does not have")
         pipe = AudioLDM2.from_pretrained(args.model)
         frozen = [pipe.vae, pipe.clap, pipe.t5, pipe.projection, pipe.gpt2]
         condition, name = diffusion.audioldm2_text_condition(pipe), "audioldm2-text"
@@ -1287,9 +1295,15 @@ def _train_ldm(args: argparse.Namespace, config, device, rank: int) -> list[floa
         part.to(device).eval().requires_grad_(False)
     unet = UNet.from_pretrained(args.out / "unet") if args.resume and not args.lora else pipe.unet
     schedule = schedulers.from_config(pipe.scheduler_config).schedule
-    clips = diffusion.encode_latent_folder(args.data, pipe.vae, args.cache or args.out / "cache",
-                                           condition=condition, condition_name=f"{name} {args.model}",
-                                           target_frames=max(4, round(args.seconds * 100)), progress=rank == 0)
+    cache, frames, condition_name = args.cache or args.out / "cache", max(4, round(args.seconds * 100)), \
+        f"{name} {args.model}"
+    clips = diffusion.encode_latent_folder(args.data, pipe.vae, cache, condition=condition,
+                                           condition_name=condition_name, target_frames=frames, progress=rank == 0)
+    mixtures = None
+    if args.mixup:  # MusicLDM's beat-synchronous mixup: one mixture per clip, encoded and conditioned as the clips
+        mixtures = diffusion.encode_mixtures(args.data, pipe.vae, cache, condition=condition,
+                                             condition_name=condition_name, target_frames=frames, seed=args.seed,
+                                             progress=rank == 0)
     if name == "clap-audio":  # MusicLDM's null condition: the CLAP text embedding of ""
         with torch.no_grad():
             null = {"class_embed": pipe.clap.text_embeds([""])[0].float().cpu()}
@@ -1299,7 +1313,7 @@ def _train_ldm(args: argparse.Namespace, config, device, rank: int) -> list[floa
                                 scaling_factor=pipe.vae.scaling_factor, batch_size=args.batch_size,
                                 cond_dropout=args.cond_dropout, null_condition=null,
                                 prediction_type=args.prediction_type, lora_rank=args.lora, resume=args.resume,
-                                distributed=args.distributed, progress=True)
+                                distributed=args.distributed, mixtures=mixtures, mixup=args.mixup, progress=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,3 +132,34 @@ def test_train_ldm_audioldm2(setup, tmp_path_factory, capsys):
     trained = UNet.from_pretrained(out / "unet").state_dict()
     start = UNet.from_pretrained(folder).state_dict()
     assert max((trained[k] - v).abs().max() for k, v in start.items()) > 1e-5
+
+
+def test_train_ldm_mixup(setup, musicldm_folder, capsys):
+    """--mixup: MusicLDM trains with its clips' beat-synchronous mixtures (encoded once, next to the clips'
+    latents); the probability is checked, and AudioLDM 2 (conditioned on captions) refuses it."""
+    root, _ = setup
+    data = root / "data_clicks"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, first in enumerate((0.05, 0.2)):  # two 4 s click tracks at 120 BPM: one tempo group
+        wav = rng.normal(0, 0.005, 64000).astype(np.float32)
+        for start in np.arange(first, 3.95, 0.5):
+            n = round(start * 16000)
+            wav[n:n + 160] += 0.5 * np.sin(2 * np.pi * 1000 * np.arange(160) / 16000) * np.exp(-np.arange(160) / 64)
+        sf.write(data / f"c{i}.wav", wav, 16000)
+        (data / f"c{i}.txt").write_text(f"clicks {i}")
+    out = root / "runs" / "mixup"
+    base = ["train", "ldm", "--data", str(data), "--model", str(musicldm_folder), "--out", str(out),
+            "--seconds", "0.32", "--lr", "1e-3", "--steps", "1"]
+    assert main([*base, "--mixup", "1.5"]) == 2
+    assert "--mixup must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert main([*base, "--mixup", "1"]) == 0
+    assert "step      1 / 1" in capsys.readouterr().err
+    assert len(list((out / "cache").glob("*.safetensors"))) == 2 + 2 + 2  # latents, beats, mixtures
+    assert torch.load(out / "trainer_state.pt", weights_only=True)["settings"]["mixup"] == 1.0
+    fake = root / "fake_audioldm2"
+    fake.mkdir()
+    (fake / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDM2Pipeline"}))
+    assert main(["train", "ldm", "--data", str(data), "--model", str(fake), "--out", str(root / "runs" / "a2mix"),
+                 "--steps", "1", "--mixup", "0.5"]) == 2
+    assert "--mixup is MusicLDM's" in capsys.readouterr().err

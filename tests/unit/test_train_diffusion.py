@@ -10,6 +10,7 @@ import torch
 from musiclm_core.mel import PRESETS as MEL_PRESETS, wav_to_mel
 from musiclm_core.schedulers import NoiseSchedule
 from musiclm_core.train import diffusion, loop, losses
+from musiclm_core.train.data import clip_indices
 from musiclm_core.unet import UNet
 from musiclm_core.vae import PRESETS as VAE_PRESETS, AutoencoderKL
 
@@ -90,6 +91,97 @@ def test_condition_dropout_uses_the_null_condition():
     assert b.z0.shape == (4, 8, 8, 8) and b.timesteps.shape == (4,)
     with pytest.raises(ValueError, match="needs a null_condition"):
         diffusion.LatentBatches(clips, batch_size=2, scaling_factor=1.0, num_train_timesteps=10, cond_dropout=0.1)
+
+
+def test_mixup_rows_take_their_clips_mixtures():
+    """With mixup p a row takes its clip's mixture (latents and condition) with probability p where the clip has
+    one; p = 0 leaves the batches as they were without mixtures (the same draws)."""
+    clips, mixed = tiny_clips(4), tiny_clips(4, seed=1)
+    mixtures = [mixed[0], None, mixed[2], mixed[3]]  # clip 1 is alone in its tempo group
+    common = dict(batch_size=4, scaling_factor=0.5, num_train_timesteps=1000, seed=3)
+    always = diffusion.LatentBatches(clips, mixtures=mixtures, mixup=1.0, **common).batch(0)
+    plain = diffusion.LatentBatches(clips, **common).batch(0)
+    rows = clip_indices(3, 0, 4, 4)  # the clip of each row of step 0
+    assert any(mixtures[i] is None for i in rows) and any(mixtures[i] is not None for i in rows)
+    for r, i in enumerate(rows):
+        source = clips[i] if mixtures[i] is None else mixtures[i]
+        assert torch.equal(always.condition["class_embed"][r], source.condition["class_embed"])
+        e = (plain.z0[r] / 0.5 - clips[i].mean) / clips[i].std  # the posterior noise both batches drew
+        assert torch.allclose(always.z0[r], 0.5 * (source.mean + source.std * e), atol=1e-5)
+    assert torch.equal(always.noise, plain.noise) and torch.equal(always.timesteps, plain.timesteps)
+    never = diffusion.LatentBatches(clips, mixtures=mixtures, mixup=0.0, **common).batch(0)
+    assert torch.equal(never.z0, plain.z0)
+    assert torch.equal(never.condition["class_embed"], plain.condition["class_embed"])
+    half = diffusion.LatentBatches(clips, mixtures=mixtures, mixup=0.5, **common)
+    taken = eligible = 0
+    for step in range(8):
+        b = half.batch(step)
+        for r, i in enumerate(clip_indices(3, 4 * step, 4, 4)):
+            if mixtures[i] is not None:
+                eligible += 1
+                taken += torch.equal(b.condition["class_embed"][r], mixtures[i].condition["class_embed"])
+    assert 0 < taken < eligible
+    with pytest.raises(ValueError, match=r"mixup probability must be in \[0, 1\], got 1.5"):
+        diffusion.LatentBatches(clips, mixtures=mixtures, mixup=1.5, **common)
+    with pytest.raises(ValueError, match=r"mixup > 0 needs one mixture \(or None\) per clip: 4 clips, no mixtures"):
+        diffusion.LatentBatches(clips, mixup=0.5, **common)
+
+
+def clicks(bpm, first, seconds, sample_rate, seed):
+    """(N,) decaying 1 kHz clicks every 60 / bpm s from `first` s on, with a little noise."""
+    n = int(seconds * sample_rate)
+    t = np.arange(int(0.02 * sample_rate)) / sample_rate
+    click = np.sin(2 * np.pi * 1000 * t) * np.exp(-t / 0.004)
+    wav = np.random.default_rng(seed).normal(0, 0.01, n)
+    s = first
+    while s * sample_rate + len(click) < n:
+        i = round(s * sample_rate)
+        wav[i:i + len(click)] += click
+        s += 60 / bpm
+    return (0.5 * wav).astype(np.float32)
+
+
+def test_mixtures_are_beat_synchronous_mixes_of_one_tempo_group(tmp_path):
+    """encode_mixtures: each clip mixed once with a partner of its tempo group (lam and partner from the seed), its
+    first beat on the clip's; the mixture encoded and conditioned like a clip; None for a clip alone in its
+    group; the beats and mixtures read back from the cache."""
+    from musiclm_core.train import beats, mixup
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, bpm, first in (("a", 120, 0.10), ("b", 121, 0.35), ("c", 90, 0.2)):  # a, b: group 40; c: 30
+        sf.write(folder / f"{name}.wav", clicks(bpm, first, 4.0, 8000, seed=len(name) + bpm), 8000)
+        (folder / f"{name}.txt").write_text(f"clicks {name}")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAE_PRESETS["tiny"]).eval()
+    heard = []
+
+    def condition(wav, sr, caption):
+        heard.append((wav, caption))
+        return {"class_embed": wav[0, :24].clone()}
+
+    def encode():
+        return diffusion.encode_mixtures(folder, vae, tmp_path / "cache", condition=condition,
+                                         condition_name="test", target_frames=64, mel_config=MEL, seed=5)
+
+    mixtures = encode()
+    assert mixtures[2] is None and [c for _, c in heard] == ["clicks a + clicks b", "clicks b + clicks a"]
+    wavs = [torch.from_numpy(sf.read(folder / f"{n}.wav", dtype="float32")[0])[None] for n in "ab"]
+    found = [beats.beat_track(w, 8000) for w in wavs]
+    assert abs(found[0].bpm - 120) < 2 and abs(float(found[1].times[0]) - 0.35) < 0.02
+    rng = np.random.default_rng(5)
+    rng.integers(1)  # clip a's partner: b, its only choice
+    lam = float(mixup.sample_lambda(rng))
+    want = mixup.beat_synchronous_mixup(wavs[0], wavs[1], 8000, lam, anchor_downbeat=float(found[0].times[0]),
+                                        partner_downbeat=float(found[1].times[0]))
+    assert torch.allclose(heard[0][0], want, atol=1e-6) and 0 < lam < 1
+    with torch.no_grad():
+        posterior = vae.encode(wav_to_mel(want, 8000, 64, MEL))
+    assert torch.allclose(mixtures[0].mean, posterior.mean[0], atol=1e-6)
+    assert torch.allclose(mixtures[0].condition["class_embed"], want[0, :24])
+    assert (mixtures[0].mean - mixtures[1].mean).abs().max() > 1e-3
+    again = encode()
+    assert len(heard) == 2 and torch.equal(again[1].mean, mixtures[1].mean)  # from the cache
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
