@@ -79,7 +79,7 @@ def encode_latent_folder(folder: str | os.PathLike, vae: nn.Module, cache_dir: s
     from musiclm_core.mel import PRESETS
 
     mel_config = mel_config or PRESETS["16khz"]
-    folder, cache_dir, clips = _data_and_cache(folder, cache_dir)
+    cache_dir, clips = _data_and_cache(folder, cache_dir)
     key = fingerprint(vae, {"vae": vae.config.to_dict(), "condition": condition_name, "frames": target_frames,
                             "mel": repr(mel_config)})
     out = []
@@ -116,7 +116,7 @@ def encode_mixtures(folder: str | os.PathLike, vae: nn.Module, cache_dir: str | 
     from musiclm_core.train.mixup import beat_synchronous_mixup, sample_lambda, tempo_group
 
     mel_config = mel_config or PRESETS["16khz"]
-    folder, cache_dir, clips = _data_and_cache(folder, cache_dir)
+    cache_dir, clips = _data_and_cache(folder, cache_dir)
     sr = mel_config.sample_rate
     tracked = []
     for clip in clips:  # each clip's tempo and first beat (the beats of its whole file, as MusicLDM's tracker)
@@ -156,15 +156,15 @@ def encode_mixtures(folder: str | os.PathLike, vae: nn.Module, cache_dir: str | 
     return out
 
 
-def _data_and_cache(folder: str | os.PathLike, cache_dir: str | os.PathLike):
-    """(folder, cache folder (made), the folder's captioned clips), the cache checked to lie outside the data."""
+def _data_and_cache(folder: str | os.PathLike, cache_dir: str | os.PathLike) -> tuple[Path, list]:
+    """(the cache folder, made; the captioned clips of `folder`), the cache checked to lie outside the data."""
     folder, cache_dir = Path(folder).resolve(), Path(cache_dir)
     clips = read_captions(folder)
     if cache_dir.resolve() == folder or folder in cache_dir.resolve().parents:
         raise ValueError(f"the cache folder {cache_dir} must lie outside the data folder {folder} (which is only "
                          f"read)")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    return folder, cache_dir, clips
+    return cache_dir, clips
 
 
 def _read(path: Path, sample_rate: int) -> tuple[Tensor, int]:
