@@ -91,6 +91,17 @@ def fingerprint(model: torch.nn.Module, config: dict) -> str:
     return digest.hexdigest()[:16]
 
 
+def clips_and_cache(folder: str | os.PathLike, cache_dir: str | os.PathLike) -> tuple[Path, list[Clip]]:
+    """(the cache folder, made; the captioned clips of `folder`), the cache checked to lie outside the data."""
+    folder, cache_dir = Path(folder).resolve(), Path(cache_dir)
+    clips = read_captions(folder)
+    if cache_dir.resolve() == folder or folder in cache_dir.resolve().parents:
+        raise ValueError(f"the cache folder {cache_dir} must lie outside the data folder {folder} (which is only "
+                         f"read)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return cache_dir, clips
+
+
 def cache_name(path: Path, model_print: str) -> str:
     stat = path.stat()
     key = f"{CACHE_VERSION}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{model_print}"
@@ -113,12 +124,7 @@ def encode_folder(folder: str | os.PathLike, pipeline, cache_dir: str | os.PathL
     from musiclm_core.audio import load_audio
     from musiclm_core.chroma import chroma_features
 
-    folder, cache_dir = Path(folder).resolve(), Path(cache_dir)
-    clips = read_captions(folder)
-    if cache_dir.resolve() == folder or folder in cache_dir.resolve().parents:
-        raise ValueError(f"the cache folder {cache_dir} must lie outside the data folder {folder} (which is only "
-                         f"read)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir, clips = clips_and_cache(folder, cache_dir)
     codec_print = fingerprint(pipeline.codec, pipeline.codec.config.to_dict())
     encoded = []
     for i, clip in enumerate(clips):

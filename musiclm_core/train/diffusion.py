@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from musiclm_core.train import losses
-from musiclm_core.train.data import cache_name, clip_indices, fingerprint, read_captions, step_generator
+from musiclm_core.train.data import cache_name, clip_indices, clips_and_cache, fingerprint, step_generator
 from musiclm_core.train.loop import STATE_FILE, Trainer, TrainConfig, autocast, differentiable_attention
 
 CONDITION_KEYS = ("class_embed", "encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_1",
@@ -79,7 +79,7 @@ def encode_latent_folder(folder: str | os.PathLike, vae: nn.Module, cache_dir: s
     from musiclm_core.mel import PRESETS
 
     mel_config = mel_config or PRESETS["16khz"]
-    cache_dir, clips = _data_and_cache(folder, cache_dir)
+    cache_dir, clips = clips_and_cache(folder, cache_dir)
     key = fingerprint(vae, {"vae": vae.config.to_dict(), "condition": condition_name, "frames": target_frames,
                             "mel": repr(mel_config)})
     out = []
@@ -116,7 +116,7 @@ def encode_mixtures(folder: str | os.PathLike, vae: nn.Module, cache_dir: str | 
     from musiclm_core.train.mixup import beat_synchronous_mixup, sample_lambda, tempo_group
 
     mel_config = mel_config or PRESETS["16khz"]
-    cache_dir, clips = _data_and_cache(folder, cache_dir)
+    cache_dir, clips = clips_and_cache(folder, cache_dir)
     sr = mel_config.sample_rate
     tracked = []
     for clip in clips:  # each clip's tempo and first beat (the beats of its whole file, as MusicLDM's tracker)
@@ -154,17 +154,6 @@ def encode_mixtures(folder: str | os.PathLike, vae: nn.Module, cache_dir: str | 
         if progress:
             print(f"\rmixed {i + 1} / {len(clips)} clips", end="\n" if i + 1 == len(clips) else "", flush=True)
     return out
-
-
-def _data_and_cache(folder: str | os.PathLike, cache_dir: str | os.PathLike) -> tuple[Path, list]:
-    """(the cache folder, made; the captioned clips of `folder`), the cache checked to lie outside the data."""
-    folder, cache_dir = Path(folder).resolve(), Path(cache_dir)
-    clips = read_captions(folder)
-    if cache_dir.resolve() == folder or folder in cache_dir.resolve().parents:
-        raise ValueError(f"the cache folder {cache_dir} must lie outside the data folder {folder} (which is only "
-                         f"read)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    return cache_dir, clips
 
 
 def _read(path: Path, sample_rate: int) -> tuple[Tensor, int]:
