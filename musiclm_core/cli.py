@@ -1304,6 +1304,12 @@ def _train_ldm(args: argparse.Namespace, config, device, rank: int) -> list[floa
         mixtures = diffusion.encode_mixtures(args.data, pipe.vae, cache, condition=condition,
                                              condition_name=condition_name, target_frames=frames, seed=args.seed,
                                              progress=rank == 0)
+        paired = sum(m is not None for m in mixtures)
+        if not paired:
+            raise CLIError(f"--mixup: no two clips of {args.data} share a tempo group (BPM // 3, as MusicLDM): "
+                           f"nothing to mix")
+        if rank == 0:
+            print(f"mixup: {paired} of {len(mixtures)} clips have a partner in their tempo group")
     if name == "clap-audio":  # MusicLDM's null condition: the CLAP text embedding of ""
         with torch.no_grad():
             null = {"class_embed": pipe.clap.text_embeds([""])[0].float().cpu()}

@@ -154,9 +154,17 @@ def test_train_ldm_mixup(setup, musicldm_folder, capsys):
     assert main([*base, "--mixup", "1.5"]) == 2
     assert "--mixup must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert main([*base, "--mixup", "1"]) == 0
-    assert "step      1 / 1" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "step      1 / 1" in printed.err and "mixup: 2 of 2 clips have a partner" in printed.out
     assert len(list((out / "cache").glob("*.safetensors"))) == 2 + 2 + 2  # latents, beats, mixtures
     assert torch.load(out / "trainer_state.pt", weights_only=True)["settings"]["mixup"] == 1.0
+    lone = root / "data_lone"  # one clip: no partner
+    lone.mkdir()
+    for name in ("c0.wav", "c0.txt"):
+        (lone / name).write_bytes((data / name).read_bytes())
+    assert main(["train", "ldm", "--data", str(lone), "--model", str(musicldm_folder), "--out",
+                 str(root / "runs" / "lone"), "--seconds", "0.32", "--steps", "1", "--mixup", "0.5"]) == 1
+    assert "no two clips of" in capsys.readouterr().err
     fake = root / "fake_audioldm2"
     fake.mkdir()
     (fake / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDM2Pipeline"}))
