@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from musiclm_core import hub
@@ -31,6 +32,9 @@ from musiclm_core.ldm import LatentDiffusion
 from musiclm_core.t5 import SPIECE, T5Encoder
 from musiclm_core.unet import UNet
 from musiclm_core.vae import AutoencoderKL
+
+
+GRAPH_T5_TOKENS = 32  # a kept UNet graph serves the prompts of up to a multiple of this many Flan-T5 tokens
 
 
 class Conditioning(NamedTuple):
@@ -90,6 +94,16 @@ class AudioLDM2(LatentDiffusion):
             negative = [t.repeat_interleave(n, dim=0) for t in self.encode_text(negatives, parts[1].shape[1])]
             parts = [torch.cat([u, c]) for u, c in zip(negative, parts)]
         return Conditioning(*parts)
+
+    def _graph_conditioning(self, cond: Conditioning) -> Conditioning:
+        """For a kept CUDA graph of the UNet call (ldm._graphed_noise): the Flan-T5 states, as long as the longest
+        prompt, padded to a multiple of GRAPH_T5_TOKENS with masked-out tokens, so that prompts of other token
+        lengths replay one capture. The cross-attention gives a masked key no weight: the same UNet output to
+        rounding (3e-6 on outputs of ~3, tiny model; tests/unit/test_ldm.py)."""
+        pad = -cond.t5.shape[1] % GRAPH_T5_TOKENS
+        if not pad:
+            return cond
+        return Conditioning(cond.generated, F.pad(cond.t5, (0, 0, 0, pad)), F.pad(cond.t5_mask, (0, pad)))
 
     def _noise(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         # No mask for the GPT-2 vectors, as the pipeline passes none.

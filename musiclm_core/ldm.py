@@ -264,7 +264,7 @@ class LatentDiffusion(nn.Module):
         replaying a kept one (benchmarks/RESULTS.md, seventh session). The conditioning is the same at every step
         and the timestep goes in as a device tensor, so one capture serves every step; the sampler's arithmetic
         stays eager. The capture is kept for the next generation of the same shapes (`_graphed_noise`; AudioLDM
-        2's Flan-T5 states are as long as the longest prompt)."""
+        2 pads its Flan-T5 states for it, `_graph_conditioning`)."""
         noise = self._graphed_noise(x, conditioning, guidance_scale is not None) if cuda_graph else None
         total = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):
@@ -288,6 +288,7 @@ class LatentDiffusion(nn.Module):
         conditioning's shapes or dtypes, the UNet's parameters (their storage: a LoRA adapter, a reload that
         replaces them) or the attention switch (MUSICLM_ATTENTION) differ. Its memory (the graph's pool of
         activations) stays allocated in between; `.to()` drops it (`pipe.to(pipe.device)` to free it)."""
+        conditioning = self._graph_conditioning(conditioning)
         leaves = [conditioning] if isinstance(conditioning, Tensor) else list(conditioning)  # AudioLDM 2: a tuple
         key = (tuple(x.shape), x.dtype, x.device, guided, tuple((tuple(c.shape), c.dtype) for c in leaves),
                tuple(p.data_ptr() for p in self.unet.parameters()), os.environ.get("MUSICLM_ATTENTION"))
@@ -302,6 +303,11 @@ class LatentDiffusion(nn.Module):
         step = GraphedStep(lambda x_in, t: self._noise(x_in, t, held))
         self._graph = (key, step, static)
         return step
+
+    def _graph_conditioning(self, conditioning: Any) -> Any:
+        """The conditioning as a kept UNet graph holds it (`_graphed_noise`): as it is, unless a pipeline can give
+        conditionings of several shapes one shape with the same UNet output (AudioLDM 2)."""
+        return conditioning
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, C, t, f) -> (B, 160 · 4t + 32) float32 waveforms: VAE decoder, then the vocoder."""

@@ -265,6 +265,29 @@ def test_graph_kept_for_the_next_generation(folder):
     assert pipe._graph is None
 
 
+def test_audioldm2_graph_pads_the_t5_states(tmp_path):
+    """AudioLDM 2 holds its Flan-T5 states padded to a multiple of GRAPH_T5_TOKENS in a kept graph, so that
+    prompts of other token lengths share one capture; the masked padding leaves the UNet's output as it was."""
+    pytest.importorskip("diffusers")
+    import ldm_fixtures
+
+    from musiclm_core.audioldm2 import GRAPH_T5_TOKENS, AudioLDM2
+
+    pipe = AudioLDM2.from_pretrained(ldm_fixtures.write_audioldm2(tmp_path))
+    short, longer = pipe._encode(["rock", "jazz"], None, 1), pipe._encode(["blues and more", "pop"], None, 1)
+    assert short.t5.shape[1] != longer.t5.shape[1]  # the tokens of the longest prompt of each
+    x = ldm_fixtures.latents_for(pipe, 2, 0.3)
+    t = torch.tensor(500)
+    padded = pipe._graph_conditioning(longer)
+    assert padded.t5.shape[1] % GRAPH_T5_TOKENS == 0 and padded.t5_mask[:, longer.t5.shape[1]:].eq(0).all()
+    with torch.no_grad():
+        want, got = pipe._noise(x, t, longer), pipe._noise(x, t, padded)
+    assert (got - want).abs().max() <= 1e-5 and want.abs().max() > 1e-2
+    step = pipe._graphed_noise(x, short, False)
+    assert pipe._graphed_noise(x, longer, False) is step  # one capture for both prompt lengths
+    assert torch.equal(pipe._graph[2][1], padded.t5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run with -m cuda on a GPU)")
 @pytest.mark.parametrize("kind", ["musicldm", "audioldm2"])
