@@ -1295,8 +1295,9 @@ def _train_ldm(args: argparse.Namespace, config, device, rank: int) -> list[floa
         part.to(device).eval().requires_grad_(False)
     unet = UNet.from_pretrained(args.out / "unet") if args.resume and not args.lora else pipe.unet
     schedule = schedulers.from_config(pipe.scheduler_config).schedule
-    cache, frames, condition_name = args.cache or args.out / "cache", max(4, round(args.seconds * 100)), \
-        f"{name} {args.model}"
+    cache = args.cache or args.out / "cache"
+    frames = max(4, round(args.seconds * 100))
+    condition_name = f"{name} {args.model}"
     clips = diffusion.encode_latent_folder(args.data, pipe.vae, cache, condition=condition,
                                            condition_name=condition_name, target_frames=frames, progress=rank == 0)
     mixtures = None

@@ -245,7 +245,7 @@ class LatentBatches:
         timesteps = torch.randint(0, self.num_train_timesteps, (rows,), generator=g)
         dropped = torch.rand(rows, generator=g) < self.cond_dropout
         sources = [self.clips[i] for i in indices]
-        if self.mixup > 0 and self.mixtures is not None:  # drawn last: without mixup the draws are as before
+        if self.mixup > 0:  # (with its mixtures: __init__) drawn last: without mixup the draws are as before
             mixed = (torch.rand(rows, generator=g) < self.mixup).tolist()
             sources = [self.mixtures[i] if m and self.mixtures[i] is not None else clip
                        for i, m, clip in zip(indices, mixed, sources)]
