@@ -28,7 +28,7 @@ A derived weight that nothing else reads (the Winograd convolutions' transformed
 what its owner caches in place of U (kernels/winograd.py `for_gemms`): no second copy.
 
 `available(x, w)` says whether a call can take the route: torch built with oneDNN, CPU fp32 operands, no
-gradient wanted (an opaque tensor has no autograd).
+gradient wanted (an opaque tensor has no autograd); `packable(w)` the same for a weight packed ahead of its calls.
 """
 
 from __future__ import annotations
@@ -48,11 +48,16 @@ _PACKED: dict[int, tuple[weakref.ref, tuple, dict]] = {}
 _LOCK = threading.Lock()  # the UNet's streams call the same layers from two threads
 
 
+def packable(weight: Tensor) -> bool:
+    """Whether weight can be packed here: oneDNN in this torch, fp32 on the CPU, no gradient needed for it."""
+    return (ONEDNN and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and weight.requires_grad))
+
+
 def available(x: Tensor, weight: Tensor) -> bool:
-    """Whether linear(x, weight) can run here: oneDNN in this torch, both fp32 on the CPU, no gradient needed."""
-    return (ONEDNN and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+    """Whether linear(x, weight) can run here: weight `packable`, x fp32 on the CPU too, no gradient for it."""
+    return (packable(weight) and x.device.type == "cpu" and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 Part = int | tuple[int, int] | None

@@ -255,7 +255,7 @@ def for_gemms(U: Tensor) -> Tensor | packed.Packed:
     """A transformed weight as `conv3x3` / `upsample_conv3x3` multiply by it: packed part by part into oneDNN's
     layout where the GEMMs run on oneDNN (CPU fp32; kernels/packed.py), else U itself. The packed form replaces
     the plain one in WinogradConv2d's cache (no second copy)."""
-    if not packed.available(U, U):
+    if not packed.packable(U):
         return U
     if U.dim() == 3:  # conv3x3's stack (n, K, C): one GEMM per position
         return packed.Packed(U, list(range(U.shape[0])))

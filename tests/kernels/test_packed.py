@@ -75,3 +75,7 @@ def test_available_only_for_cpu_fp32_without_gradients():
     assert not packed.available(torch.randn(2, 3, requires_grad=True), w)
     with torch.no_grad():
         assert packed.available(torch.randn(2, 3, requires_grad=True), w)
+    assert packed.packable(w) and not packed.packable(w.double())
+    assert not packed.packable(w.requires_grad_()) and not packed.available(torch.randn(2, 3), w)
+    with torch.no_grad():
+        assert packed.packable(w)

@@ -88,16 +88,27 @@ def musicldm_folder(tmp_path_factory):
     return ldm_fixtures.write_musicldm(tmp_path_factory.mktemp("train_musicldm"))
 
 
-def test_train_ldm_resume_and_load(setup, musicldm_folder, capsys):
+def _tones(folder, hz, captions):
+    """One 1 s, 16 kHz sine clip per caption (at hz, 2 hz, ...), each with its caption file: a training folder."""
+    folder.mkdir()
+    t = np.arange(16000) / 16000
+    for i, caption in enumerate(captions):
+        sf.write(folder / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * hz * (i + 1) * t)).astype(np.float32), 16000)
+        (folder / f"c{i}.txt").write_text(caption)
+    return folder
+
+
+def _unet_change(trained, start) -> float:
+    """The largest change of any UNet parameter between two saved models (the trained run's unet/ and its start)."""
     from musiclm_core.unet import UNet
 
+    after, before = UNet.from_pretrained(trained).state_dict(), UNet.from_pretrained(start).state_dict()
+    return max((after[k] - v).abs().max().item() for k, v in before.items())
+
+
+def test_train_ldm_resume_and_load(setup, musicldm_folder, capsys):
     root, _ = setup
-    data = root / "data16k"
-    data.mkdir()
-    t = np.arange(16000) / 16000
-    for i in range(2):
-        sf.write(data / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * 330 * (i + 1) * t)).astype(np.float32), 16000)
-        (data / f"c{i}.txt").write_text(f"tone {i}")
+    data = _tones(root / "data16k", 330, ["tone 0", "tone 1"])
     out = root / "runs" / "ldm"
     base = ["train", "ldm", "--data", str(data), "--model", str(musicldm_folder), "--out", str(out),
             "--seconds", "0.32", "--lr", "1e-3", "--cond-dropout", "0.5"]
@@ -108,30 +119,21 @@ def test_train_ldm_resume_and_load(setup, musicldm_folder, capsys):
     assert main([*base, "--steps", "3", "--resume"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
-    trained, start = UNet.from_pretrained(out / "unet").state_dict(), UNet.from_pretrained(musicldm_folder)
-    assert max((trained[k] - v).abs().max() for k, v in start.state_dict().items()) > 1e-5
+    assert _unet_change(out / "unet", musicldm_folder) > 1e-5
 
 
 def test_train_ldm_audioldm2(setup, tmp_path_factory, capsys):
     pytest.importorskip("diffusers")
     import ldm_fixtures
-    from musiclm_core.unet import UNet
 
     folder = ldm_fixtures.write_audioldm2(tmp_path_factory.mktemp("train_audioldm2"))
     root, _ = setup
-    data = root / "data_a2"
-    data.mkdir()
-    t = np.arange(16000) / 16000
-    for i in range(2):
-        sf.write(data / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * 440 * (i + 1) * t)).astype(np.float32), 16000)
-        (data / f"c{i}.txt").write_text(f"a tone {i}" + " and more" * i)
+    data = _tones(root / "data_a2", 440, ["a tone 0", "a tone 1 and more"])  # captions of two token lengths
     out = root / "runs" / "a2"
     assert main(["train", "ldm", "--data", str(data), "--model", str(folder), "--out", str(out), "--steps", "2",
                  "--seconds", "0.32", "--lr", "1e-3", "--cond-dropout", "0.5"]) == 0
     assert "step      2 / 2" in capsys.readouterr().err
-    trained = UNet.from_pretrained(out / "unet").state_dict()
-    start = UNet.from_pretrained(folder).state_dict()
-    assert max((trained[k] - v).abs().max() for k, v in start.items()) > 1e-5
+    assert _unet_change(out / "unet", folder) > 1e-5
 
 
 def test_train_ldm_mixup(setup, musicldm_folder, capsys):
