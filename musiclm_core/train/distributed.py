@@ -42,7 +42,7 @@ def rank_and_world(mode: str | None) -> tuple[int, int]:
 
 def wrap(model: nn.Module, mode: str | None) -> nn.Module:
     """`model` for `mode`: itself (None), DistributedDataParallel ("ddp"), or sharded in place with FSDP2's
-    `fully_shard` on each decoder layer and then on the whole ("fsdp")."""
+    `fully_shard` as one group, the whole model ("fsdp"; why not layer by layer: below)."""
     if mode is None:
         return model
     if mode == "ddp":
