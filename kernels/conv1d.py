@@ -63,13 +63,13 @@ two-thread bottleneck (5 ms either way for a (256, 380, 64) batch); spectra in 1
 for the whole vocoder; 1-D Winograd F(4, 3) for the kernel-3 convolutions: 1.44x at 512 channels but 5x the fp32
 error (1.1e-5), 0.7-1.0x at 256 and below (about 2 % of the vocoder: not taken); the transposed convolutions as
 polyphase convolutions: 0.98-1.4x per layer, within the noise, about 1 % of the vocoder.
-Eighth session (benchmarks/RESULTS.md): the route's temporaries kept in buffers that every convolution of a
-vocoder call reuses (no fresh pages): 1.0-1.6x per convolution, 1.014x for the whole vocoder (median of 10 pairs,
-two threads); torch's convolutions by the 2-parallel fast FIR algorithm (three half-length convolutions of the
-even/odd phases, 17 taps' work for 11; same sums to 3e-6): 0.61-0.95x, its phase copies cost more than the 17-23 % of multiplications
-it saves; the input transform (leaky ReLU, pad, 64-point FFT, bin-major layout) as plain C compiled with gcc
--O3 -march=native, radix-2 across 16 frames in vector lanes: 0.6-0.67x torch's three calls (beating MKL's FFT
-and copies needs hand-written SIMD transposes, a native kernel the runtime dependencies leave out).
+Eighth session (benchmarks/RESULTS.md): the route's temporaries kept in buffers that every convolution of a vocoder
+call reuses (no fresh pages): 1.0-1.6x per convolution, 1.014x for the whole vocoder (median of 10 pairs, two
+threads); torch's convolutions by the 2-parallel fast FIR algorithm (three half-length convolutions of the even/odd
+phases, 17 taps' work for 11; same sums to 3e-6): 0.61-0.95x, its phase copies cost more than the 17-23 % of
+multiplications it saves; the input transform (leaky ReLU, pad, 64-point FFT, bin-major layout) as plain C compiled
+with gcc -O3 -march=native, radix-2 across 16 frames in vector lanes: 0.6-0.67x torch's three calls (beating MKL's
+FFT and copies needs hand-written SIMD transposes, a native kernel the runtime dependencies leave out).
 
 Accuracy: the fp32 FFTs round differently from the direct sum; measured 2-3e-6 max abs on unit-scale signals
 (unit-gain weights), the same order as oneDNN against a float64 reference.
