@@ -14,16 +14,16 @@ F(4x4) (4x fewer), as n^2 independent matrix products:
     M[ab] = V[ab] @ U[ab]^T      (n^2, P, K)  n^2 GEMMs
     y     = A^T M A              (P, m, m, K) each tile's m x m outputs, + bias
 
-B^T, G and A^T are the small constant matrices below. The transforms are sums of strided views, run per axis
-(rows of every tile, then its columns) with the common terms shared, the second axis for all rows of the first at
-once: F(2x2) 4 + 4 passes in, 16 + 4 out; F(4x4) 12 + 12 in, 60 + 10 out (`_bt4`, `_bt6`, `_at6`). F(4x4) moves
-less data per output (36 transformed values per 16 outputs against 16 per 4), which is why it also gains at 128
-channels, where F(2x2) does not. The result is written in the
-channels-last layout (B, H, W, K in memory) that oneDNN and our models use anyway. The GEMMs run as oneDNN matmuls
-(torch.ops.mkldnn._linear_pointwise, where torch has oneDNN): 86-94 GFLOPS on one Zen 4 core at these sizes where
-MKL's torch.bmm ran 66-73 (MKL picks its kernels by CPU vendor, see kernels/linear.py); torch.matmul otherwise.
-Their weights are packed once into oneDNN's layout (kernels/packed.py): at the UNet's low resolutions, 16-64 tiles
-against 384-1280 channels, reordering the weight on every call cost as much as the product.
+B^T, G and A^T are the small constant matrices below. The transforms are sums of strided views, run per axis (rows
+of every tile, then its columns) with the common terms shared, the second axis for all rows of the first at once:
+F(2x2) 4 + 4 passes in, 16 + 4 out; F(4x4) 12 + 12 in, 60 + 10 out (`_bt4`, `_bt6`, `_at6`). F(4x4) moves less data
+per output (36 transformed values per 16 outputs against 16 per 4), which is why it also gains at 128 channels,
+where F(2x2) does not. The result is written in the channels-last layout (B, H, W, K in memory) that oneDNN and our
+models use anyway. The GEMMs run as oneDNN matmuls (torch.ops.mkldnn._linear_pointwise, where torch has oneDNN):
+86-94 GFLOPS on one Zen 4 core at these sizes where MKL's torch.bmm ran 66-73 (MKL picks its kernels by CPU vendor,
+see kernels/linear.py); torch.matmul otherwise. Their weights are packed once into oneDNN's layout
+(kernels/packed.py): at the UNet's low resolutions, 16-64 tiles against 384-1280 channels, reordering the weight on
+every call cost as much as the product.
 
 Why: torch's CPU convolution (oneDNN) runs a direct 3x3 convolution near the machine's rate, so the only way to a
 faster one is fewer operations. On the 2-core AMD EPYC (Zen 4) this project is measured on, 1 thread, fp32,

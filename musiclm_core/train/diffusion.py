@@ -80,8 +80,7 @@ def encode_latent_folder(folder: str | os.PathLike, vae: nn.Module, cache_dir: s
 
     mel_config = mel_config or PRESETS["16khz"]
     cache_dir, clips = clips_and_cache(folder, cache_dir)
-    key = fingerprint(vae, {"vae": vae.config.to_dict(), "condition": condition_name, "frames": target_frames,
-                            "mel": repr(mel_config)})
+    key = _encoder_print(vae, condition_name, target_frames, mel_config)
     out = []
     for i, clip in enumerate(clips):
         cached = cache_dir / cache_name(clip.path, key)
@@ -129,8 +128,7 @@ def encode_mixtures(folder: str | os.PathLike, vae: nn.Module, cache_dir: str | 
     for i, beats in enumerate(tracked):
         groups.setdefault(tempo_group(float(beats["bpm"])), []).append(i)
     rng = np.random.default_rng(seed)
-    model = fingerprint(vae, {"vae": vae.config.to_dict(), "condition": condition_name, "frames": target_frames,
-                              "mel": repr(mel_config)})
+    model = _encoder_print(vae, condition_name, target_frames, mel_config)
     out: list[LatentClip | None] = []
     for i, clip in enumerate(clips):
         partners = [j for j in groups[tempo_group(float(tracked[i]["bpm"]))] if j != i]
@@ -154,6 +152,13 @@ def encode_mixtures(folder: str | os.PathLike, vae: nn.Module, cache_dir: str | 
         if progress:
             print(f"\rmixed {i + 1} / {len(clips)} clips", end="\n" if i + 1 == len(clips) else "", flush=True)
     return out
+
+
+def _encoder_print(vae: nn.Module, condition_name: str, target_frames: int, mel_config) -> str:
+    """The part of a cached clip's or mixture's key that says how it was encoded: the VAE's weights and config,
+    the condition, the frame count and the mel settings."""
+    return fingerprint(vae, {"vae": vae.config.to_dict(), "condition": condition_name, "frames": target_frames,
+                             "mel": repr(mel_config)})
 
 
 def _read(path: Path, sample_rate: int) -> tuple[Tensor, int]:
@@ -293,9 +298,10 @@ def train_unet(unet: nn.Module, schedule, clips: Sequence[LatentClip], out: str 
                mixup: float = 0.0, progress: bool = False,
                log: Callable[[dict], None] | None = None) -> list[float]:
     """Fine-tune `unet` on `clips` (`encode_latent_folder`) to `config.steps`; returns the losses of the steps
-    taken. With `mixup` > 0 a row takes its clip's mixture (`encode_mixtures`) with that probability. out/unet is a native UNet folder with the latest weights (merged with the LoRA adapter, which is also
-    saved alone in out/), next to trainer_state.pt and metrics.jsonl. With resume=True (and no LoRA) pass the
-    UNet loaded from out/unet."""
+    taken. With `mixup` > 0 a row takes its clip's mixture (`encode_mixtures`) with that probability. out/unet is
+    a native UNet folder with the latest weights (merged with the LoRA adapter, which is also saved alone in out/),
+    next to trainer_state.pt and metrics.jsonl. With resume=True (and no LoRA) pass the UNet loaded from
+    out/unet."""
     from musiclm_core import hub
     from musiclm_core.train import distributed as dist_setup, lora
     from musiclm_core.unet import KIND
